@@ -1,0 +1,83 @@
+"""Wires the ingress: settings → Redis → local view → dispatcher → routes.
+
+Resources are owned by ``cleanup_ctx`` (set up in order, torn down in
+reverse); the view's poll, the events listener and the request-log flusher
+are owned background loops.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+
+import aiohttp
+import redis.asyncio as redis
+from aiohttp import web
+
+from ingress import inference, management, state
+from ingress.costs import CostBook
+from ingress.dispatch import Dispatcher
+from ingress.proxy_client import ProxyClient
+from ingress.registry import Registry
+from ingress.requestlog import RequestLog
+from ingress.view import StateView
+from shared.background import Periodic
+from shared.http import error_middleware
+from shared.metrics import Metrics
+from shared.settings import IngressSettings
+
+log = logging.getLogger("lukewarm.ingress")
+
+REDIS_TIMEOUT_S = 2.0
+# A proxy whose heartbeat is older than this is not routed to.
+PROXY_MAX_AGE_S = 15.0
+
+
+def build_app(settings: IngressSettings) -> web.Application:
+    if not settings.proxy_secret:
+        raise SystemExit("LUKEWARM_PROXY_SECRET must be set: proxies only answer ingresses that hold it")
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_mb * 1024 * 1024)
+    app[state.SETTINGS] = settings
+    app[state.METRICS] = Metrics()
+    inference.add_routes(app)
+    management.add_routes(app)
+    app.cleanup_ctx.append(_resources)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[state.SETTINGS]
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                  socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=10)
+    # Pub/sub blocks on reads: it gets its own connection without the read timeout.
+    events_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
+    registry = Registry(client)
+    view = StateView(registry)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
+    request_log = RequestLog(registry)
+    app[state.REGISTRY] = registry
+    app[state.VIEW] = view
+    app[state.REQUEST_LOG] = request_log
+    app[state.DISPATCHER] = Dispatcher(
+        view, ProxyClient(session, settings.proxy_secret, settings.proxy_connect_timeout_s), CostBook(),
+        retries=settings.chunk_retries, max_age_s=PROXY_MAX_AGE_S, rng=random.Random(),
+    )
+    poller = Periodic("view-refresh", settings.view_poll_interval_s, view.refresh)
+    flusher = Periodic("request-log", 0.5, request_log.flush)
+    try:
+        await view.refresh()
+    except (redis.RedisError, OSError) as exc:
+        log.warning("registry unreachable at start (%s); serving once it answers", exc)
+    listener = asyncio.create_task(view.listen(events_client, poller.wake), name="view-events")
+    poller.start()
+    flusher.start()
+    yield
+    listener.cancel()
+    await asyncio.gather(listener, return_exceptions=True)
+    await poller.stop()
+    await flusher.stop()
+    await request_log.flush()
+    await session.close()
+    await events_client.aclose()
+    await client.aclose()

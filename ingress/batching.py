@@ -1,0 +1,116 @@
+"""Inference bodies: single or batch, how a batch is split, how it is stitched back."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from shared.errors import bad_request
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceInput:
+    """A parsed inference body: the inputs to run and how to shape the answer."""
+
+    inputs: list[Any]
+    ids: list[Any] | None  # None for a single input
+    timeout_s: float | None
+
+    @property
+    def is_batch(self) -> bool:
+        return self.ids is not None
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def is_batch(data: Any) -> bool:
+    """A list whose every item is a 2-item list with a scalar id is a batch."""
+    return (
+        isinstance(data, list) and len(data) > 0
+        and all(isinstance(item, list) and len(item) == 2 and _is_scalar(item[0]) for item in data)
+    )
+
+
+def parse_body(body: Any) -> InferenceInput:
+    if not isinstance(body, dict):
+        raise bad_request('body must be a JSON object like {"data": ...}')
+    if "data" not in body:
+        raise bad_request('body has no "data" field')
+    unknown = set(body) - {"data", "timeout_seconds"}
+    if unknown:
+        raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}")
+    timeout = body.get("timeout_seconds")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0):
+        raise bad_request("timeout_seconds must be a positive integer")
+    data = body["data"]
+    if is_batch(data):
+        return InferenceInput(inputs=[item[1] for item in data], ids=[item[0] for item in data],
+                              timeout_s=None if timeout is None else float(timeout))
+    return InferenceInput(inputs=[data], ids=None, timeout_s=None if timeout is None else float(timeout))
+
+
+def split_sizes(total: int, weights: Sequence[float], min_chunk: int = 1) -> list[int]:
+    """Split ``total`` items into one chunk per weight, proportionally, largest remainders first.
+
+    Chunks smaller than ``min_chunk`` are not worth a hop: fewer weights are
+    used then. Sizes sum to ``total``; no chunk is empty.
+    """
+    if total <= 0 or not weights:
+        return []
+    usable = max(1, min(len(weights), total // max(1, min_chunk)))
+    w = [max(float(x), 1e-9) for x in weights[:usable]]
+    scale = total / sum(w)
+    raw = [x * scale for x in w]
+    sizes = [int(x) for x in raw]
+    order = sorted(range(usable), key=lambda i: raw[i] - sizes[i], reverse=True)
+    for i in order[: total - sum(sizes)]:
+        sizes[i] += 1
+    return [s for s in sizes if s > 0]
+
+
+def chunk_ranges(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def stitch(ids: list[Any] | None, outputs: list[Any]) -> Any:
+    """The answer's ``data``: the one output, or ``[[id, output], …]`` in the request's order."""
+    if ids is None:
+        return outputs[0]
+    return [[i, o] for i, o in zip(ids, outputs, strict=True)]
+
+
+def plan_split(total: int, start_ms: Sequence[float], per_item_ms: float, min_chunk: int = 1) -> list[int]:
+    """Chunk sizes that finish together: proxy i gets (T - start_i) / per_item items.
+
+    ``start_ms`` is each candidate's expected wait before it can begin (0 when
+    warm); the makespan T solves Σ max(0, T - s_i) / c = total. Candidates
+    whose start cost exceeds T get nothing; chunks below ``min_chunk`` are
+    folded into the others. Sizes follow the order of ``start_ms``.
+    """
+    if total <= 0 or not start_ms:
+        return []
+    c = max(per_item_ms, 1e-6)
+    order = sorted(range(len(start_ms)), key=lambda i: start_ms[i])
+    makespan = 0.0
+    used = 0
+    for k in range(1, len(order) + 1):
+        chosen = [start_ms[i] for i in order[:k]]
+        t = (total * c + sum(chosen)) / k
+        if t < max(chosen):
+            break
+        makespan, used = t, k
+    weights = [0.0] * len(start_ms)
+    for i in order[:used]:
+        weights[i] = max(0.0, makespan - start_ms[i])
+    active = [i for i in range(len(start_ms)) if weights[i] > 0] or [order[0]]
+    sizes = split_sizes(total, [weights[i] or 1.0 for i in active], min_chunk)
+    out = [0] * len(start_ms)
+    for i, size in zip(active, sizes):
+        out[i] = size
+    return out

@@ -1,0 +1,49 @@
+"""Measured costs per version: start cost per tier and inference time per item (moving averages).
+
+The router and the splitter read these; every chunk result feeds them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ingress.router import StartCosts
+
+ALPHA = 0.2  # weight of the newest sample in the moving averages
+
+
+def _ewma(old: float | None, sample: float) -> float:
+    return sample if old is None else old + ALPHA * (sample - old)
+
+
+@dataclasses.dataclass
+class _VersionCosts:
+    lukewarm_ms: float | None = None
+    cold_ms: float | None = None
+    per_item_ms: float | None = None
+
+
+class CostBook:
+    """Moving averages per version key, with fleet-wide defaults until measured."""
+
+    def __init__(self, defaults: StartCosts = StartCosts()) -> None:
+        self.defaults = defaults
+        self._by_version: dict[str, _VersionCosts] = {}
+
+    def record(self, version: str, start: str, start_ms: float, infer_ms: float, items: int) -> None:
+        entry = self._by_version.setdefault(version, _VersionCosts())
+        if start == "cold":
+            entry.cold_ms = _ewma(entry.cold_ms, start_ms)
+        elif start == "lukewarm":
+            entry.lukewarm_ms = _ewma(entry.lukewarm_ms, start_ms)
+        if items > 0:
+            entry.per_item_ms = _ewma(entry.per_item_ms, infer_ms / items)
+
+    def costs(self, version: str) -> StartCosts:
+        entry = self._by_version.get(version)
+        if entry is None:
+            return self.defaults
+        return StartCosts(
+            lukewarm_ms=entry.lukewarm_ms if entry.lukewarm_ms is not None else self.defaults.lukewarm_ms,
+            cold_ms=entry.cold_ms if entry.cold_ms is not None else self.defaults.cold_ms,
+            infer_ms=entry.per_item_ms if entry.per_item_ms is not None else self.defaults.infer_ms,
+        )

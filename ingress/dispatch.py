@@ -1,0 +1,133 @@
+"""Runs a request's inputs on the fleet: pick proxies, split, fan out, retry, stitch.
+
+Guarantees: outputs come back in the inputs' order; a chunk whose proxy
+gave no answer is retried on another proxy (up to ``retries`` times); the
+request's deadline bounds every chunk; the first real error cancels the
+other chunks and is raised.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ingress.batching import chunk_ranges, plan_split
+from ingress.costs import CostBook
+from ingress.proxy_client import ProxyClient, ProxyUnreachable
+from ingress.router import Choice, choose_proxies
+from ingress.view import StateView
+from shared.errors import ApiError, deadline_exceeded, unavailable
+from shared.messages import ChunkRequest, ChunkResult, VersionSpec
+
+# Below this many items a batch goes to one proxy: a second hop costs more than it saves.
+MIN_CHUNK = 32
+START_RANK = {"warm": 0, "lukewarm": 1, "cold": 2}
+
+
+@dataclasses.dataclass
+class Outcome:
+    """All chunks of one request, stitched."""
+
+    outputs: list[Any]
+    stdout: str
+    stderr: str
+    error: str | None
+    traceback: str | None
+    start: str
+    timings: dict[str, float]
+    proxies: list[str]
+
+
+class Dispatcher:
+    def __init__(
+        self, view: StateView, client: ProxyClient, costs: CostBook, retries: int, max_age_s: float,
+        rng: random.Random | None = None, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.view = view
+        self.client = client
+        self.costs = costs
+        self.retries = retries
+        self.max_age_s = max_age_s
+        self.rng = rng or random.Random()
+        self.clock = clock
+
+    def _choices(self, spec: VersionSpec, exclude: frozenset[str] = frozenset()) -> list[Choice]:
+        return choose_proxies(self.view.live_proxies(), spec.key, self.clock(), self.rng,
+                              self.costs.costs(spec.key), self.max_age_s, exclude)
+
+    async def run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str) -> Outcome:
+        choices = self._choices(spec)
+        if not choices:
+            raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)
+        if len(inputs) < 2 * MIN_CHUNK:
+            plan = [(choices[0], (0, len(inputs)))]
+        else:
+            costs = self.costs.costs(spec.key)
+            sizes = plan_split(len(inputs), [c.expected_ms for c in choices], costs.infer_ms, MIN_CHUNK)
+            used = [(c, s) for c, s in zip(choices, sizes) if s > 0]
+            plan = list(zip([c for c, _ in used], chunk_ranges([s for _, s in used])))
+        tasks = [
+            asyncio.create_task(self._run_chunk(spec, inputs[a:b], choice, deadline, request_id))
+            for choice, (a, b) in plan
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return self._stitch(results)
+
+    async def _run_chunk(self, spec: VersionSpec, inputs: list[Any], choice: Choice, deadline: float,
+                         request_id: str) -> ChunkResult:
+        tried: set[str] = set()
+        last_error = ""
+        for _ in range(self.retries + 1):
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise deadline_exceeded()
+            tried.add(choice.proxy.proxy_id)
+            chunk = ChunkRequest(spec=spec, inputs=inputs, timeout_s=remaining, request_id=request_id)
+            try:
+                result = await self.client.run(choice.proxy.url, chunk)
+            except ProxyUnreachable as exc:
+                last_error = str(exc)
+                others = self._choices(spec, exclude=frozenset(tried))
+                if not others:
+                    break
+                choice = others[0]
+                continue
+            self._learn(spec, result, len(inputs))
+            return result
+        raise ApiError(502, "proxy_unreachable", f"no proxy answered for this chunk ({last_error})")
+
+    def _learn(self, spec: VersionSpec, result: ChunkResult, items: int) -> None:
+        t = result.timings
+        start_ms = sum(t.get(k, 0.0) for k in ("pull_ms", "create_ms", "start_ms", "ready_ms", "unpause_ms"))
+        self.costs.record(spec.key, result.start, start_ms, t.get("infer_ms", 0.0), items)
+
+    @staticmethod
+    def _stitch(results: list[ChunkResult]) -> Outcome:
+        outputs: list[Any] = []
+        error = traceback = None
+        timings: dict[str, float] = {}
+        for r in results:
+            if r.error is not None and error is None:
+                error, traceback = r.error, r.traceback
+            if r.outputs is not None:
+                outputs.extend(r.outputs)
+            for k, v in r.timings.items():
+                timings[k] = max(timings.get(k, 0.0), v)
+        start = max((r.start for r in results), key=lambda s: START_RANK.get(s, 0))
+        multi = len(results) > 1
+        return Outcome(
+            outputs=outputs,
+            stdout="".join(f"[chunk {i}] {r.stdout}" if multi and r.stdout else r.stdout for i, r in enumerate(results)),
+            stderr="".join(f"[chunk {i}] {r.stderr}" if multi and r.stderr else r.stderr for i, r in enumerate(results)),
+            error=error, traceback=traceback, start=start, timings=timings,
+            proxies=[r.proxy_id for r in results],
+        )

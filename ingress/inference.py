@@ -1,0 +1,91 @@
+"""``POST /v1/{model}[/{branch}]/{version}``: the Modelbit-compatible inference endpoint."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from aiohttp import web
+
+from ingress import state
+from ingress.auth import require_customer_scope
+from ingress.batching import parse_body, stitch
+from ingress.dispatch import Outcome
+from ingress.hosts import customer_from_host
+from shared.errors import ApiError, bad_request
+from shared.http import error_response, json_response, read_json
+from shared.messages import VersionSpec, check_branch
+
+log = logging.getLogger("lukewarm.ingress")
+
+
+def server_timing(route_ms: float, timings: dict[str, float], start: str) -> str:
+    start_ms = sum(timings.get(k, 0.0) for k in ("pull_ms", "create_ms", "start_ms", "ready_ms", "unpause_ms"))
+    parts = [
+        f"route;dur={route_ms:.2f}",
+        f"queue;dur={timings.get('queue_ms', 0.0):.2f}",
+        f'start;desc="{start}";dur={start_ms:.2f}',
+        f"infer;dur={timings.get('infer_ms', 0.0):.2f}",
+    ]
+    for phase in ("pull", "create", "start", "ready", "unpause"):
+        if f"{phase}_ms" in timings:
+            parts.append(f"start-{phase};dur={timings[f'{phase}_ms']:.2f}")
+    return ", ".join(parts)
+
+
+async def infer(request: web.Request) -> web.Response:
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    headers = {"X-Request-Id": request_id}
+    t0 = time.perf_counter()
+    try:
+        return await _infer(request, request_id, headers)
+    except ApiError as exc:
+        request.app[state.METRICS].inc("requests", status=str(exc.status))
+        headers.setdefault("Server-Timing", f"route;dur={(time.perf_counter() - t0) * 1000:.2f}")
+        return error_response(exc, headers)
+
+
+async def _infer(request: web.Request, request_id: str, headers: dict[str, str]) -> web.Response:
+    t0 = time.perf_counter()
+    app = request.app
+    settings = app[state.SETTINGS]
+    view = app[state.VIEW]
+    customer = customer_from_host(request.host, settings.base_domain)
+    if customer is None:
+        raise bad_request(f"the Host header must name a customer: <customer>.{settings.base_domain}")
+    await require_customer_scope(request, view, customer, "predict")
+    model = request.match_info["model"]
+    branch = check_branch(request.match_info.get("branch", "main").replace("~", "/"))
+    body = parse_body(await read_json(request))
+    spec = await view.resolve(customer, model, branch, request.match_info["version"])
+    headers["X-Model-Version"] = str(spec.version)
+    timeout_s = min(spec.timeout_s, body.timeout_s or spec.timeout_s)
+    route_ms = (time.perf_counter() - t0) * 1000
+    outcome = await app[state.DISPATCHER].run(spec, body.inputs, time.time() + timeout_s, request_id)
+    total_s = time.perf_counter() - t0
+    headers["Server-Timing"] = server_timing(route_ms, outcome.timings, outcome.start)
+    _log_request(request, spec, request_id, outcome, total_s)
+    if outcome.error is not None:
+        # The traceback stays in the logs: it may reveal code or data the caller should not see.
+        log.info("request %s: model %s raised: %s\n%s", request_id, spec.key, outcome.error, outcome.traceback or "")
+        raise ApiError(422, "model_error", outcome.error)
+    if len(outcome.outputs) != len(body.inputs):
+        raise ApiError(502, "bad_model_output",
+                       f"the model returned {len(outcome.outputs)} outputs for {len(body.inputs)} inputs")
+    app[state.METRICS].inc("requests", status="200")
+    app[state.METRICS].observe("request", total_s, start=outcome.start)
+    return json_response({"data": stitch(body.ids, outcome.outputs)}, headers=headers)
+
+
+def _log_request(request: web.Request, spec: VersionSpec, request_id: str, outcome: Outcome, total_s: float) -> None:
+    request.app[state.REQUEST_LOG].add(spec.customer, spec.model, spec.branch, {
+        "request_id": request_id, "ts": time.time(), "version": spec.version,
+        "ms": round(total_s * 1000, 3), "start": outcome.start, "stdout": outcome.stdout,
+        "stderr": outcome.stderr, "error": outcome.error, "traceback": outcome.traceback,
+        "proxies": outcome.proxies,
+    })
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/{model}/{version}", infer)
+    app.router.add_post("/v1/{model}/{branch}/{version}", infer)

@@ -1,0 +1,236 @@
+"""The management API: customers, keys, versions, aliases, logs, fleet status."""
+from __future__ import annotations
+
+import dataclasses
+import html
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ingress import state
+from ingress.auth import is_admin, key_record
+from shared.errors import ApiError, bad_request, not_found
+from shared.http import json_response, read_json
+from shared.messages import (
+    PATCHABLE_FIELDS, VersionSpec, check_alias, check_branch, check_name, validate_deploy,
+    validate_settings,
+)
+
+BRANCH_PATH = "/api/v1/customers/{customer}/models/{model}/branches/{branch}"
+SCOPES = {"predict", "deploy"}
+
+
+def _admin(request: web.Request) -> None:
+    if not is_admin(request, request.app[state.SETTINGS].admin_token):
+        raise ApiError(401, "unauthorized", "this call needs the admin token")
+
+
+async def _deployer(request: web.Request, customer: str) -> None:
+    """The admin, or a key of this customer with the deploy scope."""
+    if is_admin(request, request.app[state.SETTINGS].admin_token):
+        return
+    record = await key_record(request, request.app[state.VIEW])
+    if record.customer != customer:
+        raise ApiError(403, "forbidden", f"this key does not belong to customer {customer!r}")
+    if "deploy" not in record.scopes:
+        raise ApiError(403, "forbidden", "this key lacks the 'deploy' scope")
+
+
+async def _customer(request: web.Request) -> str:
+    customer = check_name("customer", request.match_info["customer"])
+    await _deployer(request, customer)
+    if not await request.app[state.REGISTRY].customer_exists(customer):
+        raise not_found(f"no customer {customer!r}")
+    return customer
+
+
+async def _branch(request: web.Request) -> tuple[str, str, str]:
+    customer = await _customer(request)
+    model = check_name("model", request.match_info["model"])
+    return customer, model, check_branch(request.match_info["branch"].replace("~", "/"))
+
+
+def _version_number(request: web.Request) -> int:
+    raw = request.match_info["number"]
+    if not raw.isdigit() or int(raw) < 1:
+        raise bad_request(f"version must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def _version_body(spec: VersionSpec) -> dict[str, Any]:
+    return spec.to_dict()
+
+
+# ---- customers and keys ------------------------------------------------------------
+
+async def put_customer(request: web.Request) -> web.Response:
+    _admin(request)
+    name = check_name("customer", request.match_info["customer"])
+    created = await request.app[state.REGISTRY].put_customer(name)
+    return json_response({"customer": name, "created": created}, status=201 if created else 200)
+
+
+async def create_key(request: web.Request) -> web.Response:
+    customer = await _customer(request)
+    body: Any = {}
+    if request.can_read_body:
+        body = await read_json(request)
+    if not isinstance(body, dict) or set(body) - {"scopes"}:
+        raise bad_request('body must be {} or {"scopes": ["predict", "deploy"]}')
+    scopes = body.get("scopes", ["predict"])
+    if not isinstance(scopes, list) or not scopes or not set(scopes) <= SCOPES:
+        raise bad_request(f"scopes must be a non-empty list of {sorted(SCOPES)}")
+    record, key = await request.app[state.REGISTRY].create_key(customer, tuple(sorted(set(scopes))))
+    return json_response({"id": record.id, "key": key, "scopes": list(record.scopes)}, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    customer = await _customer(request)
+    return json_response({"keys": await request.app[state.REGISTRY].list_keys(customer)})
+
+
+async def delete_key(request: web.Request) -> web.Response:
+    customer = await _customer(request)
+    await request.app[state.REGISTRY].delete_key(customer, request.match_info["key_id"])
+    return web.Response(status=204)
+
+
+# ---- versions and aliases ----------------------------------------------------------
+
+async def create_version(request: web.Request) -> web.Response:
+    customer, model, branch = await _branch(request)
+    fields = validate_deploy(await read_json(request))
+    registry = request.app[state.REGISTRY]
+    spec = await registry.create_version(customer, model, branch, fields)
+    request.app[state.VIEW].note_pointers(customer, model, branch,
+                                          await registry.get_pointers(customer, model, branch))
+    return json_response(_version_body(spec), status=201)
+
+
+async def get_version(request: web.Request) -> web.Response:
+    customer, model, branch = await _branch(request)
+    spec = await request.app[state.REGISTRY].require_version(customer, model, branch, _version_number(request))
+    return json_response(_version_body(spec))
+
+
+async def patch_version(request: web.Request) -> web.Response:
+    customer, model, branch = await _branch(request)
+    registry = request.app[state.REGISTRY]
+    spec = await registry.require_version(customer, model, branch, _version_number(request))
+    changes = validate_settings(await read_json(request), PATCHABLE_FIELDS)
+    spec = dataclasses.replace(spec, **changes)
+    await registry.save_version(spec)
+    request.app[state.VIEW].forget_version(spec.key)
+    return json_response(_version_body(spec))
+
+
+async def retire_version(request: web.Request) -> web.Response:
+    customer, model, branch = await _branch(request)
+    registry = request.app[state.REGISTRY]
+    spec = await registry.require_version(customer, model, branch, _version_number(request))
+    pointers = await registry.get_pointers(customer, model, branch)
+    held = sorted(name for name, number in pointers.items() if number == spec.version and name != "latest")
+    if held:
+        raise ApiError(409, "conflict", f"version {spec.version} is named by alias(es) {', '.join(held)}: move them first")
+    await registry.save_version(dataclasses.replace(spec, retired=True))
+    request.app[state.VIEW].forget_version(spec.key)
+    return web.Response(status=204)
+
+
+async def put_alias(request: web.Request) -> web.Response:
+    customer, model, branch = await _branch(request)
+    alias = check_alias(request.match_info["alias"])
+    body = await read_json(request)
+    number = body.get("version") if isinstance(body, dict) else None
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise bad_request('body must be {"version": <positive integer>}')
+    registry = request.app[state.REGISTRY]
+    await registry.require_version(customer, model, branch, number)
+    await registry.set_pointer(customer, model, branch, alias, number)
+    request.app[state.VIEW].note_pointers(customer, model, branch,
+                                          await registry.get_pointers(customer, model, branch))
+    return json_response({"alias": alias, "version": number})
+
+
+async def delete_alias(request: web.Request) -> web.Response:
+    customer, model, branch = await _branch(request)
+    alias = check_alias(request.match_info["alias"])
+    registry = request.app[state.REGISTRY]
+    if not await registry.delete_pointer(customer, model, branch, alias):
+        raise not_found(f"no alias {alias!r} on model {model!r} branch {branch!r}")
+    request.app[state.VIEW].note_pointers(customer, model, branch,
+                                          await registry.get_pointers(customer, model, branch))
+    return web.Response(status=204)
+
+
+async def read_logs(request: web.Request) -> web.Response:
+    customer, model, branch = await _branch(request)
+    raw = request.query.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise bad_request("limit must be an integer from 1 to 1000")
+    await request.app[state.REQUEST_LOG].flush()
+    logs = await request.app[state.REGISTRY].read_logs(customer, model, branch, int(raw))
+    return json_response({"logs": logs})
+
+
+# ---- fleet status and health ---------------------------------------------------------
+
+async def fleet_status(request: web.Request) -> web.Response:
+    _admin(request)
+    proxies = await request.app[state.REGISTRY].list_proxies()
+    return json_response({"proxies": proxies, "ts": time.time()})
+
+
+async def status_page(request: web.Request) -> web.Response:
+    _admin(request)
+    proxies = await request.app[state.REGISTRY].list_proxies()
+    rows = "".join(
+        f"<tr><td>{html.escape(p['proxy_id'])}</td><td>{html.escape(p['url'])}</td><td>{p.get('epoch')}</td>"
+        f"<td><pre>{html.escape(orjson.dumps(p.get('replicas', []), option=orjson.OPT_INDENT_2).decode())}</pre></td></tr>"
+        for p in proxies
+    )
+    page = ("<!doctype html><title>Lukewarm status</title><h1>Runtime proxies</h1>"
+            f"<table border=1><tr><th>proxy</th><th>url</th><th>epoch</th><th>replicas</th></tr>{rows}</table>")
+    return web.Response(text=page, content_type="text/html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    view = request.app[state.VIEW]
+    settings = request.app[state.SETTINGS]
+    stale_s = view.stale_s()
+    body = {"redis": view.redis_ok, "stale_s": None if stale_s == float("inf") else round(stale_s, 3),
+            "proxies": len(view.live_proxies())}
+    if not view.redis_ok or stale_s > settings.max_staleness_s:
+        return json_response({**body, "ready": False, "error": "registry unreachable or state stale",
+                              "type": "degraded"}, status=503)
+    return json_response({**body, "ready": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[state.METRICS].render(), content_type="text/plain")
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_put("/api/v1/customers/{customer}", put_customer)
+    r.add_post("/api/v1/customers/{customer}/keys", create_key)
+    r.add_get("/api/v1/customers/{customer}/keys", list_keys)
+    r.add_delete("/api/v1/customers/{customer}/keys/{key_id}", delete_key)
+    r.add_post(BRANCH_PATH + "/versions", create_version)
+    r.add_get(BRANCH_PATH + "/versions/{number}", get_version)
+    r.add_patch(BRANCH_PATH + "/versions/{number}", patch_version)
+    r.add_delete(BRANCH_PATH + "/versions/{number}", retire_version)
+    r.add_put(BRANCH_PATH + "/aliases/{alias}", put_alias)
+    r.add_delete(BRANCH_PATH + "/aliases/{alias}", delete_alias)
+    r.add_get(BRANCH_PATH + "/logs", read_logs)
+    r.add_get("/api/v1/status", fleet_status)
+    r.add_get("/status", status_page)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)

@@ -1,0 +1,169 @@
+"""The registry in Redis: customers, API keys, versions, pointers, request logs.
+
+Writes are atomic (MULTI) and each publishes an event so every ingress's
+local view refreshes at once. Keys are stored as SHA-256 hashes only; the
+key itself is returned once, at creation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+import time
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+
+from shared import keys
+from shared.errors import not_found
+from shared.messages import VersionSpec
+
+LOG_LIMIT = 1000
+KEY_PREFIX = "lw_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    customer: str
+    scopes: tuple[str, ...]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"id": self.id, "customer": self.customer, "scopes": list(self.scopes)})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "KeyRecord":
+        data = orjson.loads(raw)
+        return cls(id=data["id"], customer=data["customer"], scopes=tuple(data["scopes"]))
+
+
+def event(kind: str, **fields: Any) -> bytes:
+    return orjson.dumps({"kind": kind, **fields})
+
+
+class Registry:
+    """Typed access to the registry keys of ``shared.keys``."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    # ---- customers and keys ------------------------------------------------------
+
+    async def put_customer(self, name: str) -> bool:
+        """Create a customer; False when it existed (idempotent)."""
+        created = await self.redis.set(keys.customer(name), orjson.dumps({"name": name, "created_at": time.time()}),
+                                       nx=True)
+        await self.redis.sadd(keys.CUSTOMERS, name)
+        return bool(created)
+
+    async def customer_exists(self, name: str) -> bool:
+        return bool(await self.redis.exists(keys.customer(name)))
+
+    async def create_key(self, customer: str, scopes: tuple[str, ...]) -> tuple[KeyRecord, str]:
+        key = KEY_PREFIX + secrets.token_urlsafe(30)
+        record = KeyRecord(id=secrets.token_hex(6), customer=customer, scopes=scopes)
+        digest = hash_key(key)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.api_key(digest), record.to_json())
+            pipe.hset(keys.customer_keys(customer), record.id, digest)
+            await pipe.execute()
+        return record, key
+
+    async def delete_key(self, customer: str, key_id: str) -> None:
+        digest = await self.redis.hget(keys.customer_keys(customer), key_id)
+        if digest is None:
+            raise not_found(f"no key {key_id!r} for customer {customer!r}")
+        digest = digest.decode() if isinstance(digest, bytes) else digest
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.api_key(digest))
+            pipe.hdel(keys.customer_keys(customer), key_id)
+            pipe.publish(keys.EVENTS_CHANNEL, event("key", hash=digest))
+            await pipe.execute()
+
+    async def list_keys(self, customer: str) -> list[str]:
+        ids = await self.redis.hkeys(keys.customer_keys(customer))
+        return sorted(i.decode() if isinstance(i, bytes) else i for i in ids)
+
+    async def lookup_key(self, key: str) -> KeyRecord | None:
+        raw = await self.redis.get(keys.api_key(hash_key(key)))
+        return None if raw is None else KeyRecord.from_json(raw)
+
+    # ---- versions and pointers ---------------------------------------------------
+
+    async def create_version(self, customer: str, model: str, branch: str, fields: dict[str, Any],
+                             move_latest: bool = True) -> VersionSpec:
+        """Take the next version number and store the version; ``latest`` moves to it when asked."""
+        number = int(await self.redis.incr(keys.version_counter(customer, model, branch)))
+        spec = VersionSpec(customer=customer, model=model, branch=branch, version=number,
+                           created_at=time.time(), **fields)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.version(customer, model, branch, number), orjson.dumps(spec.to_dict()))
+            pipe.sadd(keys.versions_index(customer, model, branch), number)
+            pipe.sadd(keys.branches_index(), f"{customer}/{model}/{branch}")
+            if move_latest:
+                pipe.hset(keys.pointers(customer, model, branch), "latest", number)
+            pipe.publish(keys.EVENTS_CHANNEL, event("pointers", branch=f"{customer}/{model}/{branch}"))
+            await pipe.execute()
+        return spec
+
+    async def get_version(self, customer: str, model: str, branch: str, number: int) -> VersionSpec | None:
+        raw = await self.redis.get(keys.version(customer, model, branch, number))
+        return None if raw is None else VersionSpec.from_dict(orjson.loads(raw))
+
+    async def save_version(self, spec: VersionSpec) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.version(spec.customer, spec.model, spec.branch, spec.version), orjson.dumps(spec.to_dict()))
+            pipe.publish(keys.EVENTS_CHANNEL, event("version", key=spec.key))
+            await pipe.execute()
+
+    async def get_pointers(self, customer: str, model: str, branch: str) -> dict[str, int]:
+        raw = await self.redis.hgetall(keys.pointers(customer, model, branch))
+        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+
+    async def set_pointer(self, customer: str, model: str, branch: str, name: str, number: int) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.pointers(customer, model, branch), name, number)
+            pipe.publish(keys.EVENTS_CHANNEL, event("pointers", branch=f"{customer}/{model}/{branch}"))
+            await pipe.execute()
+
+    async def delete_pointer(self, customer: str, model: str, branch: str, name: str) -> bool:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.pointers(customer, model, branch), name)
+            pipe.publish(keys.EVENTS_CHANNEL, event("pointers", branch=f"{customer}/{model}/{branch}"))
+            removed, _ = await pipe.execute()
+        return bool(removed)
+
+    async def require_version(self, customer: str, model: str, branch: str, number: int) -> VersionSpec:
+        spec = await self.get_version(customer, model, branch, number)
+        if spec is None or spec.retired:
+            raise not_found(f"model {model!r} branch {branch!r} has no version {number}")
+        return spec
+
+    # ---- request logs -------------------------------------------------------------
+
+    async def append_logs(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        """Push request records (``(logs key, record)``), keeping the newest LOG_LIMIT per branch."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, record in entries:
+                pipe.lpush(key, orjson.dumps(record))
+            for key in {k for k, _ in entries}:
+                pipe.ltrim(key, 0, LOG_LIMIT - 1)
+            await pipe.execute()
+
+    async def read_logs(self, customer: str, model: str, branch: str, limit: int) -> list[dict[str, Any]]:
+        raw = await self.redis.lrange(keys.request_logs(customer, model, branch), 0, limit - 1)
+        return [orjson.loads(r) for r in raw]
+
+    async def list_proxies(self) -> list[dict[str, Any]]:
+        ids = await self.redis.zrange(keys.PROXIES, 0, -1)
+        if not ids:
+            return []
+        raws = await self.redis.mget([keys.proxy_heartbeat(i.decode() if isinstance(i, bytes) else i) for i in ids])
+        return [orjson.loads(r) for r in raws if r is not None]
+
+

@@ -1,0 +1,130 @@
+"""Which proxies run a request: a pure function of (snapshot, request, now).
+
+Ranking is by expected latency: the start cost of the tier the proxy offers
+for this version (warm < lukewarm < cold, measured per version) plus the
+queue wait in front of it. Ties go to power-of-two choices on load, so that
+equal proxies share work without herding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+WARM, LUKEWARM, COLD = "warm", "lukewarm", "cold"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaState:
+    version: str
+    state: str  # starting | running | paused | stopped
+    in_flight: int
+    concurrency: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyState:
+    """A proxy as its last heartbeat described it."""
+
+    proxy_id: str
+    url: str
+    epoch: int
+    ts: float
+    replicas: tuple[ReplicaState, ...] = ()
+    max_replicas: int = 16
+    images: frozenset[str] = frozenset()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas)
+
+    @classmethod
+    def from_heartbeat(cls, data: dict[str, Any]) -> "ProxyState":
+        capacity = data.get("capacity") or {}
+        return cls(
+            proxy_id=str(data["proxy_id"]), url=str(data["url"]), epoch=int(data.get("epoch", 0)),
+            ts=float(data.get("ts", 0.0)),
+            replicas=tuple(
+                ReplicaState(version=str(r["version"]), state=str(r["state"]), in_flight=int(r.get("in_flight", 0)),
+                             concurrency=int(r.get("concurrency", 1)))
+                for r in data.get("replicas") or ()
+            ),
+            max_replicas=int(capacity.get("max_replicas", 16)),
+            images=frozenset(data.get("images") or ()),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StartCosts:
+    """Expected start cost of a version per tier, in ms (moving averages, or defaults)."""
+
+    lukewarm_ms: float = 25.0
+    cold_ms: float = 400.0
+    infer_ms: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    proxy: ProxyState
+    tier: str
+    expected_ms: float
+
+
+def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[str, float]:
+    """The best tier this proxy offers for ``version`` and its expected latency (ms)."""
+    mine = [r for r in proxy.replicas if r.version == version]
+    running = [r for r in mine if r.state == "running"]
+    if running:
+        best = min(running, key=lambda r: r.in_flight / max(1, r.concurrency))
+        queued = max(0, best.in_flight - best.concurrency + 1) / max(1, best.concurrency)
+        return WARM, queued * costs.infer_ms
+    if any(r.state in {"paused", "stopped"} for r in mine):
+        return LUKEWARM, costs.lukewarm_ms
+    # A cold start on a busy host competes for its CPU with what already runs there.
+    load_penalty = proxy.in_flight * costs.infer_ms
+    full = len(proxy.replicas) >= proxy.max_replicas
+    return COLD, costs.cold_ms + load_penalty + (costs.cold_ms if full else 0.0)
+
+
+def alive(proxies: Iterable[ProxyState], now: float, max_age_s: float) -> list[ProxyState]:
+    return [p for p in proxies if now - p.ts <= max_age_s]
+
+
+def choose_proxies(
+    proxies: Sequence[ProxyState], version: str, now: float, rng: random.Random,
+    costs: StartCosts = StartCosts(), max_age_s: float = 15.0, exclude: frozenset[str] = frozenset(),
+) -> list[Choice]:
+    """Every live proxy not excluded, best first.
+
+    Among equal expected latencies the order comes from power-of-two
+    choices: two random candidates are compared on load and the lighter
+    goes first, repeated until none are left.
+    """
+    scored = []
+    for p in alive(proxies, now, max_age_s):
+        if p.proxy_id in exclude:
+            continue
+        tier, ms = tier_and_wait(p, version, costs)
+        scored.append(Choice(proxy=p, tier=tier, expected_ms=ms))
+    scored.sort(key=lambda c: round(c.expected_ms, 3))
+    ordered: list[Choice] = []
+    i = 0
+    while i < len(scored):
+        j = i
+        while j < len(scored) and round(scored[j].expected_ms, 3) == round(scored[i].expected_ms, 3):
+            j += 1
+        ordered.extend(_power_of_two(scored[i:j], rng))
+        i = j
+    return ordered
+
+
+def _power_of_two(group: list[Choice], rng: random.Random) -> list[Choice]:
+    pool = list(group)
+    out: list[Choice] = []
+    while len(pool) > 1:
+        a, b = rng.sample(range(len(pool)), 2)
+        pick = a if pool[a].proxy.in_flight <= pool[b].proxy.in_flight else b
+        out.append(pool.pop(pick))
+    out.extend(pool)
+    return out

@@ -1,0 +1,180 @@
+"""Each ingress's local view of the registry and the fleet.
+
+The hot path reads only this view. It is filled on demand (one GET on a
+miss), refreshed by Redis pub/sub events at once and by a short poll as a
+safety net, and keeps serving what it last saw while Redis is unreachable
+(``stale_s`` tells /readyz how long that has been).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import orjson
+import redis.asyncio as redis
+
+from ingress.registry import KeyRecord, Registry, hash_key
+from ingress.router import ProxyState
+from shared import keys
+from shared.errors import not_found, unavailable
+from shared.messages import VersionSpec
+
+log = logging.getLogger("lukewarm.ingress")
+
+T = TypeVar("T")
+
+
+def branch_id(customer: str, model: str, branch: str) -> str:
+    return f"{customer}/{model}/{branch}"
+
+
+class StateView:
+    def __init__(self, registry: Registry, clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.pointers: dict[str, dict[str, int]] = {}
+        self.versions: dict[str, VersionSpec] = {}
+        self.keys: dict[str, KeyRecord] = {}
+        self.proxies: dict[str, ProxyState] = {}
+        self.epochs: dict[str, int] = {}
+        self.last_refresh = 0.0
+        self.redis_ok = False
+        self._dirty: set[str] = set()
+        self.changed = asyncio.Event()
+
+    # ---- reads on the hot path ----------------------------------------------------
+
+    async def _from_redis(self, what: str, pending: Awaitable[T]) -> T:
+        try:
+            return await pending
+        except (redis.RedisError, OSError) as exc:
+            self.redis_ok = False
+            raise unavailable(f"registry unreachable while reading {what}: {type(exc).__name__}", 2) from None
+
+    async def api_key(self, key: str) -> KeyRecord | None:
+        digest = hash_key(key)
+        record = self.keys.get(digest)
+        if record is None:
+            record = await self._from_redis("an API key", self.registry.lookup_key(key))
+            if record is not None:
+                self.keys[digest] = record
+        return record
+
+    async def branch_pointers(self, customer: str, model: str, branch: str) -> dict[str, int]:
+        bid = branch_id(customer, model, branch)
+        found = self.pointers.get(bid)
+        if found is None:
+            found = await self._from_redis("pointers", self.registry.get_pointers(customer, model, branch))
+            if found:
+                self.pointers[bid] = found
+        return found
+
+    async def resolve(self, customer: str, model: str, branch: str, pointer: str) -> VersionSpec:
+        """The version a pointer (``46``, ``latest`` or an alias) names; 404 when none."""
+        if pointer.isdigit():
+            number = int(pointer)
+        else:
+            pointers = await self.branch_pointers(customer, model, branch)
+            if pointer not in pointers:
+                if not pointers:
+                    raise not_found(f"no model {model!r} with branch {branch!r}")
+                raise not_found(f"model {model!r} branch {branch!r} has no version or alias {pointer!r}")
+            number = pointers[pointer]
+        return await self.version(customer, model, branch, number)
+
+    async def version(self, customer: str, model: str, branch: str, number: int) -> VersionSpec:
+        vid = f"{branch_id(customer, model, branch)}/{number}"
+        spec = self.versions.get(vid)
+        if spec is None:
+            spec = await self._from_redis("a version", self.registry.get_version(customer, model, branch, number))
+            if spec is None:
+                raise not_found(f"model {model!r} branch {branch!r} has no version {number}")
+            self.versions[vid] = spec
+        if spec.retired:
+            raise not_found(f"version {number} of model {model!r} is retired")
+        return spec
+
+    def live_proxies(self) -> list[ProxyState]:
+        return list(self.proxies.values())
+
+    def stale_s(self) -> float:
+        return self.clock() - self.last_refresh if self.last_refresh else float("inf")
+
+    # ---- updates -------------------------------------------------------------------
+
+    def note_pointers(self, customer: str, model: str, branch: str, pointers: dict[str, int]) -> None:
+        """What this ingress just wrote: visible here before the event comes back."""
+        self.pointers[branch_id(customer, model, branch)] = dict(pointers)
+
+    def forget_version(self, key: str) -> None:
+        self.versions.pop(key, None)
+
+    def apply_event(self, raw: bytes) -> None:
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        kind = message.get("kind")
+        if kind == "pointers":
+            self._dirty.add(str(message.get("branch")))
+        elif kind == "version":
+            self.forget_version(str(message.get("key")))
+        elif kind == "key":
+            self.keys.pop(str(message.get("hash")), None)
+        self.changed.set()
+
+    def apply_heartbeats(self, beats: list[dict[str, object]]) -> None:
+        """Take the fleet as heartbeats describe it, ignoring any older than an epoch already seen."""
+        fresh: dict[str, ProxyState] = {}
+        for beat in beats:
+            try:
+                state = ProxyState.from_heartbeat(beat)  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError):
+                continue
+            if state.epoch < self.epochs.get(state.proxy_id, 0):
+                continue  # a fenced-off process of an older start
+            self.epochs[state.proxy_id] = state.epoch
+            fresh[state.proxy_id] = state
+        self.proxies = fresh
+
+    async def refresh(self) -> None:
+        """One poll: the fleet, then dirty and cached pointers. Raises when Redis is unreachable."""
+        try:
+            self.apply_heartbeats(await self.registry.list_proxies())
+            branches = set(self.pointers) | self._dirty
+            self._dirty = set()
+            for bid in branches:
+                customer, model, branch = bid.split("/", 2)
+                self.pointers[bid] = await self.registry.get_pointers(customer, model, branch)
+        except (redis.RedisError, OSError):
+            self.redis_ok = False
+            raise
+        self.redis_ok = True
+        self.last_refresh = self.clock()
+
+    async def listen(self, client: redis.Redis, on_event: Callable[[], None]) -> None:
+        """Follow the events channel until cancelled; reconnects with a bounded backoff."""
+        backoff_s = 0.1
+        while True:
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(keys.EVENTS_CHANNEL)
+                backoff_s = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self.apply_event(message["data"])
+                        on_event()
+            except (redis.RedisError, OSError) as exc:
+                log.debug("events channel: %s", exc)
+                self.redis_ok = False
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+            finally:
+                try:
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+                except (redis.RedisError, OSError, TimeoutError):
+                    pass

@@ -1,0 +1,94 @@
+"""Wires the runtime proxy: settings → runtime → replica manager → heartbeat → HTTP.
+
+Resources live in ``cleanup_ctx`` generators, set up in order and torn down
+in reverse. A stop never stops containers: the next start re-adopts them.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import redis.asyncio as redis
+from aiohttp import web
+
+from runtime_proxy import routes
+from runtime_proxy.heartbeat import Heartbeat
+from runtime_proxy.replicas import ReplicaManager
+from runtime_proxy.runtime import Runtime
+from shared.background import Periodic
+from shared.http import error_middleware
+from shared.settings import ProxySettings
+
+log = logging.getLogger("lukewarm.proxy")
+
+HARNESS_SOURCE = Path(__file__).with_name("harness.py")
+REDIS_TIMEOUT_S = 2.0
+
+
+def make_runtime(kind: str) -> Runtime:
+    """The runtime named by ``kind``; ``auto`` is Docker when the engine answers, else processes."""
+    from runtime_proxy.docker_runtime import DockerRuntime, docker_available
+    from runtime_proxy.process_runtime import ProcessRuntime
+
+    if kind == "auto":
+        kind = "docker" if docker_available() else "process"
+    if kind == "docker":
+        return DockerRuntime()
+    if kind == "process":
+        return ProcessRuntime()
+    raise SystemExit(f"unknown runtime {kind!r}: use docker, process or auto")
+
+
+def install_harness(state_dir: Path) -> Path:
+    """Copy the harness to a content-addressed file: running containers keep the file they mounted."""
+    data = HARNESS_SOURCE.read_bytes()
+    target = state_dir / f"harness-{hashlib.sha256(data).hexdigest()[:12]}.py"
+    if not target.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(HARNESS_SOURCE, tmp)
+        tmp.chmod(0o644)
+        tmp.replace(target)
+    return target
+
+
+def build_app(settings: ProxySettings, runtime: Runtime | None = None) -> web.Application:
+    if not settings.proxy_secret:
+        raise SystemExit("LUKEWARM_PROXY_SECRET must be set: ingresses authenticate with it")
+    app = web.Application(middlewares=[error_middleware], client_max_size=256 * 1024 * 1024)
+    app[routes.SETTINGS] = settings
+    routes.add_routes(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        rt = runtime or make_runtime(settings.runtime)
+        harness = install_harness(Path(settings.state_dir))
+        manager = ReplicaManager(rt, settings, harness)
+        adopted = await manager.adopt()
+        app[routes.MANAGER] = manager
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                      socket_connect_timeout=REDIS_TIMEOUT_S)
+        heartbeat = Heartbeat(client, settings, lambda: {"replicas": manager.snapshot()}, rt.name)
+        await heartbeat.take_epoch()
+        beats = Periodic("heartbeat", settings.heartbeat_interval_s, heartbeat.beat_once)
+        reaper = Periodic("reaper", settings.reaper_interval_s, manager.reap_once)
+        beats.start()
+        reaper.start()
+        log.info("proxy %s up (runtime %s, epoch %d, %d replicas adopted)",
+                 settings.proxy_id, rt.name, heartbeat.epoch, adopted)
+        yield
+        await reaper.stop()
+        await beats.stop()
+        try:
+            await heartbeat.withdraw()
+        except redis.RedisError as exc:
+            log.warning("could not withdraw the heartbeat: %s", exc)
+        # Docker containers outlive the proxy (re-adopted next start); child processes cannot.
+        await manager.close(stop_replicas=settings.stop_replicas_on_exit or rt.name == "process")
+        await rt.close()
+        await client.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,83 @@
+"""The proxy's heartbeat: its state in Redis under a TTL, fenced by an epoch.
+
+Each start takes a new, larger epoch (INCR); the heartbeat carries it, so a
+reader that has seen epoch N ignores any later-arriving heartbeat of N-1
+from a proxy process that should be gone.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+
+from shared import keys
+from shared.settings import ProxySettings
+
+
+def host_resources() -> dict[str, Any]:
+    """CPU count, load and memory of this host (Linux /proc; zeros elsewhere)."""
+    memory_mb = available_mb = 0
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[1:]}
+        memory_mb, available_mb = info.get("MemTotal", 0) // 1024, info.get("MemAvailable", 0) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = 0.0
+    return {"cpus": os.cpu_count() or 1, "load1": round(load1, 2), "memory_mb": memory_mb,
+            "memory_available_mb": available_mb}
+
+
+class Heartbeat:
+    """Publishes this proxy's state; ``beat_once`` is the unit a test can drive."""
+
+    def __init__(
+        self, redis_client: redis.Redis, settings: ProxySettings, state: Callable[[], dict[str, Any]],
+        runtime_name: str,
+    ) -> None:
+        self.redis = redis_client
+        self.settings = settings
+        self.state = state
+        self.runtime_name = runtime_name
+        self.epoch = 0
+        self.started_at = time.time()
+
+    async def take_epoch(self) -> int:
+        self.epoch = int(await self.redis.incr(keys.proxy_epoch(self.settings.proxy_id)))
+        return self.epoch
+
+    def payload(self) -> dict[str, Any]:
+        body = {
+            "proxy_id": self.settings.proxy_id,
+            "url": self.settings.advertise_url,
+            "epoch": self.epoch,
+            "runtime": self.runtime_name,
+            "started_at": self.started_at,
+            "ts": time.time(),
+            "capacity": {"max_replicas": self.settings.max_replicas,
+                         "replica_concurrency": self.settings.replica_concurrency, **host_resources()},
+        }
+        body.update(self.state())
+        return body
+
+    async def beat_once(self) -> None:
+        payload = self.payload()
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.proxy_heartbeat(self.settings.proxy_id), orjson.dumps(payload), px=ttl_ms)
+            pipe.zadd(keys.PROXIES, {self.settings.proxy_id: payload["ts"]})
+            await pipe.execute()
+
+    async def withdraw(self) -> None:
+        """A clean stop: readers drop this proxy now instead of at TTL expiry."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.proxy_heartbeat(self.settings.proxy_id))
+            pipe.zrem(keys.PROXIES, self.settings.proxy_id)
+            await pipe.execute()

@@ -1,0 +1,78 @@
+"""Pure lifecycle decisions of a proxy: what to pause, stop, remove or evict.
+
+Each function takes a snapshot of plain data and ``now`` and returns the
+replica ids to act on; the replica manager applies them. No I/O here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaView:
+    """What the policy needs to know of one replica."""
+
+    replica_id: str
+    version_key: str
+    state: str  # starting | running | paused | stopped
+    in_flight: int
+    last_used: float
+    idle_timeout_s: float
+    keep_warm: bool
+    memory_mb: int
+
+
+def replicas_to_pause(replicas: Sequence[ReplicaView], now: float) -> list[str]:
+    """Running replicas idle for their version's idle timeout, unless kept warm."""
+    return [
+        r.replica_id for r in replicas
+        if r.state == "running" and r.in_flight == 0 and not r.keep_warm
+        and now - r.last_used >= r.idle_timeout_s
+    ]
+
+
+def replicas_to_stop(replicas: Sequence[ReplicaView], now: float, stop_after_s: float) -> list[str]:
+    """Paused replicas idle much longer than their timeout: stopped to free memory."""
+    return [
+        r.replica_id for r in replicas
+        if r.state == "paused" and r.in_flight == 0 and now - r.last_used >= r.idle_timeout_s + stop_after_s
+    ]
+
+
+def replicas_to_evict(
+    replicas: Sequence[ReplicaView], memory_budget_mb: int, max_replicas: int, incoming_mb: int = 0,
+) -> list[str]:
+    """Least recently used idle replicas to remove so the host fits its budgets.
+
+    Stopped replicas go first, then paused ones, each oldest first; running or
+    busy replicas are never evicted here (they are paused first by idleness).
+    ``incoming_mb`` makes room for a replica about to start.
+    """
+    live = [r for r in replicas if r.state in {"starting", "running", "paused"}]
+    used_mb = sum(r.memory_mb for r in live) + incoming_mb
+    count = len(replicas) + (1 if incoming_mb else 0)
+    order = {"stopped": 0, "paused": 1}
+    candidates = sorted(
+        (r for r in replicas if r.state in order and r.in_flight == 0),
+        key=lambda r: (order[r.state], r.last_used),
+    )
+    evict: list[str] = []
+    for r in candidates:
+        over_memory = memory_budget_mb > 0 and used_mb > memory_budget_mb
+        if not over_memory and count <= max_replicas:
+            break
+        if r.state == "stopped" and not (count > max_replicas):
+            continue  # a stopped replica holds no memory; only the count matters for it
+        evict.append(r.replica_id)
+        count -= 1
+        if r.state != "stopped":
+            used_mb -= r.memory_mb
+    return evict
+
+
+def backoff_s(failures: int, base_s: float, cap_s: float = 300.0) -> float:
+    """Delay before the next start of a version whose replicas keep failing."""
+    if failures <= 0:
+        return 0.0
+    return min(cap_s, base_s * 2 ** (failures - 1))

@@ -1,0 +1,397 @@
+"""The replica manager: one proxy's replicas, their lifecycle, and running chunks on them.
+
+Guarantees: a chunk either gets outputs or a clear ``ApiError`` before its
+deadline; a replica that dies fails its in-flight chunks at once (the
+socket closes) and the next chunk gets a fresh replica; a version whose
+replicas fail to start is not restarted in a tight loop (backoff).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runtime_proxy import policy
+from runtime_proxy.harness_client import HarnessClient, HarnessUnavailable
+from runtime_proxy.runtime import SOCKET_NAME, ExitInfo, LaunchSpec, Runtime, RuntimeFailure
+from shared.errors import ApiError, deadline_exceeded, unavailable
+from shared.messages import ChunkRequest, ChunkResult, VersionSpec
+from shared.settings import ProxySettings
+
+log = logging.getLogger("lukewarm.proxy")
+
+CONTAINER_UID = 65534
+STOP_TIMEOUT_S = 5.0
+
+
+@dataclasses.dataclass(eq=False)
+class Replica:
+    """One container (or process) of one version on this host."""
+
+    replica_id: str
+    spec: VersionSpec
+    handle: str
+    run_dir: Path
+    client: HarnessClient
+    slots: asyncio.Semaphore
+    state: str = "starting"  # starting | running | paused | stopped | dead
+    last_used: float = 0.0
+    in_flight: int = 0
+    started_at: float = 0.0
+
+    def view(self) -> policy.ReplicaView:
+        return policy.ReplicaView(
+            replica_id=self.replica_id, version_key=self.spec.key, state=self.state,
+            in_flight=self.in_flight, last_used=self.last_used,
+            idle_timeout_s=self.spec.idle_timeout_s, keep_warm=self.spec.keep_warm,
+            memory_mb=self.spec.memory_mb,
+        )
+
+
+@dataclasses.dataclass
+class _Failure:
+    count: int
+    until: float
+    error: ApiError
+
+
+def _remaining(deadline: float, now: float) -> float:
+    return max(0.0, deadline - now)
+
+
+class ReplicaManager:
+    """Owns this host's replicas. All methods run on the event loop; the runtime bounds its own calls."""
+
+    def __init__(
+        self, runtime: Runtime, settings: ProxySettings, harness_path: Path,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.harness_path = harness_path
+        self.clock = clock
+        self.replicas: dict[str, Replica] = {}
+        self._by_version: dict[str, Replica] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._failures: dict[str, _Failure] = {}
+        self._cleanup_tasks: set[asyncio.Task[None]] = set()
+        self.run_root = Path(settings.state_dir) / "run"
+
+    # ---- public API -------------------------------------------------------
+
+    async def run_chunk(self, req: ChunkRequest) -> ChunkResult:
+        """Run one chunk on a ready replica of its version; start one if needed."""
+        t0 = self.clock()
+        deadline = t0 + req.timeout_s
+        replica, start_kind, timings = await self._acquire(req.spec, deadline)
+        replica.in_flight += 1
+        t_infer = self.clock()
+        try:
+            status, body = await self._predict(replica, req.inputs, deadline)
+        finally:
+            replica.in_flight -= 1
+            replica.last_used = self.clock()
+            replica.slots.release()
+        timings["infer_ms"] = (self.clock() - t_infer) * 1000
+        timings["total_ms"] = (self.clock() - t0) * 1000
+        if status != 200 or not isinstance(body, dict):
+            message = body.get("error") if isinstance(body, dict) else None
+            raise ApiError(502, "harness_error", message or f"the harness answered status {status}")
+        return ChunkResult(
+            outputs=body.get("outputs"), stdout=body.get("stdout") or "", stderr=body.get("stderr") or "",
+            error=body.get("error"), traceback=body.get("traceback"), start=start_kind, timings=timings,
+            proxy_id=self.settings.proxy_id,
+        )
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Replica states for the heartbeat."""
+        now = self.clock()
+        return [
+            {"replica_id": r.replica_id, "version": r.spec.key, "state": r.state, "in_flight": r.in_flight,
+             "idle_s": round(now - r.last_used, 3), "concurrency": self.settings.replica_concurrency,
+             "memory_mb": r.spec.memory_mb, "gpu": r.spec.gpu}
+            for r in self.replicas.values()
+        ]
+
+    async def adopt(self) -> int:
+        """Re-adopt this proxy's containers from their labels; never restarts a running one."""
+        found = await self.runtime.list_replicas(self.settings.proxy_id)
+        adopted = 0
+        for f in found:
+            if f.state not in {"running", "paused"} or f.spec.key in self._by_version:
+                await self._discard_handle(f.handle, f.run_dir)
+                continue
+            replica = self._new_replica(f.replica_id, f.spec, f.handle, f.run_dir)
+            replica.state = f.state
+            self._register(replica)
+            adopted += 1
+        return adopted
+
+    async def reap_once(self) -> dict[str, list[str]]:
+        """Apply the idle policy once: pause, stop, evict. Returns what it did."""
+        now = self.clock()
+        views = [r.view() for r in self.replicas.values()]
+        done: dict[str, list[str]] = {"paused": [], "stopped": [], "evicted": []}
+        for rid in policy.replicas_to_pause(views, now):
+            if await self._transition(rid, "pause"):
+                done["paused"].append(rid)
+        for rid in policy.replicas_to_stop(views, now, self.settings.pause_stop_after_s):
+            if await self._transition(rid, "stop"):
+                done["stopped"].append(rid)
+        views = [r.view() for r in self.replicas.values()]
+        for rid in policy.replicas_to_evict(views, self.settings.memory_budget_mb, self.settings.max_replicas):
+            replica = self.replicas.get(rid)
+            if replica is not None:
+                await self._retire(replica)
+                done["evicted"].append(rid)
+        return done
+
+    async def close(self, stop_replicas: bool) -> None:
+        """Forget replicas; stop and remove them only when asked (an upgrade keeps them)."""
+        if self._cleanup_tasks:
+            await asyncio.gather(*self._cleanup_tasks, return_exceptions=True)
+        for replica in list(self.replicas.values()):
+            replica.client.close()
+            if stop_replicas:
+                await self._retire(replica)
+
+    # ---- acquiring a ready replica ---------------------------------------------
+
+    async def _acquire(self, spec: VersionSpec, deadline: float) -> tuple[Replica, str, dict[str, float]]:
+        """A ready replica with a free slot (taken), what it was when we came, and phase times."""
+        timings: dict[str, float] = {}
+        lock = self._locks.setdefault(spec.key, asyncio.Lock())
+        t0 = self.clock()
+        try:
+            async with asyncio.timeout(_remaining(deadline, t0)):
+                async with lock:
+                    replica, kind = await self._ensure_ready(spec, deadline, timings)
+                await replica.slots.acquire()
+        except TimeoutError:
+            raise deadline_exceeded("deadline passed while waiting for a replica") from None
+        timings["queue_ms"] = (self.clock() - t0) * 1000 - sum(timings.values())
+        return replica, kind, timings
+
+    async def _ensure_ready(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> tuple[Replica, str]:
+        replica = self._by_version.get(spec.key)
+        if replica is not None and replica.state == "running":
+            return replica, "warm"
+        if replica is not None and replica.state == "paused":
+            t = self.clock()
+            try:
+                await self.runtime.unpause(replica.handle)
+            except RuntimeFailure:
+                await self._retire(replica)
+            else:
+                replica.state = "running"
+                timings["unpause_ms"] = (self.clock() - t) * 1000
+                return replica, "lukewarm"
+        if replica is not None:
+            await self._retire(replica)
+        self._check_backoff(spec)
+        try:
+            replica = await self._start(spec, deadline, timings)
+        except ApiError as exc:
+            if exc.status != 504:
+                self._record_failure(spec, exc)
+            raise
+        self._failures.pop(spec.key, None)
+        return replica, "cold"
+
+    def _check_backoff(self, spec: VersionSpec) -> None:
+        failure = self._failures.get(spec.key)
+        if failure is not None and self.clock() < failure.until:
+            wait_s = failure.until - self.clock()
+            raise ApiError(
+                failure.error.status, failure.error.type,
+                f"{failure.error.message} (not retried for {wait_s:.0f} s)",
+                {"Retry-After": str(max(1, round(wait_s)))},
+            )
+
+    def _record_failure(self, spec: VersionSpec, error: ApiError) -> None:
+        count = self._failures[spec.key].count + 1 if spec.key in self._failures else 1
+        until = self.clock() + policy.backoff_s(count, self.settings.start_backoff_s)
+        self._failures[spec.key] = _Failure(count=count, until=until, error=error)
+
+    async def _start(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> Replica:
+        await self._make_room(spec)
+        t = self.clock()
+        try:
+            if not await self.runtime.has_image(spec.image):
+                await self.runtime.pull(spec.image)
+                timings["pull_ms"] = (self.clock() - t) * 1000
+        except RuntimeFailure as exc:
+            raise ApiError(502, exc.type, str(exc)) from None
+        replica_id = uuid.uuid4().hex[:12]
+        run_dir = self._make_run_dir(replica_id)
+        launch = LaunchSpec(replica_id=replica_id, spec=spec, proxy_id=self.settings.proxy_id,
+                            run_dir=run_dir, harness_path=self.harness_path)
+        t = self.clock()
+        try:
+            handle = await self.runtime.create(launch)
+        except RuntimeFailure as exc:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise ApiError(502, exc.type, str(exc)) from None
+        timings["create_ms"] = (self.clock() - t) * 1000
+        replica = self._new_replica(replica_id, spec, handle, run_dir)
+        self._register(replica)
+        try:
+            t = self.clock()
+            await self.runtime.start(handle)
+            timings["start_ms"] = (self.clock() - t) * 1000
+            t = self.clock()
+            await self._wait_ready(replica, min(deadline, t + self.settings.ready_timeout_s))
+            timings["ready_ms"] = (self.clock() - t) * 1000
+        except RuntimeFailure as exc:
+            await self._retire(replica)
+            raise ApiError(502, exc.type, str(exc)) from None
+        except BaseException:
+            await self._retire(replica)
+            raise
+        replica.state = "running"
+        replica.started_at = replica.last_used = self.clock()
+        return replica
+
+    async def _make_room(self, spec: VersionSpec) -> None:
+        views = [r.view() for r in self.replicas.values()]
+        evict = policy.replicas_to_evict(
+            views, self.settings.memory_budget_mb, self.settings.max_replicas, incoming_mb=spec.memory_mb,
+        )
+        for rid in evict:
+            await self._retire(self.replicas[rid])
+        busy = [r for r in self.replicas.values() if r.state in {"starting", "running", "paused"}]
+        if len(busy) >= self.settings.max_replicas:
+            raise unavailable("this host runs as many replicas as it may; all are busy", retry_after_s=2)
+
+    async def _wait_ready(self, replica: Replica, until: float) -> None:
+        """Poll the harness's /ready until it answers, fails, or the replica exits."""
+        delay_s = 0.005
+        while True:
+            status, body = None, None
+            try:
+                status, body = await asyncio.wait_for(replica.client.call("GET", "/ready"), 2.0)
+            except (HarnessUnavailable, TimeoutError):
+                pass
+            if status == 200:
+                return
+            if status == 500 and isinstance(body, dict):
+                raise ApiError(502, "model_load_failed", str(body.get("error") or "the model failed to load"))
+            if status is None:
+                info = await self.runtime.exit_info(replica.handle)
+                if info is not None:
+                    raise self._exit_error(info, "before it was ready")
+            if self.clock() >= until:
+                raise ApiError(504, "timeout", "the replica did not get ready in time")
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 1.5, 0.05)
+
+    # ---- running a chunk -----------------------------------------------------
+
+    async def _predict(self, replica: Replica, inputs: list[Any], deadline: float) -> tuple[int, Any]:
+        try:
+            async with asyncio.timeout(_remaining(deadline, self.clock())):
+                return await replica.client.call("POST", "/predict", {"inputs": inputs})
+        except TimeoutError:
+            # A stuck model keeps its slot forever: replace the replica, do not wait for it.
+            self._retire_later(replica)
+            raise deadline_exceeded() from None
+        except HarnessUnavailable:
+            replica.state = "dead"
+            info = await self._wait_exit(replica)
+            self._retire_later(replica)
+            if info is None:
+                raise ApiError(502, "model_crashed", "the replica dropped the connection mid-request") from None
+            raise self._exit_error(info, "mid-request") from None
+
+    async def _wait_exit(self, replica: Replica, bound_s: float = 2.0) -> ExitInfo | None:
+        """The exit of a replica whose socket closed; the engine may take a moment to notice."""
+        until = self.clock() + bound_s
+        while True:
+            try:
+                info = await self.runtime.exit_info(replica.handle)
+            except RuntimeFailure:
+                info = None
+            if info is not None or self.clock() >= until:
+                return info
+            await asyncio.sleep(0.02)
+
+    @staticmethod
+    def _exit_error(info: ExitInfo, when: str) -> ApiError:
+        if info.oom_killed:
+            return ApiError(502, "oom", f"the model ran out of memory {when} (killed by the OOM killer)")
+        code = "" if info.exit_code is None else f" with code {info.exit_code}"
+        detail = f": {info.detail}" if info.detail else ""
+        return ApiError(502, "model_crashed", f"the replica exited{code} {when}{detail}")
+
+    # ---- bookkeeping ---------------------------------------------------------
+
+    def _new_replica(self, replica_id: str, spec: VersionSpec, handle: str, run_dir: Path) -> Replica:
+        now = self.clock()
+        return Replica(
+            replica_id=replica_id, spec=spec, handle=handle, run_dir=run_dir,
+            client=HarnessClient(str(run_dir / SOCKET_NAME), max_idle=self.settings.replica_concurrency),
+            slots=asyncio.Semaphore(self.settings.replica_concurrency), last_used=now, started_at=now,
+        )
+
+    def _register(self, replica: Replica) -> None:
+        self.replicas[replica.replica_id] = replica
+        self._by_version[replica.spec.key] = replica
+
+    def _make_run_dir(self, replica_id: str) -> Path:
+        run_dir = self.run_root / replica_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            # The harness runs as nobody and must create its socket here.
+            os.chown(run_dir, CONTAINER_UID, CONTAINER_UID)
+        return run_dir
+
+    async def _transition(self, replica_id: str, action: str) -> bool:
+        replica = self.replicas.get(replica_id)
+        if replica is None:
+            return False
+        try:
+            if action == "pause":
+                await self.runtime.pause(replica.handle)
+                replica.state = "paused"
+            else:
+                await self.runtime.stop(replica.handle, STOP_TIMEOUT_S)
+                await self._retire(replica)
+        except RuntimeFailure as exc:
+            log.warning("could not %s replica %s: %s", action, replica_id, exc)
+            await self._retire(replica)
+            return False
+        return True
+
+    def _forget(self, replica: Replica) -> None:
+        self.replicas.pop(replica.replica_id, None)
+        if self._by_version.get(replica.spec.key) is replica:
+            del self._by_version[replica.spec.key]
+        replica.client.close()
+
+    async def _retire(self, replica: Replica) -> None:
+        """Forget a replica and remove its container; never raises."""
+        replica.state = "dead"
+        self._forget(replica)
+        await self._discard_handle(replica.handle, replica.run_dir)
+
+    def _retire_later(self, replica: Replica) -> None:
+        replica.state = "dead"
+        self._forget(replica)
+        task = asyncio.create_task(self._discard_handle(replica.handle, replica.run_dir))
+        self._cleanup_tasks.add(task)
+        task.add_done_callback(self._cleanup_tasks.discard)
+
+    async def _discard_handle(self, handle: str, run_dir: Path) -> None:
+        try:
+            await self.runtime.remove(handle)
+        except RuntimeFailure as exc:
+            log.warning("could not remove replica %s: %s", handle, exc)
+        if run_dir and str(run_dir).startswith(str(self.run_root)):
+            shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""The runtime interface: what the proxy needs from a container engine.
+
+Two implementations share it: ``docker`` (production) and ``process`` (the
+same harness as a subprocess, for laptops without Docker). The replica
+manager only ever talks to this interface.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+import orjson
+
+from shared.messages import VersionSpec
+
+# Where the harness and its socket directory appear inside a container.
+HARNESS_IN_CONTAINER = "/lukewarm/harness.py"
+RUN_DIR_IN_CONTAINER = "/lukewarm/run"
+SOCKET_NAME = "harness.sock"
+
+
+class RuntimeFailure(Exception):
+    """A runtime operation failed; ``type`` is the machine error type to report."""
+
+    def __init__(self, type_: str, message: str) -> None:
+        super().__init__(message)
+        self.type = type_
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to create one replica of a version on this host."""
+
+    replica_id: str
+    spec: VersionSpec
+    proxy_id: str
+    run_dir: Path  # host directory mounted at RUN_DIR_IN_CONTAINER
+    harness_path: Path  # host file mounted at HARNESS_IN_CONTAINER
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / SOCKET_NAME
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitInfo:
+    """Why a replica is no longer running."""
+
+    exit_code: int | None
+    oom_killed: bool = False
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundReplica:
+    """A replica found on the host at start-up (for re-adoption)."""
+
+    handle: str
+    replica_id: str
+    spec: VersionSpec
+    state: str  # running | paused | exited | created
+    run_dir: Path
+
+
+class Runtime(Protocol):
+    """A container engine as the replica manager sees it. All calls are async and bounded."""
+
+    name: str
+
+    async def has_image(self, image: str) -> bool: ...
+
+    async def pull(self, image: str) -> None: ...
+
+    async def create(self, launch: LaunchSpec) -> str: ...
+
+    async def start(self, handle: str) -> None: ...
+
+    async def pause(self, handle: str) -> None: ...
+
+    async def unpause(self, handle: str) -> None: ...
+
+    async def stop(self, handle: str, timeout_s: float) -> None: ...
+
+    async def remove(self, handle: str) -> None: ...
+
+    async def exit_info(self, handle: str) -> ExitInfo | None:
+        """None while the replica is running or paused."""
+        ...
+
+    async def list_replicas(self, proxy_id: str) -> list[FoundReplica]: ...
+
+    async def close(self) -> None: ...
+
+
+def labels_for(launch: LaunchSpec) -> dict[str, str]:
+    spec = launch.spec
+    return {
+        "lukewarm.customer": spec.customer,
+        "lukewarm.model": spec.model,
+        "lukewarm.branch": spec.branch,
+        "lukewarm.version": str(spec.version),
+        "lukewarm.proxy": launch.proxy_id,
+        "lukewarm.replica": launch.replica_id,
+        "lukewarm.run_dir": str(launch.run_dir),
+        "lukewarm.spec": orjson.dumps(spec.to_dict()).decode(),
+    }
+
+
+def harness_env(spec: VersionSpec, socket_path: str, code_dir: str | None = None) -> dict[str, str]:
+    env = dict(spec.env)
+    env.update({
+        "LUKEWARM_ENTRYPOINT": spec.entrypoint,
+        "LUKEWARM_SOCKET": socket_path,
+        "LUKEWARM_BATCH_SIZE": "" if spec.batch_size is None else str(spec.batch_size),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    })
+    if code_dir:
+        env["LUKEWARM_CODE_DIR"] = code_dir
+    return env

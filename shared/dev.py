@@ -1,0 +1,173 @@
+"""``lukewarm dev``: an ingress and one runtime proxy in one foreground process.
+
+Starts a Redis when none answers, deploys the example model ``hello`` for
+customer ``demo``, prints an API key and a curl line, serves until Ctrl-C
+(or SIGTERM) and then stops cleanly: servers first, then what it started.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import redis.asyncio as redis
+from aiohttp import web
+
+from shared.settings import IngressSettings, ProxySettings, finish_proxy_settings, generated_secret
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_DIR = REPO_ROOT / "examples" / "hello"
+EXAMPLE_IMAGE = "lukewarm-example/hello:latest"
+DEMO_CUSTOMER = "demo"
+REDIS_START_TIMEOUT_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DevOptions:
+    port: int = 8080
+    proxy_port: int = 8081
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    runtime: str = "auto"
+    example: bool = True
+    host: str = "127.0.0.1"
+    state_dir: str = ""
+    admin_token: str = ""
+    proxy_secret: str = ""
+
+
+async def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        return bool(await client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def ensure_redis(url: str) -> AsyncIterator[None]:
+    """A Redis at ``url``: the one that answers, or one started here (and stopped on exit)."""
+    if await redis_answers(url):
+        yield
+        return
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit(f"no Redis answers at {url} and redis-server is not installed (make run installs it)")
+    parts = urllib.parse.urlparse(url)
+    proc = subprocess.Popen(
+        [server, "--port", str(parts.port or 6379), "--bind", parts.hostname or "127.0.0.1",
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while not await redis_answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"redis-server did not answer at {url} within {REDIS_START_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.05)
+        print(f"started redis-server at {url}", flush=True)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def example_image(runtime_name: str) -> str:
+    """The example's image reference for this runtime, built when needed."""
+    if runtime_name == "process":
+        return f"dir:{EXAMPLE_DIR}"
+    from runtime_proxy.docker_runtime import build_image
+
+    print(f"building {EXAMPLE_IMAGE} from {EXAMPLE_DIR} ...", flush=True)
+    await asyncio.to_thread(build_image, str(EXAMPLE_DIR), EXAMPLE_IMAGE)
+    return EXAMPLE_IMAGE
+
+
+async def deploy_example(app: web.Application, image: str) -> str:
+    """Customer ``demo``, a predict key and version of ``hello``; returns the key."""
+    from ingress import state
+
+    registry = app[state.REGISTRY]
+    await registry.put_customer(DEMO_CUSTOMER)
+    _, key = await registry.create_key(DEMO_CUSTOMER, ("deploy", "predict"))
+    spec = await registry.create_version(DEMO_CUSTOMER, "hello", "main", {"image": image, "entrypoint": "main:predict"})
+    print(f"deployed {spec.key} ({image})", flush=True)
+    return key
+
+
+def curl_line(host: str, port: int, key: str) -> str:
+    return (f"curl -s -H 'Host: {DEMO_CUSTOMER}.localhost' -H 'Authorization: {key}' "
+            f"-d '{{\"data\": \"world\"}}' http://{host}:{port}/v1/hello/latest")
+
+
+async def serve(options: DevOptions) -> None:
+    from ingress.app import build_app as build_ingress
+    from runtime_proxy.daemon import build_app as build_proxy, make_runtime
+
+    admin_token = options.admin_token or generated_secret()
+    secret = options.proxy_secret or generated_secret()
+    state_dir = options.state_dir or str(Path.home() / ".cache" / "lukewarm" / f"state-{options.proxy_port}")
+    runtime = make_runtime(options.runtime)
+    proxy_settings = finish_proxy_settings(ProxySettings(
+        redis_url=options.redis_url, proxy_secret=secret, proxy_host=options.host, proxy_port=options.proxy_port,
+        runtime=runtime.name, state_dir=state_dir, proxy_id=f"dev-{options.proxy_port}",
+        stop_replicas_on_exit=True,
+    ))
+    ingress_settings = IngressSettings(
+        redis_url=options.redis_url, admin_token=admin_token, proxy_secret=secret,
+        ingress_host=options.host, ingress_port=options.port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with ensure_redis(options.redis_url):
+        image = await example_image(runtime.name) if options.example else ""
+        runners = [web.AppRunner(build_proxy(proxy_settings, runtime), access_log=None),
+                   web.AppRunner(build_ingress(ingress_settings), access_log=None)]
+        try:
+            for runner, port in zip(runners, (options.proxy_port, options.port)):
+                await runner.setup()
+                await web.TCPSite(runner, options.host, port).start()
+            print(f"ingress http://{options.host}:{options.port}  proxy {proxy_settings.advertise_url}  "
+                  f"runtime {runtime.name}", flush=True)
+            print(f"admin token: {admin_token}", flush=True)
+            if options.example:
+                key = await deploy_example(runners[1].app, image)
+                print(f"API key for customer {DEMO_CUSTOMER}: {key}", flush=True)
+                print("try:", flush=True)
+                print("  " + curl_line(options.host, options.port, key), flush=True)
+            print("serving; Ctrl-C stops", flush=True)
+            await stop.wait()
+            print("stopping ...", flush=True)
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
+    print("stopped", flush=True)
+
+
+def run(options: DevOptions) -> int:
+    from shared.eventloop import install_uvloop
+
+    install_uvloop()
+    try:
+        asyncio.run(serve(options))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(DevOptions()))

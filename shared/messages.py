@@ -1,0 +1,235 @@
+"""The JSON shapes that cross process boundaries, as frozen dataclasses.
+
+``VersionSpec`` is what a deploy stores and what a proxy needs to run a
+replica; ``ChunkRequest``/``ChunkResult`` are the ingress ↔ proxy call.
+Validation of client input lives here too, so the ingress and the CLI
+refuse the same things with the same words.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from shared.errors import ApiError, bad_request
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,99}$")
+ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_POINTERS = {"latest"}
+
+
+def check_name(kind: str, value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise bad_request(f"{kind} must be 1-63 lowercase letters, digits, '-' or '_', got {value!r}")
+    return value
+
+
+def check_branch(value: Any) -> str:
+    if not isinstance(value, str) or not BRANCH_RE.match(value) or ".." in value:
+        raise bad_request(f"branch must be letters, digits, '_', '.', '-' or '/', got {value!r}")
+    return value
+
+
+def check_alias(value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or value.isdigit() or value in RESERVED_POINTERS:
+        raise bad_request(f"alias must be a name that is not a number nor 'latest', got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    min: int = 0
+    desired: int = 1
+    max: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionSpec:
+    """An immutable deployed version: what a proxy needs to run a replica."""
+
+    customer: str
+    model: str
+    branch: str
+    version: int
+    image: str
+    entrypoint: str = "main:predict"
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    batch_size: int | None = None
+    gpu: bool = False
+    memory_mb: int = 512
+    gpu_memory_mb: int = 0
+    capacity: Capacity = Capacity()
+    idle_timeout_s: float = 300.0
+    keep_warm: bool = False
+    timeout_s: float = 60.0
+    created_at: float = 0.0
+    retired: bool = False
+
+    @property
+    def key(self) -> str:
+        """Identity of the version across the fleet: ``customer/model/branch/version``."""
+        return f"{self.customer}/{self.model}/{self.branch}/{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VersionSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        cap = values.get("capacity")
+        if isinstance(cap, dict):
+            values["capacity"] = Capacity(**cap)
+        return cls(**values)
+
+
+# The settings a client may give at deploy time, and which of them PATCH may change.
+DEPLOY_FIELDS = {
+    "image", "entrypoint", "env", "batch_size", "gpu", "memory_mb", "gpu_memory_mb",
+    "capacity", "idle_timeout_s", "keep_warm", "timeout_s",
+}
+PATCHABLE_FIELDS = {"capacity", "idle_timeout_s", "keep_warm", "timeout_s"}
+
+
+def _positive_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise bad_request(f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+def _positive_number(body: dict[str, Any], name: str, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= high:
+        raise bad_request(f"{name} must be a number above 0 and at most {high:g}")
+    return float(value)
+
+
+def _bool(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false")
+    return value
+
+
+def _capacity(value: Any) -> Capacity | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"min", "desired", "max"}:
+        raise bad_request("capacity must be an object with min, desired and max")
+    for name in ("min", "desired", "max"):
+        _positive_int(value, name, 0, 1000)
+    cap = Capacity(
+        min=value.get("min", 0), desired=value.get("desired", max(1, value.get("min", 0))),
+        max=value.get("max", max(4, value.get("desired", 1), value.get("min", 0))),
+    )
+    if not cap.min <= cap.desired <= cap.max or cap.max < 1:
+        raise bad_request("capacity must satisfy min <= desired <= max and max >= 1")
+    return cap
+
+
+def validate_settings(body: Any, allowed: set[str]) -> dict[str, Any]:
+    """Check a deploy or PATCH body; return only the fields that were given."""
+    if not isinstance(body, dict):
+        raise bad_request("body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise bad_request(f"unknown field(s): {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {}
+    if "image" in body:
+        image = body["image"]
+        if not isinstance(image, str) or not image or len(image) > 300 or any(c.isspace() for c in image):
+            raise bad_request("image must be a non-empty image reference without spaces")
+        out["image"] = image
+    if body.get("entrypoint") is not None:
+        if not isinstance(body["entrypoint"], str) or not ENTRYPOINT_RE.match(body["entrypoint"]):
+            raise bad_request("entrypoint must look like 'module:function'")
+        out["entrypoint"] = body["entrypoint"]
+    if body.get("env") is not None:
+        env = body["env"]
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and ENV_NAME_RE.match(k) and not k.startswith("LUKEWARM_") and isinstance(v, str)
+            for k, v in env.items()
+        ):
+            raise bad_request("env must map variable names (not LUKEWARM_*) to strings")
+        out["env"] = dict(env)
+    for name, low, high in (("batch_size", 1, 100_000), ("memory_mb", 32, 1_048_576), ("gpu_memory_mb", 0, 1_048_576)):
+        value = _positive_int(body, name, low, high)
+        if value is not None:
+            out[name] = value
+    for name, high in (("idle_timeout_s", 7 * 86400), ("timeout_s", 3600)):
+        value = _positive_number(body, name, high)
+        if value is not None:
+            out[name] = value
+    for name in ("gpu", "keep_warm"):
+        value = _bool(body, name)
+        if value is not None:
+            out[name] = value
+    cap = _capacity(body.get("capacity"))
+    if cap is not None:
+        out["capacity"] = cap
+    return out
+
+
+def validate_deploy(body: Any) -> dict[str, Any]:
+    fields = validate_settings(body, DEPLOY_FIELDS)
+    if "image" not in fields:
+        raise bad_request("image is required")
+    return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRequest:
+    """One chunk of a request, sent by an ingress to a proxy."""
+
+    spec: VersionSpec
+    inputs: list[Any]
+    timeout_s: float
+    request_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "inputs": self.inputs, "timeout_s": self.timeout_s,
+                "request_id": self.request_id}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ChunkRequest":
+        if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
+            raise bad_request("chunk must be an object with spec and inputs")
+        try:
+            spec = VersionSpec.from_dict(data["spec"])
+            timeout_s = float(data["timeout_s"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad_request(f"bad chunk: {exc}") from None
+        if timeout_s <= 0:
+            raise ApiError(504, "timeout", "deadline passed before the chunk reached the proxy")
+        return cls(spec=spec, inputs=data["inputs"], timeout_s=timeout_s, request_id=str(data.get("request_id", "")))
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    """What a proxy answers for a chunk (status 200 even when the model raised)."""
+
+    outputs: list[Any] | None
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+    traceback: str | None = None
+    start: str = "warm"  # warm | lukewarm | cold: what the replica was when the chunk came
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    proxy_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ChunkResult":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

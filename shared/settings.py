@@ -1,0 +1,127 @@
+"""One typed settings object per process, read from ``LUKEWARM_*`` and flags.
+
+Every field of a settings dataclass is settable as the environment variable
+``LUKEWARM_<FIELD>`` and as the flag ``--<field-with-dashes>``; a flag beats
+the environment, which beats the default. Nothing here runs at import time:
+``main()`` builds the object and passes it down.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, get_type_hints
+
+ENV_PREFIX = "LUKEWARM_"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class IngressSettings:
+    """Settings of one ingress process."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    base_domain: str = "localhost"
+    admin_token: str = ""
+    proxy_secret: str = ""
+    ingress_host: str = "0.0.0.0"
+    ingress_port: int = 8080
+    max_body_mb: int = 32
+    # Default deadline of a request when its version sets none.
+    default_timeout_s: float = 60.0
+    # How old the local view may grow while Redis is unreachable before
+    # /readyz reports the degradation.
+    max_staleness_s: float = 30.0
+    view_poll_interval_s: float = 1.0
+    proxy_connect_timeout_s: float = 2.0
+    chunk_retries: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxySettings:
+    """Settings of one runtime proxy daemon (one per host)."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    proxy_secret: str = ""
+    proxy_host: str = "0.0.0.0"
+    proxy_port: int = 8081
+    # Address ingresses use to reach this proxy; derived from the port when empty.
+    advertise_url: str = ""
+    proxy_id: str = ""
+    runtime: str = "auto"  # docker | process | auto (docker when the engine answers)
+    state_dir: str = "/var/lib/lukewarm"
+    heartbeat_interval_s: float = 2.0
+    heartbeat_ttl_s: float = 10.0
+    ready_timeout_s: float = 60.0
+    # Replicas (running or paused) this host keeps at most.
+    max_replicas: int = 16
+    # Concurrent chunks one replica accepts.
+    replica_concurrency: int = 1
+    memory_budget_mb: int = 0  # 0: from the host's memory
+    reaper_interval_s: float = 1.0
+    pause_stop_after_s: float = 3600.0
+    start_backoff_s: float = 5.0
+    # A stop normally leaves containers running for the next start to re-adopt;
+    # `lukewarm dev` removes them instead, so a Ctrl-C leaves nothing behind.
+    stop_replicas_on_exit: bool = False
+
+
+def _coerce(kind: Any, raw: str) -> Any:
+    if kind is bool:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw
+
+
+def load_settings(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> T:
+    """Build ``cls`` from defaults, then ``LUKEWARM_*`` variables, then flags."""
+    env = os.environ if environ is None else environ
+    hints = get_type_hints(cls)
+    parser = argparse.ArgumentParser(prog=prog)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kind = hints[field.name]
+        env_name = ENV_PREFIX + field.name.upper()
+        if env_name in env and env[env_name] != "":
+            try:
+                values[field.name] = _coerce(kind, env[env_name])
+            except ValueError as exc:
+                raise SystemExit(f"{env_name}: {exc}") from None
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=field.name, type=kind, default=None)
+    args = parser.parse_args(list(argv or []))
+    for name, value in vars(args).items():
+        if value is not None:
+            values[name] = value
+    return cls(**values)
+
+
+def finish_proxy_settings(settings: ProxySettings) -> ProxySettings:
+    """Fill what defaults cannot know statically: id and advertised address."""
+    changes: dict[str, Any] = {}
+    if not settings.proxy_id:
+        changes["proxy_id"] = f"{socket.gethostname()}-{settings.proxy_port}"
+    if not settings.advertise_url:
+        host = "127.0.0.1" if settings.proxy_host in {"0.0.0.0", ""} else settings.proxy_host
+        changes["advertise_url"] = f"http://{host}:{settings.proxy_port}"
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def generated_secret() -> str:
+    return secrets.token_urlsafe(24)
