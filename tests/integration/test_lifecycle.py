@@ -1,0 +1,179 @@
+"""Replica lifecycle on the real Docker engine: idle pause, unpause, keep-warm,
+re-adoption after a proxy SIGKILL, timeouts, crashes, OOM, bad images and the
+container hardening, each checked against what Docker itself reports.
+"""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support.stack import Stack, running_stack, wait_until
+
+pytestmark = [pytest.mark.timeout(240)]
+
+
+def containers(proxy_id: str, **labels: str) -> list[dict[str, Any]]:
+    """``docker inspect`` of the proxy's containers, optionally filtered by more labels."""
+    filters = ["--filter", f"label=lukewarm.proxy={proxy_id}"]
+    for k, v in labels.items():
+        filters += ["--filter", f"label=lukewarm.{k}={v}"]
+    ids = subprocess.run(["docker", "ps", "-aq", *filters], capture_output=True, text=True, timeout=30).stdout.split()
+    if not ids:
+        return []
+    out = subprocess.run(["docker", "inspect", *ids], capture_output=True, timeout=30, check=True).stdout
+    return list(orjson.loads(out))
+
+
+def status_of(proxy_id: str, model: str) -> list[str]:
+    return [c["State"]["Status"] for c in containers(proxy_id, model=model)]
+
+
+@pytest.fixture
+async def stack(redis_url: str, state_dir: Path, model_image: str):
+    async with running_stack(redis_url, state_dir, "docker", reaper_interval_s=0.1) as s:
+        await s.customer("acme")
+        s.image = model_image  # type: ignore[attr-defined]
+        yield s
+
+
+async def test_idle_replica_pauses_and_a_request_unpauses_it(stack: Stack) -> None:
+    pid = stack.proxies[0].proxy_id
+    await stack.deploy("echo", stack.image, entrypoint="models:echo", idle_timeout_s=0.5)  # type: ignore[attr-defined]
+    assert (await stack.call("echo", "a"))[0] == 200
+    [first] = containers(pid, model="echo")
+    await wait_until(lambda: status_of(pid, "echo") == ["paused"], 20, "the idle replica to be paused", 0.1)
+
+    status, body, headers = await stack.call("echo", "b")
+    assert status == 200 and body == {"data": {"echo": "b"}}
+    assert 'start;desc="lukewarm"' in headers["Server-Timing"]
+    [again] = containers(pid, model="echo")
+    assert again["Id"] == first["Id"]
+    assert again["State"]["Status"] == "running"
+    assert again["State"]["StartedAt"] == first["State"]["StartedAt"], "unpause must not restart"
+
+
+async def test_keep_warm_is_never_paused(stack: Stack) -> None:
+    pid = stack.proxies[0].proxy_id
+    image = stack.image  # type: ignore[attr-defined]
+    await stack.deploy("idle", image, entrypoint="models:echo", idle_timeout_s=0.5)
+    await stack.deploy("warm", image, entrypoint="models:echo", idle_timeout_s=0.5, keep_warm=True)
+    assert (await stack.call("warm", 1))[0] == 200
+    assert (await stack.call("idle", 1))[0] == 200
+    # The reaper handles both in the same round: once "idle" is paused, "warm" has been judged too.
+    await wait_until(lambda: status_of(pid, "idle") == ["paused"], 20, "the idle replica to be paused", 0.1)
+    await asyncio.sleep(0)  # let the same reaper round finish before looking
+    assert status_of(pid, "warm") == ["running"]
+
+
+async def test_sigkilled_proxy_readopts_its_containers(stack: Stack) -> None:
+    proxy = stack.proxies[0]
+    await stack.deploy("echo", stack.image, entrypoint="models:echo")  # type: ignore[attr-defined]
+    assert (await stack.call("echo", "a"))[0] == 200
+    [before] = containers(proxy.proxy_id, model="echo")
+
+    proxy.kill()
+    await proxy.start()
+    status, body, headers = await stack.call("echo", "b")
+    assert status == 200 and body == {"data": {"echo": "b"}}
+    assert 'start;desc="warm"' in headers["Server-Timing"], "the adopted container serves warm"
+    [after] = containers(proxy.proxy_id, model="echo")
+    assert after["Id"] == before["Id"]
+    assert after["State"]["StartedAt"] == before["State"]["StartedAt"], "re-adoption never restarts"
+
+
+async def test_timeout_gives_504_and_the_stuck_replica_is_replaced(stack: Stack) -> None:
+    pid = stack.proxies[0].proxy_id
+    await stack.deploy("slow", stack.image, entrypoint="models:slow", timeout_s=1)  # type: ignore[attr-defined]
+    assert (await stack.call("slow", 0))[0] == 200
+    [stuck] = containers(pid, model="slow")
+    status, body, _ = await stack.call("slow", 30, timeout_s=20)
+    assert status == 504 and body["type"] == "timeout"
+    status, body, _ = await stack.call("slow", 0)
+    assert status == 200, body
+    await wait_until(lambda: stuck["Id"] not in [c["Id"] for c in containers(pid, model="slow")], 20,
+                     "the stuck container to be removed", 0.1)
+
+
+async def test_container_killed_mid_request_fails_at_once_then_recovers(stack: Stack) -> None:
+    pid = stack.proxies[0].proxy_id
+    await stack.deploy("slow", stack.image, entrypoint="models:slow")  # type: ignore[attr-defined]
+    assert (await stack.call("slow", 0))[0] == 200
+    [victim] = containers(pid, model="slow")
+    call = asyncio.create_task(stack.call("slow", 60))
+    await wait_until(lambda: any(r["in_flight"] for r in _replicas(stack)), 10, "the call to be in flight")
+    subprocess.run(["docker", "kill", victim["Id"]], check=True, capture_output=True, timeout=30)
+    status, body, _ = await asyncio.wait_for(call, 15)  # the model would sleep 60 s: this is "at once"
+    assert status == 502 and body["type"] == "model_crashed", body
+    status, body, _ = await stack.call("slow", 0)
+    assert status == 200, body
+
+
+def _replicas(stack: Stack) -> list[dict[str, Any]]:
+    from ingress import state
+
+    return [
+        {"version": r.version, "in_flight": r.in_flight, "state": r.state}
+        for p in stack.app[state.VIEW].live_proxies() for r in p.replicas
+    ]
+
+
+async def test_model_that_kills_itself_is_reported_crashed(stack: Stack) -> None:
+    await stack.deploy("crash", stack.image, entrypoint="models:crash")  # type: ignore[attr-defined]
+    status, body, _ = await stack.call("crash", "die")
+    assert status == 502 and body["type"] == "model_crashed"
+    assert (await stack.call("crash", "ok"))[0] == 200
+
+
+async def test_memory_limit_exceeded_is_oom(stack: Stack) -> None:
+    await stack.deploy("hog", stack.image, entrypoint="models:hog", memory_mb=64)  # type: ignore[attr-defined]
+    status, body, _ = await stack.call("hog", 40)  # 640 MiB into a 64 MiB limit
+    assert status == 502 and body["type"] == "oom", body
+    status, body, _ = await stack.call("hog", 1)
+    assert status == 200 and body == {"data": 1}
+
+
+async def test_bad_image_fails_clearly_and_is_not_retried_in_a_loop(stack: Stack) -> None:
+    await stack.deploy("ghost", "lukewarm-test/does-not-exist:1")
+    status, body, _ = await stack.call("ghost", 1, timeout_s=60)
+    assert status == 502 and body["type"] == "image_unavailable", body
+    assert "does-not-exist" in body["error"]
+    status, again, headers = await stack.call("ghost", 1, timeout_s=10)
+    assert status == 502 and "not retried" in again["error"]
+    assert int(headers["Retry-After"]) >= 1
+
+
+async def test_bad_entrypoint_fails_with_the_harness_error(stack: Stack) -> None:
+    pid = stack.proxies[0].proxy_id
+    await stack.deploy("broken", stack.image, entrypoint="broken:predict")  # type: ignore[attr-defined]
+    status, body, _ = await stack.call("broken", 1, timeout_s=60)
+    assert status == 502 and body["type"] == "model_load_failed", body
+    assert body["error"] == "ModuleNotFoundError: No module named 'nope_this_module_does_not_exist'"
+    await wait_until(lambda: containers(pid, model="broken") == [], 20, "the failed container to be removed", 0.1)
+    status, body, _ = await stack.call("broken", 1, timeout_s=10)
+    assert status == 502 and "not retried" in body["error"]
+    assert containers(pid, model="broken") == [], "backoff: no new container in a tight loop"
+
+
+async def test_containers_run_hardened(stack: Stack) -> None:
+    pid = stack.proxies[0].proxy_id
+    await stack.deploy("who", stack.image, entrypoint="models:whoami", memory_mb=128)  # type: ignore[attr-defined]
+    status, body, _ = await stack.call("who", None)
+    assert status == 200 and body["data"]["uid"] == 65534
+    [c] = containers(pid, model="who")
+    host = c["HostConfig"]
+    assert host["NetworkMode"] == "none"
+    assert host["CapDrop"] == ["ALL"]
+    assert host["ReadonlyRootfs"] is True
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["PidsLimit"] > 0
+    assert host["Memory"] == 128 * 1024 * 1024
+    assert host["Init"] is True
+    assert c["Config"]["User"] == "65534:65534"
+    labels = c["Config"]["Labels"]
+    assert {labels[f"lukewarm.{k}"] for k in ("customer", "model", "branch", "version", "proxy")} == {
+        "acme", "who", "main", "1", pid}
