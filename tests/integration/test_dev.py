@@ -1,0 +1,64 @@
+"""`lukewarm dev` as a new user runs it (what `make run` ends in): it prints a curl
+line that answers {"data": …}, and Ctrl-C stops it cleanly, leaving no container.
+"""
+from __future__ import annotations
+
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.support.stack import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
+    """Lines of ``proc``'s output up to the one starting with ``marker`` (bounded)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line.rstrip("\n"))
+        if line.strip().startswith(marker):
+            return lines
+    raise AssertionError(f"no line starting with {marker!r} within {timeout_s} s; output: {lines}")
+
+
+@pytest.mark.parametrize("runtime", ["docker", "process"])
+def test_dev_prints_a_curl_that_answers_and_stops_cleanly(runtime: str, redis_server: str,
+                                                          docker_engine: None, tmp_path: Path) -> None:
+    port, proxy_port = free_port(), free_port()
+    redis_url = redis_server.rsplit("/", 1)[0] + "/14"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "dev", "--port", str(port), "--proxy-port", str(proxy_port),
+         "--redis-url", redis_url, "--runtime", runtime],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        read_until(proc, "try:", 180)
+        curl = read_until(proc, "curl", 10)[-1].strip()
+        assert curl.startswith("curl ")
+        answer = subprocess.run(shlex.split(curl) + ["--max-time", "60"], capture_output=True, timeout=90)
+        assert orjson.loads(answer.stdout) == {"data": {"hello": "world"}}, answer
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, rest
+        assert "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=lukewarm.proxy=dev-{proxy_port}"],
+                          capture_output=True, text=True, timeout=30).stdout.split()
+    assert left == [], "Ctrl-C must remove the dev containers"
