@@ -51,22 +51,40 @@ def parse_body(body: Any) -> InferenceInput:
     return InferenceInput(inputs=[data], ids=None, timeout_s=None if timeout is None else float(timeout))
 
 
-def split_sizes(total: int, weights: Sequence[float], min_chunk: int = 1) -> list[int]:
-    """Split ``total`` items into one chunk per weight, proportionally, largest remainders first.
+def _apportion(total: int, weights: Sequence[float]) -> list[int]:
+    """``total`` split proportionally to ``weights`` (aligned with them), largest remainders first."""
+    w = [max(float(x), 1e-9) for x in weights]
+    scale = total / sum(w)
+    raw = [x * scale for x in w]
+    sizes = [int(x) for x in raw]
+    order = sorted(range(len(w)), key=lambda i: raw[i] - sizes[i], reverse=True)
+    for i in order[: total - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
 
-    Chunks smaller than ``min_chunk`` are not worth a hop: fewer weights are
-    used then. Sizes sum to ``total``; no chunk is empty.
+
+def _fold_small(sizes: list[int], min_chunk: int) -> list[int]:
+    """Move chunks below ``min_chunk`` into the largest chunk: a tiny chunk is not worth a hop."""
+    out = list(sizes)
+    largest = max(range(len(out)), key=lambda i: out[i])
+    for i, size in enumerate(out):
+        if i != largest and 0 < size < min_chunk:
+            out[largest] += size
+            out[i] = 0
+    return out
+
+
+def split_sizes(total: int, weights: Sequence[float], min_chunk: int = 1) -> list[int]:
+    """Split ``total`` items into chunks proportional to the weights, largest remainders first.
+
+    At most ``total // min_chunk`` weights are used and no chunk is smaller
+    than ``min_chunk`` (unless there is only one). Sizes sum to ``total``;
+    no chunk is empty.
     """
     if total <= 0 or not weights:
         return []
     usable = max(1, min(len(weights), total // max(1, min_chunk)))
-    w = [max(float(x), 1e-9) for x in weights[:usable]]
-    scale = total / sum(w)
-    raw = [x * scale for x in w]
-    sizes = [int(x) for x in raw]
-    order = sorted(range(usable), key=lambda i: raw[i] - sizes[i], reverse=True)
-    for i in order[: total - sum(sizes)]:
-        sizes[i] += 1
+    sizes = _fold_small(_apportion(total, weights[:usable]), min_chunk)
     return [s for s in sizes if s > 0]
 
 
@@ -91,25 +109,26 @@ def plan_split(total: int, start_ms: Sequence[float], per_item_ms: float, min_ch
     ``start_ms`` is each candidate's expected wait before it can begin (0 when
     warm); the makespan T solves Σ max(0, T - s_i) / c = total. Candidates
     whose start cost exceeds T get nothing; chunks below ``min_chunk`` are
-    folded into the others. Sizes follow the order of ``start_ms``.
+    folded into the largest. Sizes are aligned with ``start_ms``.
     """
     if total <= 0 or not start_ms:
         return []
     c = max(per_item_ms, 1e-6)
     order = sorted(range(len(start_ms)), key=lambda i: start_ms[i])
-    makespan = 0.0
-    used = 0
+    makespan, used = 0.0, 1
     for k in range(1, len(order) + 1):
         chosen = [start_ms[i] for i in order[:k]]
         t = (total * c + sum(chosen)) / k
         if t < max(chosen):
             break
         makespan, used = t, k
+    # At most total // min_chunk candidates can get a chunk worth its hop.
+    used = max(1, min(used, total // max(1, min_chunk)))
     weights = [0.0] * len(start_ms)
     for i in order[:used]:
-        weights[i] = max(0.0, makespan - start_ms[i])
-    active = [i for i in range(len(start_ms)) if weights[i] > 0] or [order[0]]
-    sizes = split_sizes(total, [weights[i] or 1.0 for i in active], min_chunk)
+        weights[i] = max(makespan - start_ms[i], 1e-6)
+    active = order[:used]
+    sizes = _fold_small(_apportion(total, [weights[i] for i in active]), min_chunk)
     out = [0] * len(start_ms)
     for i, size in zip(active, sizes):
         out[i] = size

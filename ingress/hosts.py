@@ -9,10 +9,10 @@ def customer_from_host(host: str | None, base_domain: str) -> str | None:
     """
     if not host:
         return None
-    name = host.strip().lower().rstrip(".")
+    name = host.strip().lower()
     if name.startswith("["):
         return None  # an IPv6 literal names no customer
-    name = name.rsplit(":", 1)[0] if ":" in name else name
+    name = (name.rsplit(":", 1)[0] if ":" in name else name).rstrip(".")
     base = base_domain.strip().lower().strip(".")
     suffix = "." + base
     if not name.endswith(suffix):

@@ -117,6 +117,8 @@ class StateView:
             message = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return
+        if not isinstance(message, dict):
+            return
         kind = message.get("kind")
         if kind == "pointers":
             self._dirty.add(str(message.get("branch")))

@@ -45,6 +45,7 @@ class Replica:
     last_used: float = 0.0
     in_flight: int = 0
     started_at: float = 0.0
+    resuming: asyncio.Task[None] | None = None  # an unpause in flight
 
     def view(self) -> policy.ReplicaView:
         return policy.ReplicaView(
@@ -138,7 +139,7 @@ class ReplicaManager:
         """Apply the idle policy once: pause, stop, evict. Returns what it did."""
         now = self.clock()
         views = [r.view() for r in self.replicas.values()]
-        done: dict[str, list[str]] = {"paused": [], "stopped": [], "evicted": []}
+        done: dict[str, list[str]] = {"paused": [], "stopped": [], "evicted": [], "dead": await self.check_alive()}
         for rid in policy.replicas_to_pause(views, now):
             if await self._transition(rid, "pause"):
                 done["paused"].append(rid)
@@ -181,18 +182,22 @@ class ReplicaManager:
 
     async def _ensure_ready(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> tuple[Replica, str]:
         replica = self._by_version.get(spec.key)
+        if replica is not None:
+            replica.last_used = self.clock()  # not idle: the reaper must not pause it under us
         if replica is not None and replica.state == "running":
             return replica, "warm"
         if replica is not None and replica.state == "paused":
-            t = self.clock()
+            # The request is sent while the unpause is in flight: it waits in the
+            # socket's buffer and is answered the moment the process thaws.
+            replica.resuming = asyncio.create_task(self._resume(replica, timings))
+            replica.state = "running"
+            return replica, "lukewarm"
+        if replica is not None and replica.state == "stopped":
             try:
-                await self.runtime.unpause(replica.handle)
-            except RuntimeFailure:
-                await self._retire(replica)
-            else:
-                replica.state = "running"
-                timings["unpause_ms"] = (self.clock() - t) * 1000
+                await self._boot(replica, deadline, timings)
                 return replica, "lukewarm"
+            except ApiError:
+                pass  # a stopped replica that will not come back: start afresh below
         if replica is not None:
             await self._retire(replica)
         self._check_backoff(spec)
@@ -204,6 +209,11 @@ class ReplicaManager:
             raise
         self._failures.pop(spec.key, None)
         return replica, "cold"
+
+    async def _resume(self, replica: Replica, timings: dict[str, float]) -> None:
+        t = self.clock()
+        await self.runtime.unpause(replica.handle)
+        timings["unpause_ms"] = (self.clock() - t) * 1000
 
     def _check_backoff(self, spec: VersionSpec) -> None:
         failure = self._failures.get(spec.key)
@@ -242,9 +252,15 @@ class ReplicaManager:
         timings["create_ms"] = (self.clock() - t) * 1000
         replica = self._new_replica(replica_id, spec, handle, run_dir)
         self._register(replica)
+        await self._boot(replica, deadline, timings)
+        return replica
+
+    async def _boot(self, replica: Replica, deadline: float, timings: dict[str, float]) -> None:
+        """Start a created or stopped replica and wait until its harness is ready; retire it on failure."""
+        replica.state = "starting"
         try:
             t = self.clock()
-            await self.runtime.start(handle)
+            await self.runtime.start(replica.handle)
             timings["start_ms"] = (self.clock() - t) * 1000
             t = self.clock()
             await self._wait_ready(replica, min(deadline, t + self.settings.ready_timeout_s))
@@ -257,7 +273,6 @@ class ReplicaManager:
             raise
         replica.state = "running"
         replica.started_at = replica.last_used = self.clock()
-        return replica
 
     async def _make_room(self, spec: VersionSpec) -> None:
         views = [r.view() for r in self.replicas.values()]
@@ -297,7 +312,10 @@ class ReplicaManager:
     async def _predict(self, replica: Replica, inputs: list[Any], deadline: float) -> tuple[int, Any]:
         try:
             async with asyncio.timeout(_remaining(deadline, self.clock())):
-                return await replica.client.call("POST", "/predict", {"inputs": inputs})
+                call = asyncio.ensure_future(replica.client.call("POST", "/predict", {"inputs": inputs}))
+                if replica.resuming is not None:
+                    await self._await_resume(replica, call)
+                return await call
         except TimeoutError:
             # A stuck model keeps its slot forever: replace the replica, do not wait for it.
             self._retire_later(replica)
@@ -309,6 +327,21 @@ class ReplicaManager:
             if info is None:
                 raise ApiError(502, "model_crashed", "the replica dropped the connection mid-request") from None
             raise self._exit_error(info, "mid-request") from None
+
+    async def _await_resume(self, replica: Replica, call: asyncio.Future[tuple[int, Any]]) -> None:
+        resuming = replica.resuming
+        assert resuming is not None
+        try:
+            await asyncio.shield(resuming)
+        except RuntimeFailure as exc:
+            call.cancel()
+            self._retire_later(replica)
+            raise ApiError(502, "model_crashed", f"the paused replica could not be resumed: {exc}") from None
+        except BaseException:
+            call.cancel()
+            raise
+        if replica.resuming is resuming:
+            replica.resuming = None
 
     async def _wait_exit(self, replica: Replica, bound_s: float = 2.0) -> ExitInfo | None:
         """The exit of a replica whose socket closed; the engine may take a moment to notice."""
@@ -353,21 +386,46 @@ class ReplicaManager:
         return run_dir
 
     async def _transition(self, replica_id: str, action: str) -> bool:
+        """Pause or stop an idle replica, holding its version's lock so no request slips in meanwhile."""
         replica = self.replicas.get(replica_id)
         if replica is None:
             return False
-        try:
-            if action == "pause":
-                await self.runtime.pause(replica.handle)
-                replica.state = "paused"
-            else:
-                await self.runtime.stop(replica.handle, STOP_TIMEOUT_S)
+        lock = self._locks.setdefault(replica.spec.key, asyncio.Lock())
+        if lock.locked():
+            return False  # a request is acquiring this version right now: not idle
+        async with lock:
+            if replica.in_flight or replica.state != ("running" if action == "pause" else "paused"):
+                return False
+            try:
+                if action == "pause":
+                    await self.runtime.pause(replica.handle)
+                    replica.state = "paused"
+                else:
+                    await self.runtime.stop(replica.handle, STOP_TIMEOUT_S)
+                    replica.client.close()
+                    replica.state = "stopped"
+            except RuntimeFailure as exc:
+                log.warning("could not %s replica %s: %s", action, replica_id, exc)
                 await self._retire(replica)
-        except RuntimeFailure as exc:
-            log.warning("could not %s replica %s: %s", action, replica_id, exc)
-            await self._retire(replica)
-            return False
+                return False
         return True
+
+    async def check_alive(self) -> list[str]:
+        """Retire idle replicas whose process died while nobody was talking to them."""
+        dead = []
+        for replica in list(self.replicas.values()):
+            if replica.in_flight or replica.state not in {"running", "paused"}:
+                continue
+            try:
+                info = await self.runtime.exit_info(replica.handle)
+            except RuntimeFailure:
+                continue
+            if info is not None and replica.in_flight == 0 and self.replicas.get(replica.replica_id) is replica:
+                log.warning("replica %s of %s exited while idle (code %s)", replica.replica_id, replica.spec.key,
+                            info.exit_code)
+                await self._retire(replica)
+                dead.append(replica.replica_id)
+        return dead
 
     def _forget(self, replica: Replica) -> None:
         self.replicas.pop(replica.replica_id, None)

@@ -206,7 +206,7 @@ class ChunkRequest:
         try:
             spec = VersionSpec.from_dict(data["spec"])
             timeout_s = float(data["timeout_s"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise bad_request(f"bad chunk: {exc}") from None
         if timeout_s <= 0:
             raise ApiError(504, "timeout", "deadline passed before the chunk reached the proxy")

@@ -21,5 +21,6 @@ class Metrics:
         lines = []
         for (name, labels), value in sorted({**self.counters, **self.sums}.items()):
             label_text = ",".join(f'{k}="{v}"' for k, v in labels)
-            lines.append(f"lukewarm_{name}{{{label_text}}} {value:g}" if label_text else f"lukewarm_{name} {value:g}")
+            text = str(int(value)) if float(value).is_integer() else repr(float(value))
+            lines.append(f"lukewarm_{name}{{{label_text}}} {text}" if label_text else f"lukewarm_{name} {text}")
         return "\n".join(lines) + "\n"

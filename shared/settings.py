@@ -118,7 +118,8 @@ def finish_proxy_settings(settings: ProxySettings) -> ProxySettings:
     if not settings.proxy_id:
         changes["proxy_id"] = f"{socket.gethostname()}-{settings.proxy_port}"
     if not settings.advertise_url:
-        host = "127.0.0.1" if settings.proxy_host in {"0.0.0.0", ""} else settings.proxy_host
+        host = "127.0.0.1" if settings.proxy_host in {"0.0.0.0", "", "::"} else settings.proxy_host
+        host = f"[{host}]" if ":" in host else host
         changes["advertise_url"] = f"http://{host}:{settings.proxy_port}"
     return dataclasses.replace(settings, **changes) if changes else settings
 

@@ -1,0 +1,233 @@
+"""Validation of client input and the JSON shapes between processes."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from shared.errors import ApiError
+from shared.messages import (
+    DEPLOY_FIELDS, PATCHABLE_FIELDS, Capacity, ChunkRequest, ChunkResult, VersionSpec, check_alias, check_branch,
+    check_name, validate_deploy, validate_settings,
+)
+
+
+def bad(call: Any, *args: Any) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        call(*args)
+    assert info.value.status == 400
+    assert info.value.type == "bad_request"
+    assert "\n" not in info.value.message
+    return info.value
+
+
+@pytest.mark.parametrize("value", ["acme", "a", "churn-model", "m_2", "0abc", "a" * 63])
+def test_check_name_ok(value: str) -> None:
+    assert check_name("model", value) == value
+
+
+@pytest.mark.parametrize("value", ["", "Acme", "-acme", "_acme", "a" * 64, "a.b", "a/b", "a b", "é", None, 5, ["a"]])
+def test_check_name_bad(value: Any) -> None:
+    exc = bad(check_name, "model", value)
+    assert exc.message.startswith("model must be")
+    assert repr(value) in exc.message
+
+
+@pytest.mark.parametrize("value", ["main", "staging", "feature/x", "Release-1.2", "a" * 100, "v1.0_rc"])
+def test_check_branch_ok(value: str) -> None:
+    assert check_branch(value) == value
+
+
+@pytest.mark.parametrize("value", ["", "/main", ".hidden", "a..b", "../etc", "a~b", "a b", "a" * 101, None, 3])
+def test_check_branch_bad(value: Any) -> None:
+    assert "branch" in bad(check_branch, value).message
+
+
+@pytest.mark.parametrize("value", ["harrys_version", "prod", "v2", "1a", "a" * 63])
+def test_check_alias_ok(value: str) -> None:
+    assert check_alias(value) == value
+
+
+@pytest.mark.parametrize("value", ["latest", "46", "0", "", "Prod", "-x", "a" * 64, None, 46])
+def test_check_alias_bad(value: Any) -> None:
+    assert "alias" in bad(check_alias, value).message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"image": "lukewarm/python:bookworm"}, {"image": "lukewarm/python:bookworm"}),
+        ({"image": "img", "entrypoint": "pkg.mod:predict_fn"}, {"image": "img", "entrypoint": "pkg.mod:predict_fn"}),
+        ({"image": "img", "entrypoint": None, "env": None}, {"image": "img"}),
+        ({"image": "img", "env": {"A": "1", "_B2": ""}}, {"image": "img", "env": {"A": "1", "_B2": ""}}),
+        ({"image": "img", "batch_size": 1, "memory_mb": 32, "gpu_memory_mb": 0},
+         {"image": "img", "batch_size": 1, "memory_mb": 32, "gpu_memory_mb": 0}),
+        ({"image": "img", "idle_timeout_s": 30, "timeout_s": 0.5},
+         {"image": "img", "idle_timeout_s": 30.0, "timeout_s": 0.5}),
+        ({"image": "img", "gpu": True, "keep_warm": False}, {"image": "img", "gpu": True, "keep_warm": False}),
+        ({"image": "img", "capacity": {}}, {"image": "img", "capacity": Capacity(0, 1, 4)}),
+        ({"image": "img", "capacity": {"min": 2}}, {"image": "img", "capacity": Capacity(2, 2, 4)}),
+        ({"image": "img", "capacity": {"min": 6}}, {"image": "img", "capacity": Capacity(6, 6, 6)}),
+        ({"image": "img", "capacity": {"desired": 10}}, {"image": "img", "capacity": Capacity(0, 10, 10)}),
+        ({"image": "img", "capacity": {"min": 1, "desired": 2, "max": 3}}, {"image": "img", "capacity": Capacity(1, 2, 3)}),
+    ],
+)
+def test_validate_deploy_ok(body: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert validate_deploy(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (None, "JSON object"),
+        ([], "JSON object"),
+        ({}, "image is required"),
+        ({"entrypoint": "m:f"}, "image is required"),
+        ({"image": "img", "colour": "red"}, "unknown field(s): colour"),
+        ({"image": ""}, "image"),
+        ({"image": None}, "image"),
+        ({"image": "my image"}, "image"),
+        ({"image": "x" * 301}, "image"),
+        ({"image": 5}, "image"),
+        ({"image": "img", "entrypoint": "main"}, "entrypoint"),
+        ({"image": "img", "entrypoint": "main:"}, "entrypoint"),
+        ({"image": "img", "entrypoint": "1main:f"}, "entrypoint"),
+        ({"image": "img", "entrypoint": "main:f; rm -rf /"}, "entrypoint"),
+        ({"image": "img", "env": ["A=1"]}, "env"),
+        ({"image": "img", "env": {"A": 1}}, "env"),
+        ({"image": "img", "env": {"1A": "x"}}, "env"),
+        ({"image": "img", "env": {"A-B": "x"}}, "env"),
+        ({"image": "img", "env": {"LUKEWARM_SECRET": "x"}}, "LUKEWARM_"),
+        ({"image": "img", "batch_size": 0}, "batch_size"),
+        ({"image": "img", "batch_size": 100_001}, "batch_size"),
+        ({"image": "img", "batch_size": 2.5}, "batch_size"),
+        ({"image": "img", "batch_size": True}, "batch_size"),
+        ({"image": "img", "memory_mb": 31}, "memory_mb"),
+        ({"image": "img", "memory_mb": "512"}, "memory_mb"),
+        ({"image": "img", "gpu_memory_mb": -1}, "gpu_memory_mb"),
+        ({"image": "img", "idle_timeout_s": 0}, "idle_timeout_s"),
+        ({"image": "img", "idle_timeout_s": 7 * 86400 + 1}, "idle_timeout_s"),
+        ({"image": "img", "timeout_s": -1}, "timeout_s"),
+        ({"image": "img", "timeout_s": 3601}, "timeout_s"),
+        ({"image": "img", "timeout_s": True}, "timeout_s"),
+        ({"image": "img", "timeout_s": float("inf")}, "timeout_s"),
+        ({"image": "img", "timeout_s": float("nan")}, "timeout_s"),
+        ({"image": "img", "gpu": "yes"}, "gpu"),
+        ({"image": "img", "keep_warm": 1}, "keep_warm"),
+        ({"image": "img", "capacity": 3}, "capacity"),
+        ({"image": "img", "capacity": {"min": 1, "spare": 2}}, "capacity"),
+        ({"image": "img", "capacity": {"min": -1}}, "min"),
+        ({"image": "img", "capacity": {"max": "4"}}, "max"),
+        ({"image": "img", "capacity": {"min": 1001}}, "min"),
+        ({"image": "img", "capacity": {"max": 0}}, "min <= desired <= max"),
+        ({"image": "img", "capacity": {"min": 3, "max": 2}}, "min <= desired <= max"),
+        ({"image": "img", "capacity": {"min": 2, "desired": 1}}, "min <= desired <= max"),
+        ({"image": "img", "capacity": {"min": 0, "desired": 0, "max": 0}}, "max >= 1"),
+    ],
+)
+def test_validate_deploy_bad(body: Any, words: str) -> None:
+    assert words in bad(validate_deploy, body).message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, {}),
+        ({"keep_warm": True}, {"keep_warm": True}),
+        ({"idle_timeout_s": 60, "timeout_s": 10}, {"idle_timeout_s": 60.0, "timeout_s": 10.0}),
+        ({"capacity": {"min": 1, "desired": 1, "max": 2}}, {"capacity": Capacity(1, 1, 2)}),
+    ],
+)
+def test_validate_settings_patch_ok(body: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert validate_settings(body, PATCHABLE_FIELDS) == expected
+
+
+@pytest.mark.parametrize("field", sorted(DEPLOY_FIELDS - PATCHABLE_FIELDS))
+def test_validate_settings_patch_refuses_immutable_fields(field: str) -> None:
+    assert field in bad(validate_settings, {field: "x"}, PATCHABLE_FIELDS).message
+
+
+def full_spec() -> VersionSpec:
+    return VersionSpec(
+        customer="acme", model="churn", branch="feature/x", version=46, image="img:1", entrypoint="pkg.m:f",
+        env={"A": "1"}, batch_size=8, gpu=True, memory_mb=2048, gpu_memory_mb=4096,
+        capacity=Capacity(min=1, desired=2, max=5), idle_timeout_s=12.5, keep_warm=True, timeout_s=9.0,
+        created_at=123.25, retired=True,
+    )
+
+
+@pytest.mark.parametrize("spec", [VersionSpec("c", "m", "main", 1, "img"), full_spec()])
+def test_version_spec_round_trip(spec: VersionSpec) -> None:
+    data = spec.to_dict()
+    assert isinstance(data["capacity"], dict)
+    back = VersionSpec.from_dict(orjson.loads(orjson.dumps(data)))
+    assert back == spec
+    assert isinstance(back.capacity, Capacity)
+
+
+def test_version_spec_key_and_unknown_fields_ignored() -> None:
+    data = full_spec().to_dict() | {"future_field": 1}
+    spec = VersionSpec.from_dict(data)
+    assert spec.key == "acme/churn/feature/x/46"
+
+
+def test_version_spec_from_deploy_fields() -> None:
+    fields = validate_deploy({"image": "img", "capacity": {"min": 1}, "timeout_s": 5})
+    spec = VersionSpec(customer="c", model="m", branch="main", version=1, **fields)
+    assert VersionSpec.from_dict(spec.to_dict()) == spec
+
+
+def chunk_body(**changes: Any) -> dict[str, Any]:
+    body = {"spec": VersionSpec("c", "m", "main", 1, "img").to_dict(), "inputs": [1, 2], "timeout_s": 5,
+            "request_id": "req-1"}
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def test_chunk_request_round_trip() -> None:
+    req = ChunkRequest.from_dict(orjson.loads(orjson.dumps(chunk_body())))
+    assert req.inputs == [1, 2]
+    assert req.timeout_s == 5.0
+    assert req.request_id == "req-1"
+    assert ChunkRequest.from_dict(req.to_dict()) == req
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (None, 400),
+        ([1], 400),
+        (chunk_body(inputs=...), 400),
+        (chunk_body(inputs="abc"), 400),
+        (chunk_body(spec=...), 400),
+        (chunk_body(timeout_s=...), 400),
+        (chunk_body(timeout_s=None), 400),
+        (chunk_body(timeout_s="soon"), 400),
+        (chunk_body(spec={"customer": "c"}), 400),  # required fields missing
+        (chunk_body(spec=VersionSpec("c", "m", "main", 1, "i").to_dict() | {"capacity": {"nope": 1}}), 400),
+        (chunk_body(timeout_s=0), 504),
+        (chunk_body(timeout_s=-0.5), 504),
+    ],
+)
+def test_chunk_request_errors(body: Any, status: int) -> None:
+    with pytest.raises(ApiError) as info:
+        ChunkRequest.from_dict(body)
+    assert info.value.status == status
+
+
+def test_chunk_request_without_request_id() -> None:
+    assert ChunkRequest.from_dict(chunk_body(request_id=...)).request_id == ""
+
+
+@pytest.mark.parametrize("spec", ["img", None, [1, 2]])
+def test_chunk_request_non_object_spec_is_400(spec: Any) -> None:
+    with pytest.raises(ApiError) as info:
+        ChunkRequest.from_dict(chunk_body(spec=spec))
+    assert info.value.status == 400
+
+
+def test_chunk_result_round_trip() -> None:
+    result = ChunkResult(outputs=[1], stdout="o", stderr="e", error=None, start="cold", timings={"infer_ms": 1.5},
+                         proxy_id="p")
+    assert ChunkResult.from_dict(result.to_dict() | {"extra": 1}) == result

@@ -1,0 +1,122 @@
+"""The proxy's lifecycle policy: pure decisions from replica snapshots."""
+from __future__ import annotations
+
+import pytest
+
+from runtime_proxy.policy import ReplicaView, backoff_s, replicas_to_evict, replicas_to_pause, replicas_to_stop
+
+NOW = 10_000.0
+
+
+def view(rid: str, state: str = "running", *, in_flight: int = 0, idle_s: float = 0.0, timeout_s: float = 300.0,
+         keep_warm: bool = False, memory_mb: int = 512, last_used: float | None = None) -> ReplicaView:
+    return ReplicaView(
+        replica_id=rid, version_key=f"c/m/main/{rid}", state=state, in_flight=in_flight,
+        last_used=NOW - idle_s if last_used is None else last_used, idle_timeout_s=timeout_s,
+        keep_warm=keep_warm, memory_mb=memory_mb,
+    )
+
+
+@pytest.mark.parametrize(
+    ("replica", "paused"),
+    [
+        (view("r", idle_s=301), True),
+        (view("r", idle_s=300), True),  # exactly at the timeout
+        (view("r", idle_s=299.9), False),
+        (view("r", idle_s=10, timeout_s=5), True),
+        (view("r", idle_s=10_000, keep_warm=True), False),
+        (view("r", idle_s=10_000, in_flight=1), False),
+        (view("r", "paused", idle_s=10_000), False),
+        (view("r", "stopped", idle_s=10_000), False),
+        (view("r", "starting", idle_s=10_000), False),
+    ],
+)
+def test_replicas_to_pause(replica: ReplicaView, paused: bool) -> None:
+    assert replicas_to_pause([replica], NOW) == (["r"] if paused else [])
+
+
+def test_replicas_to_pause_picks_only_the_idle_ones() -> None:
+    replicas = [view("a", idle_s=400), view("b", idle_s=1), view("c", idle_s=400, keep_warm=True), view("d", idle_s=999)]
+    assert replicas_to_pause(replicas, NOW) == ["a", "d"]
+
+
+@pytest.mark.parametrize(
+    ("replica", "stop_after_s", "stopped"),
+    [
+        (view("r", "paused", idle_s=300 + 3600), 3600, True),
+        (view("r", "paused", idle_s=300 + 3599), 3600, False),
+        (view("r", "paused", idle_s=400), 0, True),
+        (view("r", "paused", idle_s=400, keep_warm=True), 0, True),  # keep_warm is about running ones
+        (view("r", "paused", idle_s=10_000, in_flight=1), 0, False),
+        (view("r", "running", idle_s=10_000), 0, False),
+        (view("r", "stopped", idle_s=10_000), 0, False),
+    ],
+)
+def test_replicas_to_stop(replica: ReplicaView, stop_after_s: float, stopped: bool) -> None:
+    assert replicas_to_stop([replica], NOW, stop_after_s) == (["r"] if stopped else [])
+
+
+@pytest.mark.parametrize(
+    ("replicas", "budget_mb", "max_replicas", "incoming_mb", "expected"),
+    [
+        # within budgets: nothing
+        ([view("a", "paused", memory_mb=500), view("b", "running", memory_mb=500)], 1000, 16, 0, []),
+        ([view("a", "paused")], 0, 16, 0, []),  # budget 0 means no memory limit
+        # over memory: least recently used paused first
+        ([view("old", "paused", idle_s=50, memory_mb=400), view("new", "paused", idle_s=5, memory_mb=400),
+          view("run", "running", memory_mb=400)], 1000, 16, 0, ["old"]),
+        ([view("old", "paused", idle_s=50, memory_mb=400), view("new", "paused", idle_s=5, memory_mb=400),
+          view("run", "running", memory_mb=400)], 500, 16, 0, ["old", "new"]),
+        # running replicas are never evicted, even when that leaves the host over budget
+        ([view("run1", "running", memory_mb=800), view("run2", "running", memory_mb=800)], 1000, 1, 0, []),
+        ([view("busy", "paused", in_flight=1, memory_mb=800)], 100, 16, 0, []),
+        ([view("st", "starting", memory_mb=800)], 100, 16, 0, []),
+        # incoming makes room for a replica about to start
+        ([view("p", "paused", memory_mb=600)], 1000, 16, 0, []),
+        ([view("p", "paused", memory_mb=600)], 1000, 16, 500, ["p"]),
+        ([view("p1", "paused", idle_s=9, memory_mb=300), view("p2", "paused", idle_s=1, memory_mb=300)],
+         1000, 16, 500, ["p1"]),
+        # the replica count: stopped go before paused, each oldest first
+        ([view("p", "paused", idle_s=100), view("s", "stopped", idle_s=1), view("r", "running")], 0, 2, 0, ["s"]),
+        ([view("p1", "paused", idle_s=100), view("p2", "paused", idle_s=10), view("r", "running")], 0, 2, 0, ["p1"]),
+        ([view("p", "paused", idle_s=100), view("s", "stopped", idle_s=1), view("r", "running")], 0, 1, 0, ["s", "p"]),
+        ([view("p", "paused"), view("r", "running")], 0, 2, 512, ["p"]),
+        ([view("p", "paused"), view("r", "running")], 0, 3, 512, []),
+        # a stopped replica holds no memory: evicting it does not help a memory overrun
+        ([view("s", "stopped", idle_s=100, memory_mb=900), view("p", "paused", idle_s=1, memory_mb=900)],
+         500, 16, 0, ["p"]),
+    ],
+)
+def test_replicas_to_evict(replicas: list[ReplicaView], budget_mb: int, max_replicas: int, incoming_mb: int,
+                           expected: list[str]) -> None:
+    assert replicas_to_evict(replicas, budget_mb, max_replicas, incoming_mb) == expected
+
+
+def test_evict_never_names_running_or_busy() -> None:
+    replicas = [view(f"r{i}", "running", idle_s=i, memory_mb=1000) for i in range(5)]
+    replicas += [view(f"b{i}", "paused", in_flight=1, idle_s=i, memory_mb=1000) for i in range(5)]
+    assert replicas_to_evict(replicas, 10, 1, 1000) == []
+
+
+def test_evict_order_is_lru_across_many() -> None:
+    replicas = [view(f"p{i}", "paused", last_used=float(t), memory_mb=100) for i, t in enumerate([50, 10, 40, 20, 30])]
+    # 500 MB used, budget 250: evict the three least recently used
+    assert replicas_to_evict(replicas, 250, 16) == ["p1", "p3", "p4"]
+
+
+@pytest.mark.parametrize(
+    ("failures", "base_s", "cap_s", "expected"),
+    [
+        (0, 5.0, 300.0, 0.0),
+        (-1, 5.0, 300.0, 0.0),
+        (1, 5.0, 300.0, 5.0),
+        (2, 5.0, 300.0, 10.0),
+        (3, 5.0, 300.0, 20.0),
+        (6, 5.0, 300.0, 160.0),
+        (7, 5.0, 300.0, 300.0),
+        (50, 5.0, 300.0, 300.0),
+        (4, 1.0, 5.0, 5.0),
+    ],
+)
+def test_backoff_s(failures: int, base_s: float, cap_s: float, expected: float) -> None:
+    assert backoff_s(failures, base_s, cap_s) == expected

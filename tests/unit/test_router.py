@@ -1,0 +1,229 @@
+"""Proxy choice: a pure function of (snapshot, version, now, rng)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from ingress.router import (
+    COLD, LUKEWARM, WARM, ProxyState, ReplicaState, StartCosts, alive, choose_proxies, tier_and_wait,
+)
+from runtime_proxy.heartbeat import Heartbeat
+from runtime_proxy.replicas import ReplicaManager
+from shared.messages import VersionSpec
+from shared.settings import ProxySettings
+
+V = "acme/churn/main/3"
+OTHER = "acme/churn/main/2"
+NOW = 1000.0
+COSTS = StartCosts(lukewarm_ms=25.0, cold_ms=400.0, infer_ms=5.0)
+
+
+def rep(state: str, in_flight: int = 0, concurrency: int = 1, version: str = V) -> ReplicaState:
+    return ReplicaState(version=version, state=state, in_flight=in_flight, concurrency=concurrency)
+
+
+def proxy(pid: str, *replicas: ReplicaState, ts: float = NOW, max_replicas: int = 16, epoch: int = 1) -> ProxyState:
+    return ProxyState(proxy_id=pid, url=f"http://{pid}:8081", epoch=epoch, ts=ts, replicas=tuple(replicas),
+                      max_replicas=max_replicas)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "max_replicas", "tier", "ms"),
+    [
+        ((rep("running"),), 16, WARM, 0.0),
+        ((rep("running", in_flight=1),), 16, WARM, 5.0),  # one ahead of us
+        ((rep("running", in_flight=3),), 16, WARM, 15.0),
+        ((rep("running", in_flight=3, concurrency=4),), 16, WARM, 0.0),  # a free slot
+        ((rep("running", in_flight=4, concurrency=4),), 16, WARM, 1.25),
+        ((rep("running", in_flight=5), rep("running", in_flight=0)), 16, WARM, 0.0),  # least loaded replica
+        ((rep("running", in_flight=9), rep("paused")), 16, WARM, 45.0),
+        ((rep("paused"),), 16, LUKEWARM, 25.0),
+        ((rep("stopped"),), 16, LUKEWARM, 25.0),
+        ((rep("starting"),), 16, COLD, 400.0),
+        ((), 16, COLD, 400.0),
+        ((rep("running", version=OTHER),), 16, COLD, 400.0),
+        ((rep("running", in_flight=2, version=OTHER),), 16, COLD, 410.0),  # a busy host costs a cold start more
+        ((rep("paused", version=OTHER), rep("paused", version="x")), 2, COLD, 800.0),  # full host: evict first
+        ((rep("paused", version=OTHER),), 2, COLD, 400.0),
+    ],
+)
+def test_tier_and_wait(replicas: tuple[ReplicaState, ...], max_replicas: int, tier: str, ms: float) -> None:
+    assert tier_and_wait(proxy("p", *replicas, max_replicas=max_replicas), V, COSTS) == (tier, ms)
+
+
+@pytest.mark.parametrize(
+    ("proxies", "expected_order"),
+    [
+        # warm beats paused beats cold, whatever the input order
+        ([proxy("cold"), proxy("paused", rep("paused")), proxy("warm", rep("running"))], ["warm", "paused", "cold"]),
+        ([proxy("paused", rep("paused")), proxy("stopped-other", rep("stopped", version=OTHER))], ["paused", "stopped-other"]),
+        # idle warm beats busy warm; a very busy warm replica loses even to a paused one
+        ([proxy("busy", rep("running", in_flight=2)), proxy("idle", rep("running"))], ["idle", "busy"]),
+        ([proxy("swamped", rep("running", in_flight=10)), proxy("paused", rep("paused"))], ["paused", "swamped"]),
+        # cold on a loaded host is worse than cold on an idle one
+        ([proxy("loaded", rep("running", in_flight=3, version=OTHER)), proxy("empty")], ["empty", "loaded"]),
+    ],
+)
+def test_choose_proxies_ranking(proxies: list[ProxyState], expected_order: list[str]) -> None:
+    for seed in range(20):
+        chosen = choose_proxies(proxies, V, NOW, random.Random(seed), COSTS)
+        assert [c.proxy.proxy_id for c in chosen] == expected_order
+
+
+def test_choose_proxies_reports_tier_and_expected_ms() -> None:
+    chosen = choose_proxies([proxy("a", rep("paused")), proxy("b", rep("running"))], V, NOW, random.Random(0), COSTS)
+    assert [(c.tier, c.expected_ms) for c in chosen] == [(WARM, 0.0), (LUKEWARM, 25.0)]
+
+
+@pytest.mark.parametrize(
+    ("ts", "max_age_s", "kept"),
+    [
+        (NOW, 15.0, True),
+        (NOW - 15.0, 15.0, True),  # exactly at the limit is still alive
+        (NOW - 15.01, 15.0, False),
+        (NOW - 100.0, 15.0, False),
+        (NOW - 100.0, 200.0, True),
+        (0.0, 15.0, False),
+    ],
+)
+def test_stale_heartbeat_excluded(ts: float, max_age_s: float, kept: bool) -> None:
+    stale = proxy("old", rep("running"), ts=ts)
+    fresh = proxy("new", rep("paused"))
+    ids = [c.proxy.proxy_id for c in choose_proxies([stale, fresh], V, NOW, random.Random(1), COSTS, max_age_s)]
+    assert ids == (["old", "new"] if kept else ["new"])
+    assert (stale in alive([stale, fresh], NOW, max_age_s)) is kept
+
+
+@pytest.mark.parametrize(
+    ("exclude", "expected"),
+    [
+        (frozenset(), ["warm", "paused", "cold"]),
+        (frozenset({"warm"}), ["paused", "cold"]),
+        (frozenset({"warm", "paused"}), ["cold"]),
+        (frozenset({"warm", "paused", "cold"}), []),
+        (frozenset({"unknown"}), ["warm", "paused", "cold"]),
+    ],
+)
+def test_exclude_honoured(exclude: frozenset[str], expected: list[str]) -> None:
+    proxies = [proxy("cold"), proxy("paused", rep("paused")), proxy("warm", rep("running"))]
+    chosen = choose_proxies(proxies, V, NOW, random.Random(0), COSTS, exclude=exclude)
+    assert [c.proxy.proxy_id for c in chosen] == expected
+
+
+def test_no_proxies_no_choices() -> None:
+    assert choose_proxies([], V, NOW, random.Random(0)) == []
+
+
+def test_equal_proxies_both_get_picked_first_across_seeds() -> None:
+    proxies = [proxy("a", rep("running")), proxy("b", rep("running"))]
+    firsts = {choose_proxies(proxies, V, NOW, random.Random(seed), COSTS)[0].proxy.proxy_id for seed in range(50)}
+    assert firsts == {"a", "b"}
+
+
+def test_same_seed_same_order() -> None:
+    proxies = [proxy(str(i), rep("running")) for i in range(6)]
+    order = lambda seed: [c.proxy.proxy_id for c in choose_proxies(proxies, V, NOW, random.Random(seed), COSTS)]
+    assert order(7) == order(7)
+    assert sorted(order(7)) == [str(i) for i in range(6)]
+
+
+def test_lighter_loaded_equal_proxy_wins_more_often() -> None:
+    # All three are idle-warm for V (same expected latency); "light" runs nothing else,
+    # the other two are busy with another version.
+    proxies = [
+        proxy("heavy1", rep("running"), rep("running", in_flight=4, version=OTHER)),
+        proxy("light", rep("running")),
+        proxy("heavy2", rep("running"), rep("running", in_flight=4, version=OTHER)),
+    ]
+    wins = {"heavy1": 0, "light": 0, "heavy2": 0}
+    for seed in range(300):
+        chosen = choose_proxies(proxies, V, NOW, random.Random(seed), COSTS)
+        assert {c.expected_ms for c in chosen} == {0.0}
+        wins[chosen[0].proxy.proxy_id] += 1
+    # power of two: the light one is first unless both heavy ones are sampled (1/3 of draws)
+    assert wins["light"] > 150
+    assert wins["light"] > 2 * max(wins["heavy1"], wins["heavy2"])
+    assert wins["heavy1"] > 0 and wins["heavy2"] > 0
+
+
+def test_two_equal_latency_proxies_lighter_always_first() -> None:
+    proxies = [proxy("heavy", rep("running"), rep("running", in_flight=2, version=OTHER)), proxy("light", rep("running"))]
+    for seed in range(30):
+        assert choose_proxies(proxies, V, NOW, random.Random(seed), COSTS)[0].proxy.proxy_id == "light"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"proxy_id": "h1", "url": "http://h1:8081", "epoch": 3, "ts": 12.5,
+             "capacity": {"max_replicas": 4, "cpus": 8},
+             "replicas": [{"version": V, "state": "paused", "in_flight": 0, "concurrency": 2, "idle_s": 3.0}],
+             "images": ["img:a", "img:b"]},
+            ProxyState(proxy_id="h1", url="http://h1:8081", epoch=3, ts=12.5,
+                       replicas=(ReplicaState(V, "paused", 0, 2),), max_replicas=4,
+                       images=frozenset({"img:a", "img:b"})),
+        ),
+        (
+            {"proxy_id": 7, "url": "http://x"},
+            ProxyState(proxy_id="7", url="http://x", epoch=0, ts=0.0),
+        ),
+        (
+            {"proxy_id": "p", "url": "u", "replicas": [{"version": V, "state": "running"}], "capacity": None},
+            ProxyState(proxy_id="p", url="u", epoch=0, ts=0.0, replicas=(ReplicaState(V, "running", 0, 1),)),
+        ),
+    ],
+)
+def test_from_heartbeat(data: dict[str, Any], expected: ProxyState) -> None:
+    assert ProxyState.from_heartbeat(data) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"url": "u"},
+        {"proxy_id": "p"},
+        {"proxy_id": "p", "url": "u", "replicas": [{"state": "running"}]},
+        {"proxy_id": "p", "url": "u", "epoch": "x"},
+    ],
+)
+def test_from_heartbeat_rejects_broken(data: dict[str, Any]) -> None:
+    with pytest.raises((KeyError, ValueError, TypeError)):
+        ProxyState.from_heartbeat(data)
+
+
+class _NoRuntime:
+    name = "none"
+
+
+async def test_from_heartbeat_reads_the_proxys_real_payload(tmp_path: Path) -> None:
+    """The payload runtime_proxy/heartbeat.py publishes, with replicas from ReplicaManager.snapshot()."""
+    settings = ProxySettings(proxy_id="host-1", advertise_url="http://10.0.0.2:8081", max_replicas=5,
+                             replica_concurrency=2, state_dir=str(tmp_path))
+    clock = [100.0]
+    manager = ReplicaManager(_NoRuntime(), settings, tmp_path / "harness.py", clock=lambda: clock[0])  # type: ignore[arg-type]
+    specs = [VersionSpec("acme", "churn", "main", n, "img") for n in (1, 2)]
+    for rid, spec, state, in_flight in (("r1", specs[0], "running", 1), ("r2", specs[1], "paused", 0)):
+        replica = manager._new_replica(rid, spec, f"handle-{rid}", tmp_path / rid)
+        replica.state, replica.in_flight = state, in_flight
+        manager._register(replica)
+    beat = Heartbeat(None, settings, lambda: {"replicas": manager.snapshot()}, "docker")  # type: ignore[arg-type]
+    beat.epoch = 9
+    payload = orjson.loads(orjson.dumps(beat.payload()))  # through JSON, as Redis carries it
+
+    state = ProxyState.from_heartbeat(payload)
+    assert (state.proxy_id, state.url, state.epoch, state.max_replicas) == ("host-1", "http://10.0.0.2:8081", 9, 5)
+    assert state.ts == payload["ts"] > 0
+    assert sorted(state.replicas, key=lambda r: r.version) == [
+        ReplicaState("acme/churn/main/1", "running", 1, 2),
+        ReplicaState("acme/churn/main/2", "paused", 0, 2),
+    ]
+    assert state.in_flight == 1
+    assert tier_and_wait(state, "acme/churn/main/1", COSTS) == (WARM, 0.0)
+    assert tier_and_wait(state, "acme/churn/main/2", COSTS) == (LUKEWARM, 25.0)
+    for replica in manager.replicas.values():
+        replica.client.close()
