@@ -22,7 +22,7 @@ from ingress.proxy_client import ProxyClient
 from ingress.registry import Registry
 from ingress.requestlog import RequestLog
 from ingress.view import StateView
-from shared.background import Periodic
+from shared.background import Periodic, cancel_and_wait
 from shared.http import error_middleware
 from shared.metrics import Metrics
 from shared.settings import IngressSettings
@@ -73,8 +73,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     poller.start()
     flusher.start()
     yield
-    listener.cancel()
-    await asyncio.gather(listener, return_exceptions=True)
+    view.stopping = True
+    await cancel_and_wait(listener)
     await poller.stop()
     await flusher.stop()
     await request_log.flush()

@@ -59,7 +59,7 @@ class Dispatcher:
                               self.costs.costs(spec.key), self.max_age_s, exclude)
 
     async def run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str) -> Outcome:
-        choices = self._choices(spec)
+        choices = self._choices(spec) or await self._fresh_choices(spec, frozenset())
         if not choices:
             raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)
         if len(inputs) < 2 * MIN_CHUNK:
@@ -96,7 +96,10 @@ class Dispatcher:
                 result = await self.client.run(choice.proxy.url, chunk)
             except ProxyUnreachable as exc:
                 last_error = str(exc)
+                self.view.suspect(choice.proxy.proxy_id)
                 others = self._choices(spec, exclude=frozenset(tried))
+                if not others:
+                    others = await self._fresh_choices(spec, frozenset(tried))
                 if not others:
                     break
                 choice = others[0]
@@ -104,6 +107,14 @@ class Dispatcher:
             self._learn(spec, result, len(inputs))
             return result
         raise ApiError(502, "proxy_unreachable", f"no proxy answered for this chunk ({last_error})")
+
+    async def _fresh_choices(self, spec: VersionSpec, exclude: frozenset[str]) -> list[Choice]:
+        """Candidates after re-reading the fleet: a proxy may have started since the last poll."""
+        try:
+            await asyncio.wait_for(self.view.refresh(), 2.0)
+        except Exception:  # noqa: BLE001 - an unreachable registry just means no fresh candidates
+            return []
+        return self._choices(spec, exclude)
 
     def _learn(self, spec: VersionSpec, result: ChunkResult, items: int) -> None:
         t = result.timings

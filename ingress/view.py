@@ -43,6 +43,8 @@ class StateView:
         self.last_refresh = 0.0
         self.redis_ok = False
         self._dirty: set[str] = set()
+        self._suspect_ts: dict[str, float] = {}
+        self.stopping = False  # the events listener checks it: a cancellation alone may be swallowed
         self.changed = asyncio.Event()
 
     # ---- reads on the hot path ----------------------------------------------------
@@ -97,6 +99,12 @@ class StateView:
             raise not_found(f"version {number} of model {model!r} is retired")
         return spec
 
+    def suspect(self, proxy_id: str) -> None:
+        """A proxy refused a connection: route around it until a newer heartbeat comes."""
+        state = self.proxies.pop(proxy_id, None)
+        if state is not None:
+            self._suspect_ts[proxy_id] = state.ts
+
     def live_proxies(self) -> list[ProxyState]:
         return list(self.proxies.values())
 
@@ -138,6 +146,8 @@ class StateView:
                 continue
             if state.epoch < self.epochs.get(state.proxy_id, 0):
                 continue  # a fenced-off process of an older start
+            if state.ts <= self._suspect_ts.get(state.proxy_id, -1.0):
+                continue  # the heartbeat of a proxy that refused us, not renewed since
             self.epochs[state.proxy_id] = state.epoch
             fresh[state.proxy_id] = state
         self.proxies = fresh
@@ -160,12 +170,12 @@ class StateView:
     async def listen(self, client: redis.Redis, on_event: Callable[[], None]) -> None:
         """Follow the events channel until cancelled; reconnects with a bounded backoff."""
         backoff_s = 0.1
-        while True:
+        while not self.stopping:
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
                 backoff_s = 0.1
-                while True:
+                while not self.stopping:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self.apply_event(message["data"])

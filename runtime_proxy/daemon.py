@@ -10,12 +10,15 @@ import logging
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as redis
 from aiohttp import web
 
 from runtime_proxy import routes
+from runtime_proxy.gpu import GpuCoordinator
 from runtime_proxy.heartbeat import Heartbeat
+from runtime_proxy.nvml import NoGpu, Nvml, RealNvml
 from runtime_proxy.replicas import ReplicaManager
 from runtime_proxy.runtime import Runtime
 from shared.background import Periodic
@@ -55,7 +58,8 @@ def install_harness(state_dir: Path) -> Path:
     return target
 
 
-def build_app(settings: ProxySettings, runtime: Runtime | None = None) -> web.Application:
+def build_app(settings: ProxySettings, runtime: Runtime | None = None,
+              nvml_adapter: Nvml | None = None) -> web.Application:
     if not settings.proxy_secret:
         raise SystemExit("LUKEWARM_PROXY_SECRET must be set: ingresses authenticate with it")
     app = web.Application(middlewares=[error_middleware], client_max_size=256 * 1024 * 1024)
@@ -65,13 +69,21 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None) -> web.Ap
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         rt = runtime or make_runtime(settings.runtime)
         harness = install_harness(Path(settings.state_dir))
-        manager = ReplicaManager(rt, settings, harness)
+        nvml: Nvml = nvml_adapter or (RealNvml() if settings.gpus else NoGpu())
+        gpu = GpuCoordinator(nvml, min_residency_s=settings.gpu_min_residency_s,
+                             release_timeout_s=settings.gpu_release_timeout_s)
+        manager = ReplicaManager(rt, settings, harness, gpu=gpu)
+        gpu.usage = manager.gpu_usage
         adopted = await manager.adopt()
         app[routes.MANAGER] = manager
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
                                       socket_connect_timeout=REDIS_TIMEOUT_S)
-        heartbeat = Heartbeat(client, settings, lambda: {"replicas": manager.snapshot()}, rt.name)
+        async def state() -> dict[str, Any]:
+            return {"replicas": manager.snapshot(), "gpus": await gpu.snapshot(), "nvml": nvml.status()}
+
+        heartbeat = Heartbeat(client, settings, state, rt.name)
         await heartbeat.take_epoch()
+        await heartbeat.beat_once()  # routable from the moment it serves
         beats = Periodic("heartbeat", settings.heartbeat_interval_s, heartbeat.beat_once)
         reaper = Periodic("reaper", settings.reaper_interval_s, manager.reap_once)
         beats.start()
@@ -87,6 +99,8 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None) -> web.Ap
             log.warning("could not withdraw the heartbeat: %s", exc)
         # Docker containers outlive the proxy (re-adopted next start); child processes cannot.
         await manager.close(stop_replicas=settings.stop_replicas_on_exit or rt.name == "process")
+        await gpu.close()
+        await nvml.close()
         await rt.close()
         await client.aclose()
 

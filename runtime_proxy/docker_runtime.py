@@ -11,6 +11,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 import orjson
 
 from runtime_proxy.runtime import (
@@ -53,7 +54,7 @@ def container_options(launch: LaunchSpec) -> dict[str, Any]:
         "command": ["python3", HARNESS_IN_CONTAINER],
         "name": f"lw-{launch.replica_id}",
         "labels": labels_for(launch),
-        "environment": harness_env(spec, f"{RUN_DIR_IN_CONTAINER}/{SOCKET_NAME}"),
+        "environment": harness_env(spec, f"{RUN_DIR_IN_CONTAINER}/{SOCKET_NAME}", gpu_uuid=launch.gpu_uuid),
         "volumes": {
             str(launch.harness_path): {"bind": HARNESS_IN_CONTAINER, "mode": "ro"},
             str(launch.run_dir): {"bind": RUN_DIR_IN_CONTAINER, "mode": "rw"},
@@ -70,6 +71,8 @@ def container_options(launch: LaunchSpec) -> dict[str, Any]:
         # A tiny init reaps zombies and forwards SIGTERM, so stop takes ms, not 10 s.
         "init": True,
         "detach": True,
+        **({"device_requests": [docker.types.DeviceRequest(device_ids=[launch.gpu_uuid], capabilities=[["gpu"]])]}
+           if launch.gpu_uuid else {}),
     }
 
 
@@ -182,6 +185,7 @@ class DockerRuntime:
             found.append(FoundReplica(
                 handle=str(container.id), replica_id=labels.get("lukewarm.replica", container.name),
                 spec=spec, state=container.status, run_dir=Path(labels.get("lukewarm.run_dir", "")),
+                gpu_uuid=labels.get("lukewarm.gpu") or None,
             ))
         return found
 

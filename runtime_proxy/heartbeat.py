@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -39,7 +39,7 @@ class Heartbeat:
     """Publishes this proxy's state; ``beat_once`` is the unit a test can drive."""
 
     def __init__(
-        self, redis_client: redis.Redis, settings: ProxySettings, state: Callable[[], dict[str, Any]],
+        self, redis_client: redis.Redis, settings: ProxySettings, state: Callable[[], Awaitable[dict[str, Any]]],
         runtime_name: str,
     ) -> None:
         self.redis = redis_client
@@ -53,7 +53,7 @@ class Heartbeat:
         self.epoch = int(await self.redis.incr(keys.proxy_epoch(self.settings.proxy_id)))
         return self.epoch
 
-    def payload(self) -> dict[str, Any]:
+    async def payload(self) -> dict[str, Any]:
         body = {
             "proxy_id": self.settings.proxy_id,
             "url": self.settings.advertise_url,
@@ -64,11 +64,11 @@ class Heartbeat:
             "capacity": {"max_replicas": self.settings.max_replicas,
                          "replica_concurrency": self.settings.replica_concurrency, **host_resources()},
         }
-        body.update(self.state())
+        body.update(await self.state())
         return body
 
     async def beat_once(self) -> None:
-        payload = self.payload()
+        payload = await self.payload()
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.proxy_heartbeat(self.settings.proxy_id), orjson.dumps(payload), px=ttl_ms)

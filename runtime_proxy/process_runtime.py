@@ -49,7 +49,7 @@ class ProcessRuntime:
         launch = self._launches[handle]
         code_dir = code_dir_of(launch.spec.image)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        env.update(harness_env(launch.spec, str(launch.socket_path), str(code_dir)))
+        env.update(harness_env(launch.spec, str(launch.socket_path), str(code_dir), launch.gpu_uuid))
         self._procs[handle] = await asyncio.create_subprocess_exec(
             self._python, str(launch.harness_path), env=env, cwd=str(code_dir),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime_proxy import policy
+from runtime_proxy.gpu import GpuCoordinator, NoGpuAvailable
 from runtime_proxy.harness_client import HarnessClient, HarnessUnavailable
 from runtime_proxy.runtime import SOCKET_NAME, ExitInfo, LaunchSpec, Runtime, RuntimeFailure
 from shared.errors import ApiError, deadline_exceeded, unavailable
@@ -45,6 +46,7 @@ class Replica:
     last_used: float = 0.0
     in_flight: int = 0
     started_at: float = 0.0
+    gpu_uuid: str | None = None
     resuming: asyncio.Task[None] | None = None  # an unpause in flight
 
     def view(self) -> policy.ReplicaView:
@@ -72,7 +74,7 @@ class ReplicaManager:
 
     def __init__(
         self, runtime: Runtime, settings: ProxySettings, harness_path: Path,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, gpu: GpuCoordinator | None = None,
     ) -> None:
         self.runtime = runtime
         self.settings = settings
@@ -84,6 +86,7 @@ class ReplicaManager:
         self._failures: dict[str, _Failure] = {}
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
         self.run_root = Path(settings.state_dir) / "run"
+        self.gpu = gpu
 
     # ---- public API -------------------------------------------------------
 
@@ -117,7 +120,7 @@ class ReplicaManager:
         return [
             {"replica_id": r.replica_id, "version": r.spec.key, "state": r.state, "in_flight": r.in_flight,
              "idle_s": round(now - r.last_used, 3), "concurrency": self.settings.replica_concurrency,
-             "memory_mb": r.spec.memory_mb, "gpu": r.spec.gpu}
+             "memory_mb": r.spec.memory_mb, "gpu": r.spec.gpu, "gpu_uuid": r.gpu_uuid}
             for r in self.replicas.values()
         ]
 
@@ -131,7 +134,10 @@ class ReplicaManager:
                 continue
             replica = self._new_replica(f.replica_id, f.spec, f.handle, f.run_dir)
             replica.state = f.state
+            replica.gpu_uuid = f.gpu_uuid
             self._register(replica)
+            if f.gpu_uuid and self.gpu is not None:
+                self.gpu.adopt(f.spec.key, f.gpu_uuid, f.handle)
             adopted += 1
         return adopted
 
@@ -239,19 +245,25 @@ class ReplicaManager:
                 timings["pull_ms"] = (self.clock() - t) * 1000
         except RuntimeFailure as exc:
             raise ApiError(502, exc.type, str(exc)) from None
+        gpu_uuid = await self._acquire_gpu(spec, deadline, timings) if spec.gpu else None
         replica_id = uuid.uuid4().hex[:12]
         run_dir = self._make_run_dir(replica_id)
         launch = LaunchSpec(replica_id=replica_id, spec=spec, proxy_id=self.settings.proxy_id,
-                            run_dir=run_dir, harness_path=self.harness_path)
+                            run_dir=run_dir, harness_path=self.harness_path, gpu_uuid=gpu_uuid)
         t = self.clock()
         try:
             handle = await self.runtime.create(launch)
         except RuntimeFailure as exc:
             shutil.rmtree(run_dir, ignore_errors=True)
+            if self.gpu is not None and gpu_uuid:
+                self.gpu.release(spec.key)
             raise ApiError(502, exc.type, str(exc)) from None
         timings["create_ms"] = (self.clock() - t) * 1000
         replica = self._new_replica(replica_id, spec, handle, run_dir)
+        replica.gpu_uuid = gpu_uuid
         self._register(replica)
+        if self.gpu is not None and gpu_uuid:
+            self.gpu.note_container(spec.key, handle)
         await self._boot(replica, deadline, timings)
         return replica
 
@@ -273,6 +285,48 @@ class ReplicaManager:
             raise
         replica.state = "running"
         replica.started_at = replica.last_used = self.clock()
+
+    async def _acquire_gpu(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> str:
+        """A GPU for ``spec`` alone: another GPU version may be drained, stopped and waited out first."""
+        if self.gpu is None:
+            raise NoGpuAvailable("GPU support is off on this proxy")
+        t = self.clock()
+        gpu_uuid = await self.gpu.acquire(spec.key, deadline, self._stop_gpu_holder, self._kill_gpu_holder)
+        timings["gpu_ms"] = (self.clock() - t) * 1000
+        return gpu_uuid
+
+    def _replica_by_handle(self, handle: str) -> Replica | None:
+        return next((r for r in self.replicas.values() if r.handle.startswith(handle) or handle.startswith(r.handle)),
+                    None)
+
+    async def _stop_gpu_holder(self, handle: str) -> None:
+        """Drain a GPU holder (no new chunks; in-flight ones finish), then stop and remove it.
+
+        Pausing would keep its GPU memory: a swap always stops.
+        """
+        replica = self._replica_by_handle(handle)
+        if replica is not None:
+            self._forget(replica)
+            until = self.clock() + max(0.0, replica.spec.timeout_s)
+            while replica.in_flight and self.clock() < until:
+                await asyncio.sleep(0.01)
+            replica.state = "dead"
+        await self.runtime.stop(handle, STOP_TIMEOUT_S)
+        if await self.runtime.exit_info(handle) is not None:
+            await self._discard_handle(handle, replica.run_dir if replica else Path(""))
+        # else it outlived its stop: the coordinator's kill (after the release timeout) removes it
+
+    async def _kill_gpu_holder(self, handle: str) -> None:
+        await self.runtime.kill(handle)
+        await self._discard_handle(handle, Path(""))
+
+    def gpu_usage(self, version_key: str) -> tuple[int, float | None]:
+        """(in flight, last used) of a version's replica here, for the GPU coordinator's choice."""
+        replica = self._by_version.get(version_key)
+        if replica is None:
+            return 0, None
+        busy = replica.in_flight + (1 if replica.state == "starting" else 0)
+        return busy, replica.last_used
 
     async def _make_room(self, spec: VersionSpec) -> None:
         views = [r.view() for r in self.replicas.values()]
@@ -431,6 +485,8 @@ class ReplicaManager:
         self.replicas.pop(replica.replica_id, None)
         if self._by_version.get(replica.spec.key) is replica:
             del self._by_version[replica.spec.key]
+            if replica.gpu_uuid and self.gpu is not None:
+                self.gpu.release(replica.spec.key)
         replica.client.close()
 
     async def _retire(self, replica: Replica) -> None:

@@ -37,6 +37,7 @@ class LaunchSpec:
     proxy_id: str
     run_dir: Path  # host directory mounted at RUN_DIR_IN_CONTAINER
     harness_path: Path  # host file mounted at HARNESS_IN_CONTAINER
+    gpu_uuid: str | None = None  # the one GPU this replica may see
 
     @property
     def socket_path(self) -> Path:
@@ -61,6 +62,7 @@ class FoundReplica:
     spec: VersionSpec
     state: str  # running | paused | exited | created
     run_dir: Path
+    gpu_uuid: str | None = None
 
 
 class Runtime(Protocol):
@@ -81,6 +83,8 @@ class Runtime(Protocol):
     async def unpause(self, handle: str) -> None: ...
 
     async def stop(self, handle: str, timeout_s: float) -> None: ...
+
+    async def kill(self, handle: str) -> None: ...
 
     async def remove(self, handle: str) -> None: ...
 
@@ -103,12 +107,18 @@ def labels_for(launch: LaunchSpec) -> dict[str, str]:
         "lukewarm.proxy": launch.proxy_id,
         "lukewarm.replica": launch.replica_id,
         "lukewarm.run_dir": str(launch.run_dir),
+        "lukewarm.gpu": launch.gpu_uuid or "",
         "lukewarm.spec": orjson.dumps(spec.to_dict()).decode(),
     }
 
 
-def harness_env(spec: VersionSpec, socket_path: str, code_dir: str | None = None) -> dict[str, str]:
+def harness_env(spec: VersionSpec, socket_path: str, code_dir: str | None = None,
+                gpu_uuid: str | None = None) -> dict[str, str]:
     env = dict(spec.env)
+    if spec.gpu:
+        # CUDA sees only the GPU this replica holds (and none when it holds none).
+        env["CUDA_VISIBLE_DEVICES"] = gpu_uuid or ""
+        env["NVIDIA_VISIBLE_DEVICES"] = gpu_uuid or "none"
     env.update({
         "LUKEWARM_ENTRYPOINT": spec.entrypoint,
         "LUKEWARM_SOCKET": socket_path,

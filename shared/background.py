@@ -17,6 +17,7 @@ class Periodic:
         self.fn = fn
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
@@ -27,24 +28,38 @@ class Periodic:
         self._wake.set()
 
     async def _run(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: on Python 3.11 wait_for
+        # can swallow a cancellation that races with the wake-up.
+        while not self._stopping:
             try:
                 await self.fn()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a loop must outlive one bad round
                 log.warning("%s: %s: %s", self.name, type(exc).__name__, exc)
+            if self._stopping:
+                break
+            waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
-            except TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=self.interval_s)
+            finally:
+                waiter.cancel()
             self._wake.clear()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
+        self._stopping = True
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(task)
+
+
+async def cancel_and_wait(task: asyncio.Task[object], timeout_s: float = 5.0) -> None:
+    """Cancel ``task`` and wait for it, bounded: a library that swallows a
+    cancellation (redis-py's pub/sub has) must not hang a shutdown."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.warning("%s did not stop within %.0f s of its cancellation", task.get_name(), timeout_s)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("%s ended with %r", task.get_name(), task.exception())

@@ -69,6 +69,11 @@ class ProxySettings:
     # A stop normally leaves containers running for the next start to re-adopt;
     # `lukewarm dev` removes them instead, so a Ctrl-C leaves nothing behind.
     stop_replicas_on_exit: bool = False
+    gpus: bool = True  # use NVML when a driver answers; off: GPU versions are refused here
+    # A GPU model stays at least this long before another may take its GPU (damps thrash).
+    gpu_min_residency_s: float = 30.0
+    # How long a swap waits for NVML to show the old model's memory released before killing it.
+    gpu_release_timeout_s: float = 15.0
 
 
 def _coerce(kind: Any, raw: str) -> Any:

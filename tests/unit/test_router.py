@@ -211,9 +211,12 @@ async def test_from_heartbeat_reads_the_proxys_real_payload(tmp_path: Path) -> N
         replica = manager._new_replica(rid, spec, f"handle-{rid}", tmp_path / rid)
         replica.state, replica.in_flight = state, in_flight
         manager._register(replica)
-    beat = Heartbeat(None, settings, lambda: {"replicas": manager.snapshot()}, "docker")  # type: ignore[arg-type]
+    async def state() -> dict[str, object]:
+        return {"replicas": manager.snapshot()}
+
+    beat = Heartbeat(None, settings, state, "docker")  # type: ignore[arg-type]
     beat.epoch = 9
-    payload = orjson.loads(orjson.dumps(beat.payload()))  # through JSON, as Redis carries it
+    payload = orjson.loads(orjson.dumps(await beat.payload()))  # through JSON, as Redis carries it
 
     state = ProxyState.from_heartbeat(payload)
     assert (state.proxy_id, state.url, state.epoch, state.max_replicas) == ("host-1", "http://10.0.0.2:8081", 9, 5)
