@@ -53,7 +53,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Pub/sub blocks on reads: it gets its own connection without the read timeout.
     events_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
     registry = Registry(client)
-    view = StateView(registry)
+    view = StateView(registry, max_staleness_s=settings.max_staleness_s)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
     request_log = RequestLog(registry)
     app[state.REGISTRY] = registry
@@ -62,6 +62,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[state.DISPATCHER] = Dispatcher(
         view, ProxyClient(session, settings.proxy_secret, settings.proxy_connect_timeout_s), CostBook(),
         retries=settings.chunk_retries, max_age_s=PROXY_MAX_AGE_S, rng=random.Random(),
+        max_pending=settings.max_pending_per_version,
     )
     poller = Periodic("view-refresh", settings.view_poll_interval_s, view.refresh)
     flusher = Periodic("request-log", 0.5, request_log.flush)

@@ -8,6 +8,7 @@ other chunks and is raised.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import random
 import time
@@ -44,8 +45,10 @@ class Outcome:
 class Dispatcher:
     def __init__(
         self, view: StateView, client: ProxyClient, costs: CostBook, retries: int, max_age_s: float,
-        rng: random.Random | None = None, clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None, clock: Callable[[], float] = time.time, max_pending: int = 1000,
     ) -> None:
+        self.max_pending = max_pending
+        self._pending: collections.Counter[str] = collections.Counter()
         self.view = view
         self.client = client
         self.costs = costs
@@ -55,10 +58,22 @@ class Dispatcher:
         self.clock = clock
 
     def _choices(self, spec: VersionSpec, exclude: frozenset[str] = frozenset()) -> list[Choice]:
-        return choose_proxies(self.view.live_proxies(), spec.key, self.clock(), self.rng,
+        return choose_proxies(self.view.live_proxies(), spec.key, self.view.routing_now(), self.rng,
                               self.costs.costs(spec.key), self.max_age_s, exclude)
 
     async def run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str) -> Outcome:
+        """Bounded per version: past ``max_pending`` requests in flight, new ones get 503 at once."""
+        if self._pending[spec.key] >= self.max_pending:
+            raise unavailable(f"{self._pending[spec.key]} requests for this version are already waiting", 1)
+        self._pending[spec.key] += 1
+        try:
+            return await self._run(spec, inputs, deadline, request_id)
+        finally:
+            self._pending[spec.key] -= 1
+            if not self._pending[spec.key]:
+                del self._pending[spec.key]
+
+    async def _run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str) -> Outcome:
         choices = self._choices(spec) or await self._fresh_choices(spec, frozenset())
         if not choices:
             raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)

@@ -32,9 +32,11 @@ def branch_id(customer: str, model: str, branch: str) -> str:
 
 
 class StateView:
-    def __init__(self, registry: Registry, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, registry: Registry, clock: Callable[[], float] = time.time,
+                 max_staleness_s: float = 120.0) -> None:
         self.registry = registry
         self.clock = clock
+        self.max_staleness_s = max_staleness_s
         self.pointers: dict[str, dict[str, int]] = {}
         self.versions: dict[str, VersionSpec] = {}
         self.keys: dict[str, KeyRecord] = {}
@@ -107,6 +109,19 @@ class StateView:
 
     def live_proxies(self) -> list[ProxyState]:
         return list(self.proxies.values())
+
+    def routing_now(self) -> float:
+        """The time to judge heartbeats' age by.
+
+        While Redis is unreachable no heartbeat can arrive, so ages are taken
+        as of the last successful refresh: warm routes keep being served from
+        the last view, for at most ``max_staleness_s``; past that the fleet
+        ages out as usual.
+        """
+        now = self.clock()
+        if self.redis_ok or not self.last_refresh or now - self.last_refresh > self.max_staleness_s:
+            return now
+        return self.last_refresh
 
     def stale_s(self) -> float:
         return self.clock() - self.last_refresh if self.last_refresh else float("inf")

@@ -182,7 +182,8 @@ class ReplicaManager:
                     replica, kind = await self._ensure_ready(spec, deadline, timings)
                 await replica.slots.acquire()
         except TimeoutError:
-            raise deadline_exceeded("deadline passed while waiting for a replica") from None
+            # Queued behind others' starts or chunks: no capacity in time, come back soon.
+            raise unavailable("no replica had capacity for this chunk before its deadline", retry_after_s=1) from None
         timings["queue_ms"] = (self.clock() - t0) * 1000 - sum(timings.values())
         return replica, kind, timings
 

@@ -36,10 +36,12 @@ class IngressSettings:
     default_timeout_s: float = 60.0
     # How old the local view may grow while Redis is unreachable before
     # /readyz reports the degradation.
-    max_staleness_s: float = 30.0
+    max_staleness_s: float = 120.0
     view_poll_interval_s: float = 1.0
     proxy_connect_timeout_s: float = 2.0
     chunk_retries: int = 2
+    # Requests of one version in flight at this ingress before new ones get 503 + Retry-After.
+    max_pending_per_version: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)
