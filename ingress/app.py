@@ -11,7 +11,6 @@ import logging
 import random
 from collections.abc import AsyncIterator
 
-import aiohttp
 import redis.asyncio as redis
 from aiohttp import web
 
@@ -54,13 +53,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     events_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
     registry = Registry(client)
     view = StateView(registry, max_staleness_s=settings.max_staleness_s)
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
+    proxy_client = ProxyClient(settings.proxy_secret, settings.proxy_connect_timeout_s)
     request_log = RequestLog(registry)
     app[state.REGISTRY] = registry
     app[state.VIEW] = view
     app[state.REQUEST_LOG] = request_log
     app[state.DISPATCHER] = Dispatcher(
-        view, ProxyClient(session, settings.proxy_secret, settings.proxy_connect_timeout_s), CostBook(),
+        view, proxy_client, CostBook(),
         retries=settings.chunk_retries, max_age_s=PROXY_MAX_AGE_S, rng=random.Random(),
         max_pending=settings.max_pending_per_version,
     )
@@ -79,6 +78,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await poller.stop()
     await flusher.stop()
     await request_log.flush()
-    await session.close()
+    proxy_client.close()
     await events_client.aclose()
     await client.aclose()
