@@ -61,7 +61,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[state.DISPATCHER] = Dispatcher(
         view, proxy_client, CostBook(),
         retries=settings.chunk_retries, max_age_s=PROXY_MAX_AGE_S, rng=random.Random(),
-        max_pending=settings.max_pending_per_version,
+        max_pending=settings.max_pending_per_version, hedge_factor=settings.hedge_factor,
+        hedge_min_ms=settings.hedge_min_ms,
     )
     poller = Periodic("view-refresh", settings.view_poll_interval_s, view.refresh)
     flusher = Periodic("request-log", 0.5, request_log.flush)

@@ -38,6 +38,11 @@ class CostBook:
         if items > 0:
             entry.per_item_ms = _ewma(entry.per_item_ms, infer_ms / items)
 
+    def measured(self, version: str) -> bool:
+        """Whether inference time of ``version`` has been measured yet (not a default)."""
+        entry = self._by_version.get(version)
+        return entry is not None and entry.per_item_ms is not None
+
     def costs(self, version: str) -> StartCosts:
         entry = self._by_version.get(version)
         if entry is None:

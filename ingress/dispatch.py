@@ -46,8 +46,12 @@ class Dispatcher:
     def __init__(
         self, view: StateView, client: ProxyClient, costs: CostBook, retries: int, max_age_s: float,
         rng: random.Random | None = None, clock: Callable[[], float] = time.time, max_pending: int = 1000,
+        hedge_factor: float = 4.0, hedge_min_ms: float = 200.0,
     ) -> None:
         self.max_pending = max_pending
+        self.hedge_factor = hedge_factor
+        self.hedge_min_ms = hedge_min_ms
+        self.hedges = 0
         self._pending: collections.Counter[str] = collections.Counter()
         self.view = view
         self.client = client
@@ -108,7 +112,7 @@ class Dispatcher:
             tried.add(choice.proxy.proxy_id)
             chunk = ChunkRequest(spec=spec, inputs=inputs, timeout_s=remaining, request_id=request_id)
             try:
-                result = await self.client.run(choice.proxy.url, chunk)
+                result = await self._send(spec, choice, chunk, frozenset(tried))
             except ProxyUnreachable as exc:
                 last_error = str(exc)
                 self.view.suspect(choice.proxy.proxy_id)
@@ -122,6 +126,51 @@ class Dispatcher:
             self._learn(spec, result, len(inputs))
             return result
         raise ApiError(502, "proxy_unreachable", f"no proxy answered for this chunk ({last_error})")
+
+    async def _send(self, spec: VersionSpec, choice: Choice, chunk: ChunkRequest,
+                    tried: frozenset[str]) -> ChunkResult:
+        """One chunk on ``choice``; a straggler on a warm replica is hedged on a second warm proxy.
+
+        First answer wins and the other call is cancelled; a failed copy waits for the other.
+        """
+        primary = asyncio.ensure_future(self.client.run(choice.proxy.url, chunk))
+        hedge_after_s = self._hedge_after_s(spec, choice, len(chunk.inputs))
+        if hedge_after_s is None:
+            return await primary
+        try:
+            done, _ = await asyncio.wait({primary}, timeout=hedge_after_s)
+            if done:
+                return primary.result()
+            backups = [c for c in self._choices(spec, exclude=tried) if c.tier == "warm"]
+            if not backups:
+                return await primary
+            self.hedges += 1
+            backup = asyncio.ensure_future(self.client.run(backups[0].proxy.url, chunk))
+            return await self._first_success(primary, backup)
+        finally:
+            primary.cancel()
+
+    @staticmethod
+    async def _first_success(primary: asyncio.Future[ChunkResult], backup: asyncio.Future[ChunkResult]) -> ChunkResult:
+        pending = {primary, backup}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if not task.cancelled() and task.exception() is None:
+                        return task.result()
+            return primary.result()  # both failed: the primary's error stands
+        finally:
+            for task in (primary, backup):
+                task.cancel()
+
+    def _hedge_after_s(self, spec: VersionSpec, choice: Choice, items: int) -> float | None:
+        """When to send a copy: ``hedge_factor`` × the measured time, for warm replicas only
+        (hedging a cold start would start two replicas)."""
+        if self.hedge_factor <= 0 or choice.tier != "warm" or not self.costs.measured(spec.key):
+            return None
+        expected_ms = self.costs.costs(spec.key).infer_ms * items
+        return max(self.hedge_min_ms, self.hedge_factor * expected_ms) / 1000
 
     async def _fresh_choices(self, spec: VersionSpec, exclude: frozenset[str]) -> list[Choice]:
         """Candidates after re-reading the fleet: a proxy may have started since the last poll."""

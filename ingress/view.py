@@ -26,6 +26,9 @@ log = logging.getLogger("lukewarm.ingress")
 
 T = TypeVar("T")
 
+# After an outage, how long the last view's proxies are kept while they beat again.
+RECOVERY_GRACE_S = 15.0
+
 
 def branch_id(customer: str, model: str, branch: str) -> str:
     return f"{customer}/{model}/{branch}"
@@ -46,6 +49,8 @@ class StateView:
         self.redis_ok = False
         self._dirty: set[str] = set()
         self._suspect_ts: dict[str, float] = {}
+        self._outage_s = 0.0
+        self._recovered_at = float("-inf")
         self.stopping = False  # the events listener checks it: a cancellation alone may be swallowed
         self.changed = asyncio.Event()
 
@@ -119,7 +124,9 @@ class StateView:
         ages out as usual.
         """
         now = self.clock()
-        if self.redis_ok or not self.last_refresh or now - self.last_refresh > self.max_staleness_s:
+        if self.redis_ok:
+            return now - self._outage_s if self._recovering(now) else now
+        if not self.last_refresh or now - self.last_refresh > self.max_staleness_s:
             return now
         return self.last_refresh
 
@@ -151,9 +158,15 @@ class StateView:
             self.keys.pop(str(message.get("hash")), None)
         self.changed.set()
 
-    def apply_heartbeats(self, beats: list[dict[str, object]]) -> None:
-        """Take the fleet as heartbeats describe it, ignoring any older than an epoch already seen."""
-        fresh: dict[str, ProxyState] = {}
+    def _recovering(self, now: float) -> bool:
+        return now - self._recovered_at < RECOVERY_GRACE_S
+
+    def apply_heartbeats(self, beats: list[dict[str, object]], keep_missing: bool = False) -> None:
+        """Take the fleet as heartbeats describe it, ignoring any older than an epoch already seen.
+
+        ``keep_missing`` keeps known proxies that have no heartbeat now (just after an outage).
+        """
+        fresh: dict[str, ProxyState] = dict(self.proxies) if keep_missing else {}
         for beat in beats:
             try:
                 state = ProxyState.from_heartbeat(beat)  # type: ignore[arg-type]
@@ -170,7 +183,13 @@ class StateView:
     async def refresh(self) -> None:
         """One poll: the fleet, then dirty and cached pointers. Raises when Redis is unreachable."""
         try:
-            self.apply_heartbeats(await self.registry.list_proxies())
+            beats = await self.registry.list_proxies()
+            now = self.clock()
+            if not self.redis_ok and self.last_refresh and now - self._recovered_at > RECOVERY_GRACE_S:
+                # Back after an outage: proxies could not beat meanwhile and their keys
+                # expired. Until they beat again, judge the last view as of its time.
+                self._outage_s, self._recovered_at = now - self.last_refresh, now
+            self.apply_heartbeats(beats, keep_missing=self._recovering(now))
             branches = set(self.pointers) | self._dirty
             self._dirty = set()
             for bid in branches:

@@ -42,6 +42,10 @@ class IngressSettings:
     chunk_retries: int = 2
     # Requests of one version in flight at this ingress before new ones get 503 + Retry-After.
     max_pending_per_version: int = 1000
+    # A chunk on a warm replica still running after hedge_factor × its measured time (at
+    # least hedge_min_ms) is sent to a second warm proxy too; first answer wins. 0: never.
+    hedge_factor: float = 4.0
+    hedge_min_ms: float = 200.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,125 @@
+"""The dispatcher over a fake proxy client: split, order, retry on an unreachable proxy, hedging."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import fakeredis.aioredis
+import pytest
+
+from ingress.costs import CostBook
+from ingress.dispatch import Dispatcher
+from ingress.proxy_client import ProxyUnreachable
+from ingress.registry import Registry
+from ingress.view import StateView
+from shared.errors import ApiError
+from shared.messages import ChunkRequest, ChunkResult, VersionSpec
+
+pytestmark = pytest.mark.timeout(10)
+
+SPEC = VersionSpec("acme", "m", "main", 1, "img")
+
+
+def beat(pid: str, state: str | None = "running") -> dict[str, Any]:
+    replicas = [] if state is None else [{"version": SPEC.key, "state": state, "in_flight": 0, "concurrency": 1}]
+    return {"proxy_id": pid, "url": f"http://{pid}", "epoch": 1, "ts": time.time(), "replicas": replicas}
+
+
+class FakeClient:
+    """Answers per proxy url: a delay (s), or an exception to raise."""
+
+    def __init__(self, behaviour: dict[str, Any]) -> None:
+        self.behaviour = behaviour
+        self.calls: list[tuple[str, int]] = []
+        self.cancelled: list[str] = []
+
+    async def run(self, url: str, chunk: ChunkRequest) -> ChunkResult:
+        self.calls.append((url, len(chunk.inputs)))
+        what = self.behaviour.get(url, 0.0)
+        if isinstance(what, Exception):
+            raise what
+        try:
+            await asyncio.sleep(what)
+        except asyncio.CancelledError:
+            self.cancelled.append(url)
+            raise
+        return ChunkResult(outputs=[f"{url}:{x}" for x in chunk.inputs], stdout=f"{url} ran {len(chunk.inputs)}\n",
+                           timings={"infer_ms": 1.0}, proxy_id=url.removeprefix("http://"))
+
+
+def dispatcher(client: FakeClient, *beats: dict[str, Any], costs: CostBook | None = None, **kw: Any) -> Dispatcher:
+    view = StateView(Registry(fakeredis.aioredis.FakeRedis()))
+    view.apply_heartbeats(list(beats))
+    view.redis_ok = True
+    return Dispatcher(view, client, costs or CostBook(), retries=2, max_age_s=15.0,  # type: ignore[arg-type]
+                      rng=random.Random(1), **kw)
+
+
+async def test_big_batch_split_over_warm_proxies_in_order() -> None:
+    client = FakeClient({})
+    d = dispatcher(client, beat("a"), beat("b"))
+    out = await d.run(SPEC, list(range(200)), time.time() + 5, "r")
+    assert [o.rsplit(":", 1)[1] for o in out.outputs] == [str(i) for i in range(200)]
+    assert sorted(n for _, n in client.calls) == [100, 100]
+    assert sorted(out.proxies) == ["a", "b"]
+    assert out.stdout.startswith("[chunk 0] ")
+
+
+async def test_small_batch_goes_to_one_proxy() -> None:
+    client = FakeClient({})
+    out = await dispatcher(client, beat("a"), beat("b")).run(SPEC, list(range(10)), time.time() + 5, "r")
+    assert len(client.calls) == 1 and len(out.outputs) == 10
+
+
+async def test_unreachable_proxy_is_retried_elsewhere_and_suspected() -> None:
+    client = FakeClient({"http://a": ProxyUnreachable("refused")})
+    d = dispatcher(client, beat("a"), beat("b", None))
+    out = await d.run(SPEC, [1], time.time() + 5, "r")
+    assert out.outputs == ["http://b:1"]
+    assert [u for u, _ in client.calls] == ["http://a", "http://b"]
+    assert "a" not in {p.proxy_id for p in d.view.live_proxies()}
+
+
+async def test_no_live_proxy_is_503() -> None:
+    with pytest.raises(ApiError) as info:
+        await dispatcher(FakeClient({})).run(SPEC, [1], time.time() + 5, "r")
+    assert info.value.status == 503 and "Retry-After" in info.value.headers
+
+
+async def test_backpressure_past_max_pending_is_503() -> None:
+    client = FakeClient({"http://a": 1.0})
+    d = dispatcher(client, beat("a"), max_pending=2)
+    first = [asyncio.create_task(d.run(SPEC, [i], time.time() + 5, "r")) for i in range(2)]
+    await asyncio.sleep(0)  # both are now pending at the dispatcher
+    with pytest.raises(ApiError) as info:
+        await d.run(SPEC, [9], time.time() + 5, "r")
+    assert info.value.status == 503
+    for task in first:
+        task.cancel()
+    await asyncio.gather(*first, return_exceptions=True)
+
+
+async def test_straggler_is_hedged_on_a_second_warm_proxy_and_loser_cancelled() -> None:
+    costs = CostBook()
+    costs.record(SPEC.key, "warm", 0.0, 1.0, 1)  # measured: 1 ms per item
+    slow = FakeClient({"http://a": 5.0, "http://b": 0.0})
+    d = dispatcher(slow, beat("a"), beat("b"), costs=costs, hedge_factor=4.0, hedge_min_ms=20.0)
+    d.rng = random.Random(0)
+    d.view.proxies["b"] = d.view.proxies["b"].__class__(**{**d.view.proxies["b"].__dict__, "replicas": (
+        d.view.proxies["b"].replicas[0].__class__(SPEC.key, "running", 1, 1),)})  # b looks busier: a goes first
+    started = time.monotonic()
+    out = await d.run(SPEC, [7], time.time() + 10, "r")
+    assert out.outputs == ["http://b:7"]
+    assert time.monotonic() - started < 2.0
+    assert d.hedges == 1
+    await asyncio.sleep(0)
+    assert slow.cancelled == ["http://a"]
+
+
+async def test_no_hedge_before_costs_are_measured() -> None:
+    client = FakeClient({"http://a": 0.3})
+    d = dispatcher(client, beat("a"), beat("b"), hedge_factor=4.0, hedge_min_ms=20.0)
+    await d.run(SPEC, [1], time.time() + 5, "r")
+    assert d.hedges == 0 and len(client.calls) == 1
