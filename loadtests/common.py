@@ -311,6 +311,12 @@ class ProxyProcess:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
 
+    def kill(self) -> None:
+        """SIGKILL: the proxy dies at once, its containers stay (the next start re-adopts them)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -408,10 +414,13 @@ class BenchStack:
         await wait_until(lambda: len(view.live_proxies()) >= count, timeout_s, f"{count} proxies in the view")
 
     async def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                      timeout_s: float = 120.0) -> tuple[int, Any, Any]:
+                      timeout_s: float = 120.0, raw: bytes | None = None) -> tuple[int, Any, Any]:
+        """One call; ``raw`` sends those bytes as the body instead of ``body`` as JSON."""
         assert self.session is not None
         kwargs: dict[str, Any] = {"headers": headers or {}, "timeout": aiohttp.ClientTimeout(total=timeout_s)}
-        if body is not None:
+        if raw is not None:
+            kwargs["data"] = raw
+        elif body is not None:
             kwargs["data"] = orjson.dumps(body)
             kwargs["headers"] = {"Content-Type": "application/json", **kwargs["headers"]}
         async with self.session.request(method, self.url + path, **kwargs) as resp:

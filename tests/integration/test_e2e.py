@@ -22,12 +22,12 @@ async def stack(request: pytest.FixtureRequest, redis_url: str, state_dir: Path)
         image = f"dir:{MODELS_DIR}"
     async with running_stack(redis_url, state_dir, request.param) as s:
         await s.customer("acme")
-        s.image = image  # type: ignore[attr-defined]
+        s.image = image
         yield s
 
 
 async def test_single_and_batch_calls(stack: Stack) -> None:
-    version = await stack.deploy("echo", stack.image, entrypoint="models:echo")  # type: ignore[attr-defined]
+    version = await stack.deploy("echo", stack.image, entrypoint="models:echo")
     status, body, headers = await stack.call("echo", "world")
     assert status == 200, body
     assert body == {"data": {"echo": "world"}}
@@ -43,14 +43,14 @@ async def test_single_and_batch_calls(stack: Stack) -> None:
 
 
 async def test_batch_size_version_gets_lists(stack: Stack) -> None:
-    await stack.deploy("double", stack.image, entrypoint="models:double_batch", batch_size=7)  # type: ignore[attr-defined]
+    await stack.deploy("double", stack.image, entrypoint="models:double_batch", batch_size=7)
     status, body, _ = await stack.call("double", [[f"id{i}", i] for i in range(30)])
     assert status == 200, body
     assert body["data"] == [[f"id{i}", 2 * i] for i in range(30)]
 
 
 async def test_model_stdout_reaches_logs_and_traceback_stays_out(stack: Stack) -> None:
-    await stack.deploy("echo", stack.image, entrypoint="models:echo")  # type: ignore[attr-defined]
+    await stack.deploy("echo", stack.image, entrypoint="models:echo")
     status, body, _ = await stack.call("echo", "raise")
     assert status == 422
     assert body == {"error": "ValueError: bad input", "type": "model_error"}
@@ -65,7 +65,7 @@ async def test_model_stdout_reaches_logs_and_traceback_stays_out(stack: Stack) -
 
 
 async def test_errors(stack: Stack) -> None:
-    await stack.deploy("echo", stack.image, entrypoint="models:echo")  # type: ignore[attr-defined]
+    await stack.deploy("echo", stack.image, entrypoint="models:echo")
     other_key = await stack.customer("globex")
     host = {"Host": "acme.localhost", "Authorization": stack.key}
 
@@ -102,4 +102,4 @@ async def test_deploy_validation_uses_no_version_number(stack: Stack) -> None:
         status, body = await stack.admin("POST", base, bad)
         assert status == 400, bad
         assert body["type"] == "bad_request"
-    assert await stack.deploy("echo", stack.image, entrypoint="models:echo") == 1  # type: ignore[attr-defined]
+    assert await stack.deploy("echo", stack.image, entrypoint="models:echo") == 1

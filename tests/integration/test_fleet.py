@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(240)
 async def fleet(redis_url: str, state_dir: Path, model_image: str) -> AsyncIterator[Stack]:
     async with running_stack(redis_url, state_dir, "docker", proxies=2) as s:
         await s.customer("acme")
-        s.image = model_image  # type: ignore[attr-defined]
+        s.image = model_image
         yield s
 
 
@@ -37,7 +37,7 @@ async def logs(stack: Stack, model: str) -> list[dict]:
 
 
 async def test_big_batch_is_split_across_proxies_and_stitched_in_order(fleet: Stack) -> None:
-    await fleet.deploy("echo", fleet.image, entrypoint="models:echo")  # type: ignore[attr-defined]
+    await fleet.deploy("echo", fleet.image, entrypoint="models:echo")
     items = [[f"id-{i}", i] for i in range(1000)]
     status, body, _ = await fleet.call("echo", items)
     assert status == 200, body
@@ -49,7 +49,7 @@ async def test_big_batch_is_split_across_proxies_and_stitched_in_order(fleet: St
 
 
 async def test_proxy_sigkilled_mid_batch_loses_nothing(fleet: Stack) -> None:
-    await fleet.deploy("slow", fleet.image, entrypoint="models:slow")  # type: ignore[attr-defined]
+    await fleet.deploy("slow", fleet.image, entrypoint="models:slow")
     warm = [[i, 0] for i in range(200)]
     assert (await fleet.call("slow", warm))[0] == 200  # a replica on each proxy
     view = fleet.app[ingress_state.VIEW]
@@ -69,7 +69,7 @@ async def test_proxy_sigkilled_mid_batch_loses_nothing(fleet: Stack) -> None:
 
 
 async def test_alias_move_reaches_every_ingress_within_a_second(fleet: Stack) -> None:
-    image = fleet.image  # type: ignore[attr-defined]
+    image = fleet.image
     v1 = await fleet.deploy("echo", image, entrypoint="models:echo")
     v2 = await fleet.deploy("echo", image, entrypoint="models:echo")
     assert (await fleet.admin("PUT", "/api/v1/customers/acme/models/echo/branches/main/aliases/prod",

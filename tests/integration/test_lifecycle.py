@@ -37,13 +37,13 @@ def status_of(proxy_id: str, model: str) -> list[str]:
 async def stack(redis_url: str, state_dir: Path, model_image: str):
     async with running_stack(redis_url, state_dir, "docker", reaper_interval_s=0.1) as s:
         await s.customer("acme")
-        s.image = model_image  # type: ignore[attr-defined]
+        s.image = model_image
         yield s
 
 
 async def test_idle_replica_pauses_and_a_request_unpauses_it(stack: Stack) -> None:
     pid = stack.proxies[0].proxy_id
-    await stack.deploy("echo", stack.image, entrypoint="models:echo", idle_timeout_s=0.5)  # type: ignore[attr-defined]
+    await stack.deploy("echo", stack.image, entrypoint="models:echo", idle_timeout_s=0.5)
     assert (await stack.call("echo", "a"))[0] == 200
     [first] = containers(pid, model="echo")
     await wait_until(lambda: status_of(pid, "echo") == ["paused"], 20, "the idle replica to be paused", 0.1)
@@ -59,7 +59,7 @@ async def test_idle_replica_pauses_and_a_request_unpauses_it(stack: Stack) -> No
 
 async def test_keep_warm_is_never_paused(stack: Stack) -> None:
     pid = stack.proxies[0].proxy_id
-    image = stack.image  # type: ignore[attr-defined]
+    image = stack.image
     await stack.deploy("idle", image, entrypoint="models:echo", idle_timeout_s=0.5)
     await stack.deploy("warm", image, entrypoint="models:echo", idle_timeout_s=0.5, keep_warm=True)
     assert (await stack.call("warm", 1))[0] == 200
@@ -72,7 +72,7 @@ async def test_keep_warm_is_never_paused(stack: Stack) -> None:
 
 async def test_sigkilled_proxy_readopts_its_containers(stack: Stack) -> None:
     proxy = stack.proxies[0]
-    await stack.deploy("echo", stack.image, entrypoint="models:echo")  # type: ignore[attr-defined]
+    await stack.deploy("echo", stack.image, entrypoint="models:echo")
     assert (await stack.call("echo", "a"))[0] == 200
     [before] = containers(proxy.proxy_id, model="echo")
 
@@ -88,7 +88,7 @@ async def test_sigkilled_proxy_readopts_its_containers(stack: Stack) -> None:
 
 async def test_timeout_gives_504_and_the_stuck_replica_is_replaced(stack: Stack) -> None:
     pid = stack.proxies[0].proxy_id
-    await stack.deploy("slow", stack.image, entrypoint="models:slow", timeout_s=1)  # type: ignore[attr-defined]
+    await stack.deploy("slow", stack.image, entrypoint="models:slow", timeout_s=1)
     assert (await stack.call("slow", 0))[0] == 200
     [stuck] = containers(pid, model="slow")
     status, body, _ = await stack.call("slow", 30, timeout_s=20)
@@ -101,7 +101,7 @@ async def test_timeout_gives_504_and_the_stuck_replica_is_replaced(stack: Stack)
 
 async def test_container_killed_mid_request_fails_at_once_then_recovers(stack: Stack) -> None:
     pid = stack.proxies[0].proxy_id
-    await stack.deploy("slow", stack.image, entrypoint="models:slow")  # type: ignore[attr-defined]
+    await stack.deploy("slow", stack.image, entrypoint="models:slow")
     assert (await stack.call("slow", 0))[0] == 200
     [victim] = containers(pid, model="slow")
     call = asyncio.create_task(stack.call("slow", 60))
@@ -123,14 +123,14 @@ def _replicas(stack: Stack) -> list[dict[str, Any]]:
 
 
 async def test_model_that_kills_itself_is_reported_crashed(stack: Stack) -> None:
-    await stack.deploy("crash", stack.image, entrypoint="models:crash")  # type: ignore[attr-defined]
+    await stack.deploy("crash", stack.image, entrypoint="models:crash")
     status, body, _ = await stack.call("crash", "die")
     assert status == 502 and body["type"] == "model_crashed"
     assert (await stack.call("crash", "ok"))[0] == 200
 
 
 async def test_memory_limit_exceeded_is_oom(stack: Stack) -> None:
-    await stack.deploy("hog", stack.image, entrypoint="models:hog", memory_mb=64)  # type: ignore[attr-defined]
+    await stack.deploy("hog", stack.image, entrypoint="models:hog", memory_mb=64)
     status, body, _ = await stack.call("hog", 40)  # 640 MiB into a 64 MiB limit
     assert status == 502 and body["type"] == "oom", body
     status, body, _ = await stack.call("hog", 1)
@@ -149,7 +149,7 @@ async def test_bad_image_fails_clearly_and_is_not_retried_in_a_loop(stack: Stack
 
 async def test_bad_entrypoint_fails_with_the_harness_error(stack: Stack) -> None:
     pid = stack.proxies[0].proxy_id
-    await stack.deploy("broken", stack.image, entrypoint="broken:predict")  # type: ignore[attr-defined]
+    await stack.deploy("broken", stack.image, entrypoint="broken:predict")
     status, body, _ = await stack.call("broken", 1, timeout_s=60)
     assert status == 502 and body["type"] == "model_load_failed", body
     assert body["error"] == "ModuleNotFoundError: No module named 'nope_this_module_does_not_exist'"
@@ -161,7 +161,7 @@ async def test_bad_entrypoint_fails_with_the_harness_error(stack: Stack) -> None
 
 async def test_containers_run_hardened(stack: Stack) -> None:
     pid = stack.proxies[0].proxy_id
-    await stack.deploy("who", stack.image, entrypoint="models:whoami", memory_mb=128)  # type: ignore[attr-defined]
+    await stack.deploy("who", stack.image, entrypoint="models:whoami", memory_mb=128)
     status, body, _ = await stack.call("who", None)
     assert status == 200 and body["data"]["uid"] == 65534
     [c] = containers(pid, model="who")
