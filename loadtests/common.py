@@ -33,6 +33,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from shared.dev import redis_answers
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "lukewarm/python:bookworm"
 ADMIN = "bench-admin-token"
@@ -196,18 +198,6 @@ def log(message: str) -> None:
 
 
 # ---- Redis -------------------------------------------------------------------
-
-
-async def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
-    import redis.asyncio as aredis
-
-    client = aredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    try:
-        return bool(await client.ping())
-    except (aredis.RedisError, OSError):
-        return False
-    finally:
-        await client.aclose()
 
 
 _CHILDREN: list[subprocess.Popen[bytes]] = []

@@ -146,6 +146,14 @@ class DockerRuntime:
         except RuntimeFailure:
             pass  # already dead is what we wanted
 
+    async def remove_image(self, image: str) -> None:
+        """Remove a model image; one still used by any container (running or not) is kept."""
+        try:
+            await self._call(self._docker().images.remove, image, noprune=False)
+        except RuntimeFailure as exc:
+            if exc.type not in {"image_unavailable", "replica_gone"}:
+                raise
+
     async def remove(self, handle: str) -> None:
         try:
             await self._call(self._docker().api.remove_container, handle, force=True)

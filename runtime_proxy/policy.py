@@ -76,3 +76,17 @@ def backoff_s(failures: int, base_s: float, cap_s: float = 300.0) -> float:
     if failures <= 0:
         return 0.0
     return min(cap_s, base_s * 2 ** (failures - 1))
+
+
+def images_to_prune(
+    last_used: dict[str, float], in_use: set[str], now: float, idle_s: float, max_images: int,
+) -> list[str]:
+    """Images no replica here uses, least recently used first: every one idle past ``idle_s``,
+    and more while the host keeps over ``max_images`` images."""
+    idle = sorted((t, image) for image, t in last_used.items() if image not in in_use)
+    excess = len(last_used) - max_images
+    prune = []
+    for i, (t, image) in enumerate(idle):
+        if now - t >= idle_s or i < excess:
+            prune.append(image)
+    return prune

@@ -86,6 +86,9 @@ class ProcessRuntime:
             proc.kill()
             await proc.wait()
 
+    async def remove_image(self, image: str) -> None:
+        return None  # a code directory is the user's own: never deleted
+
     async def remove(self, handle: str) -> None:
         await self.kill(handle)
         self._procs.pop(handle, None)

@@ -87,6 +87,7 @@ class ReplicaManager:
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
         self.run_root = Path(settings.state_dir) / "run"
         self.gpu = gpu
+        self.image_last_used: dict[str, float] = {}  # images this proxy ran (pruned by the reaper)
 
     # ---- public API -------------------------------------------------------
 
@@ -145,7 +146,8 @@ class ReplicaManager:
         """Apply the idle policy once: pause, stop, evict. Returns what it did."""
         now = self.clock()
         views = [r.view() for r in self.replicas.values()]
-        done: dict[str, list[str]] = {"paused": [], "stopped": [], "evicted": [], "dead": await self.check_alive()}
+        done: dict[str, list[str]] = {"paused": [], "stopped": [], "evicted": [], "dead": await self.check_alive(),
+                                      "images": []}
         for rid in policy.replicas_to_pause(views, now):
             if await self._transition(rid, "pause"):
                 done["paused"].append(rid)
@@ -158,7 +160,26 @@ class ReplicaManager:
             if replica is not None:
                 await self._retire(replica)
                 done["evicted"].append(rid)
+        done["images"] = await self.prune_images(now)
         return done
+
+    async def prune_images(self, now: float) -> list[str]:
+        """Remove model images no replica here uses, least recently used first (policy.images_to_prune)."""
+        for replica in self.replicas.values():
+            self.image_last_used[replica.spec.image] = max(self.image_last_used.get(replica.spec.image, 0.0),
+                                                           replica.last_used)
+        in_use = {r.spec.image for r in self.replicas.values()}
+        pruned = []
+        for image in policy.images_to_prune(self.image_last_used, in_use, now, self.settings.image_idle_s,
+                                            self.settings.max_images):
+            try:
+                await self.runtime.remove_image(image)
+            except RuntimeFailure as exc:
+                log.warning("could not remove image %s: %s", image, exc)
+                continue
+            del self.image_last_used[image]
+            pruned.append(image)
+        return pruned
 
     async def close(self, stop_replicas: bool) -> None:
         """Forget replicas; stop and remove them only when asked (an upgrade keeps them)."""
@@ -483,6 +504,8 @@ class ReplicaManager:
         return dead
 
     def _forget(self, replica: Replica) -> None:
+        image = replica.spec.image
+        self.image_last_used[image] = max(self.image_last_used.get(image, 0.0), replica.last_used)
         self.replicas.pop(replica.replica_id, None)
         if self._by_version.get(replica.spec.key) is replica:
             del self._by_version[replica.spec.key]

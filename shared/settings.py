@@ -71,6 +71,10 @@ class ProxySettings:
     memory_budget_mb: int = 0  # 0: from the host's memory
     reaper_interval_s: float = 1.0
     pause_stop_after_s: float = 3600.0
+    # Model images this proxy ran are removed once no replica here uses them for this long,
+    # or sooner (least recently used first) while more than max_images are kept.
+    image_idle_s: float = 7 * 86400.0
+    max_images: int = 50
     start_backoff_s: float = 5.0
     # A stop normally leaves containers running for the next start to re-adopt;
     # `lukewarm dev` removes them instead, so a Ctrl-C leaves nothing behind.

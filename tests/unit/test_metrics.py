@@ -1,7 +1,6 @@
 """Metrics.render: Prometheus text format."""
 from __future__ import annotations
 
-import pytest
 
 from shared.metrics import Metrics
 

@@ -120,3 +120,21 @@ def test_evict_order_is_lru_across_many() -> None:
 )
 def test_backoff_s(failures: int, base_s: float, cap_s: float, expected: float) -> None:
     assert backoff_s(failures, base_s, cap_s) == expected
+
+
+@pytest.mark.parametrize(
+    ("last_used", "in_use", "idle_s", "max_images", "expected"),
+    [
+        ({}, set(), 10.0, 5, []),
+        ({"a": 0.0, "b": 95.0}, set(), 10.0, 5, ["a"]),  # idle past idle_s only
+        ({"a": 0.0, "b": 50.0}, {"a"}, 10.0, 5, ["b"]),  # an image in use is never pruned
+        ({"a": 90.0, "b": 95.0, "c": 99.0}, set(), 100.0, 1, ["a", "b"]),  # over the count: LRU first
+        ({"a": 90.0, "b": 95.0, "c": 99.0}, {"a"}, 100.0, 1, ["b", "c"]),
+        ({"a": 90.0, "b": 95.0}, {"a", "b"}, 1.0, 0, []),  # everything in use: nothing to do
+    ],
+)
+def test_images_to_prune(last_used: dict[str, float], in_use: set[str], idle_s: float, max_images: int,
+                         expected: list[str]) -> None:
+    from runtime_proxy.policy import images_to_prune
+
+    assert images_to_prune(last_used, in_use, 100.0, idle_s, max_images) == expected

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import fakeredis.aioredis
 import orjson
 import pytest
 
@@ -12,18 +11,6 @@ from ingress.registry import KEY_PREFIX, LOG_LIMIT, KeyRecord, Registry, hash_ke
 from shared import keys
 from shared.errors import ApiError
 from shared.messages import Capacity, VersionSpec
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[fakeredis.aioredis.FakeRedis]:
-    redis_client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
-    yield redis_client
-    await redis_client.aclose()
-
-
-@pytest.fixture
-def registry(client: fakeredis.aioredis.FakeRedis) -> Registry:
-    return Registry(client)
 
 
 async def everything_stored(client: Any) -> list[bytes]:

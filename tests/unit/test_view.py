@@ -1,10 +1,8 @@
 """The ingress's local view on fakeredis: resolve, events, heartbeats, Redis outages."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import fakeredis.aioredis
 import orjson
 import pytest
 import redis.asyncio as redis
@@ -14,18 +12,6 @@ from ingress.view import StateView
 from shared import keys
 from shared.errors import ApiError
 from shared.messages import VersionSpec
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[fakeredis.aioredis.FakeRedis]:
-    redis_client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
-    yield redis_client
-    await redis_client.aclose()
-
-
-@pytest.fixture
-def registry(client: Any) -> Registry:
-    return Registry(client)
 
 
 @pytest.fixture
