@@ -163,7 +163,8 @@ class Registry:
         ids = await self.redis.zrange(keys.PROXIES, 0, -1)
         if not ids:
             return []
-        raws = await self.redis.mget([keys.proxy_heartbeat(i.decode() if isinstance(i, bytes) else i) for i in ids])
+        names = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        raws = await self.redis.mget([keys.proxy_heartbeat(name) for name in names])
         return [orjson.loads(r) for r in raws if r is not None]
 
 

@@ -166,13 +166,13 @@ def validate_settings(body: Any, allowed: set[str]) -> dict[str, Any]:
         if value is not None:
             out[name] = value
     for name, high in (("idle_timeout_s", 7 * 86400), ("timeout_s", 3600)):
-        value = _positive_number(body, name, high)
-        if value is not None:
-            out[name] = value
+        seconds = _positive_number(body, name, high)
+        if seconds is not None:
+            out[name] = seconds
     for name in ("gpu", "keep_warm"):
-        value = _bool(body, name)
-        if value is not None:
-            out[name] = value
+        flag = _bool(body, name)
+        if flag is not None:
+            out[name] = flag
     cap = _capacity(body.get("capacity"))
     if cap is not None:
         out["capacity"] = cap

@@ -6,8 +6,10 @@ import collections
 
 class Metrics:
     def __init__(self) -> None:
-        self.counters: collections.Counter[tuple[str, tuple[tuple[str, str], ...]]] = collections.Counter()
-        self.sums: collections.Counter[tuple[str, tuple[tuple[str, str], ...]]] = collections.Counter()
+        self.counters: collections.defaultdict[tuple[str, tuple[tuple[str, str], ...]], float] = \
+            collections.defaultdict(float)
+        self.sums: collections.defaultdict[tuple[str, tuple[tuple[str, str], ...]], float] = \
+            collections.defaultdict(float)
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         self.counters[(name, tuple(sorted(labels.items())))] += value
