@@ -118,7 +118,8 @@ async def serve(options: DevOptions) -> None:
 
     admin_token = options.admin_token or generated_secret()
     secret = options.proxy_secret or generated_secret()
-    state_dir = options.state_dir or str(Path.home() / ".cache" / "lukewarm" / f"state-{options.proxy_port}")
+    # One directory for every dev run: replica ids and the content-addressed harness never collide.
+    state_dir = options.state_dir or str(Path.home() / ".cache" / "lukewarm" / "dev")
     runtime = make_runtime(options.runtime)
     proxy_settings = finish_proxy_settings(ProxySettings(
         redis_url=options.redis_url, proxy_secret=secret, proxy_host=options.host, proxy_port=options.proxy_port,
