@@ -5,11 +5,15 @@ image, and again on the process runtime (the embedded default).
 """
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from tests.support.stack import MODELS_DIR, Stack, running_stack
+from tests.support.stack import ADMIN, MODELS_DIR, REPO_ROOT, Stack, running_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -103,3 +107,20 @@ async def test_deploy_validation_uses_no_version_number(stack: Stack) -> None:
         assert status == 400, bad
         assert body["type"] == "bad_request"
     assert await stack.deploy("echo", stack.image, entrypoint="models:echo") == 1
+
+
+async def test_cli_deploy_and_call(stack: Stack) -> None:
+    """`lukewarm deploy` and `lukewarm call`, as a person types them, against the running stack."""
+    async def cli(*args: str) -> tuple[int, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shared.cli", *args, "--url", stack.url, "--customer", "acme",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        return proc.returncode or 0, orjson.loads(out) if out.strip() else err.decode()
+
+    code, body = await cli("deploy", "echo", "--image", stack.image, "--entrypoint", "models:echo", "--token", ADMIN)
+    assert code == 0 and body["version"] == 1, body
+    code, body = await cli("call", "echo", "--data", '"from the cli"', "--key", stack.key)
+    assert code == 0 and body == {"data": {"echo": "from the cli"}}, body
+    code, body = await cli("call", "echo", "7", "--data", "1", "--key", stack.key)
+    assert code == 1 and body["type"] == "not_found", body
