@@ -172,6 +172,25 @@ class Dispatcher:
         expected_ms = self.costs.costs(spec.key).infer_ms * items
         return max(self.hedge_min_ms, self.hedge_factor * expected_ms) / 1000
 
+    async def prewarm(self, spec: VersionSpec, count: int, deadline: float) -> list[str]:
+        """A ready replica of ``spec`` on ``count`` distinct proxies (best first); their ids.
+
+        Raises the first failure (the version never got ready) or 503 when fewer proxies live.
+        """
+        choices = (self._choices(spec) or await self._fresh_choices(spec, frozenset()))[:count]
+        if len(choices) < count:
+            raise unavailable(f"{count} replicas asked for, {len(choices)} proxies alive", retry_after_s=2)
+        chunk = ChunkRequest(spec=spec, inputs=[], timeout_s=max(0.0, deadline - self.clock()), request_id="prewarm")
+        tasks = [asyncio.ensure_future(self.client.warm(c.proxy.url, chunk)) for c in choices]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except ProxyUnreachable as exc:
+            raise ApiError(502, "proxy_unreachable", f"pre-warm: {exc}") from None
+        finally:
+            for task in tasks:
+                task.cancel()
+        return [str(a.get("proxy_id")) for a in answers]
+
     async def _fresh_choices(self, spec: VersionSpec, exclude: frozenset[str]) -> list[Choice]:
         """Candidates after re-reading the fleet: a proxy may have started since the last poll."""
         try:

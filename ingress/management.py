@@ -20,6 +20,7 @@ from shared.messages import (
 
 BRANCH_PATH = "/api/v1/customers/{customer}/models/{model}/branches/{branch}"
 SCOPES = {"predict", "deploy"}
+PREWARM_TIMEOUT_S = 120.0
 
 
 def _admin(request: web.Request) -> None:
@@ -103,10 +104,25 @@ async def create_version(request: web.Request) -> web.Response:
     customer, model, branch = await _branch(request)
     fields = validate_deploy(await read_json(request))
     registry = request.app[state.REGISTRY]
-    spec = await registry.create_version(customer, model, branch, fields)
+    capacity = fields.get("capacity")
+    warm_count = capacity.min if capacity is not None else 0
+    spec = await registry.create_version(customer, model, branch, fields, move_latest=warm_count == 0)
+    if warm_count:
+        await _prewarm_or_withdraw(request, spec, warm_count)
+        await registry.set_pointer(customer, model, branch, "latest", spec.version)
     request.app[state.VIEW].note_pointers(customer, model, branch,
                                           await registry.get_pointers(customer, model, branch))
     return json_response(_version_body(spec), status=201)
+
+
+async def _prewarm_or_withdraw(request: web.Request, spec: VersionSpec, count: int) -> None:
+    """``capacity.min`` ready replicas before ``latest`` moves; a version that never gets ready is withdrawn."""
+    deadline = time.time() + PREWARM_TIMEOUT_S
+    try:
+        await request.app[state.DISPATCHER].prewarm(spec, count, deadline)
+    except ApiError as exc:
+        await request.app[state.REGISTRY].withdraw_version(spec)
+        raise ApiError(422, "prewarm_failed", f"version never got ready ({exc.type}): {exc.message}") from None
 
 
 async def get_version(request: web.Request) -> web.Response:

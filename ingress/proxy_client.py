@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.parse
+from typing import Any
 
 import orjson
 
@@ -15,6 +16,7 @@ from shared.errors import ApiError
 from shared.messages import ChunkRequest, ChunkResult
 
 CHUNKS_PATH = "/internal/v1/chunks"
+WARM_PATH = "/internal/v1/warm"
 # The proxy answers its own 504 at the deadline; this grace lets that answer arrive.
 ANSWER_GRACE_S = 2.0
 MAX_IDLE_PER_PROXY = 64
@@ -82,12 +84,19 @@ class ProxyClient:
 
     async def run(self, url: str, chunk: ChunkRequest) -> ChunkResult:
         """The proxy's result, or ApiError it answered; ProxyUnreachable when no answer came."""
-        body = orjson.dumps(chunk.to_dict())
-        head = (f"POST {CHUNKS_PATH} HTTP/1.1\r\nHost: {url.split('//', 1)[-1]}\r\n"
+        return ChunkResult.from_dict(await self._post(url, CHUNKS_PATH, chunk.to_dict(), chunk.timeout_s))
+
+    async def warm(self, url: str, chunk: ChunkRequest) -> dict[str, Any]:
+        """Have the proxy start a ready replica of ``chunk.spec`` (its inputs are ignored)."""
+        return dict(await self._post(url, WARM_PATH, chunk.to_dict(), chunk.timeout_s))
+
+    async def _post(self, url: str, path: str, payload: dict[str, Any], timeout_s: float) -> Any:
+        body = orjson.dumps(payload)
+        head = (f"POST {path} HTTP/1.1\r\nHost: {url.split('//', 1)[-1]}\r\n"
                 f"Authorization: Bearer {self.secret}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         try:
-            async with asyncio.timeout(chunk.timeout_s + ANSWER_GRACE_S):
+            async with asyncio.timeout(timeout_s + ANSWER_GRACE_S):
                 try:
                     status, headers, data = await self._exchange(url, head, body, reuse=True)
                 except _StaleConnection:
@@ -101,7 +110,7 @@ class ProxyClient:
         if status != 200:
             retry_after = headers.get(b"retry-after")
             raise ApiError.from_body(status, answer, {"Retry-After": retry_after.decode()} if retry_after else None)
-        return ChunkResult.from_dict(answer)
+        return answer
 
     async def _exchange(self, url: str, head: bytes, body: bytes, reuse: bool) -> tuple[int, dict[bytes, bytes], bytes]:
         idle = self._idle.setdefault(url, [])

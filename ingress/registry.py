@@ -111,6 +111,24 @@ class Registry:
             await pipe.execute()
         return spec
 
+    async def withdraw_version(self, spec: VersionSpec) -> None:
+        """Undo a version that never got ready: its number is given back when no later one was taken
+        (a refused deploy uses no version number); otherwise it stays, retired."""
+        counter = keys.version_counter(spec.customer, spec.model, spec.branch)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(counter)
+                if int(await pipe.get(counter) or 0) == spec.version:
+                    pipe.multi()
+                    pipe.delete(keys.version(spec.customer, spec.model, spec.branch, spec.version))
+                    pipe.srem(keys.versions_index(spec.customer, spec.model, spec.branch), spec.version)
+                    pipe.decr(counter)
+                    await pipe.execute()
+                    return
+            except redis.WatchError:
+                pass  # a later deploy took the next number meanwhile
+        await self.save_version(dataclasses.replace(spec, retired=True))
+
     async def get_version(self, customer: str, model: str, branch: str, number: int) -> VersionSpec | None:
         raw = await self.redis.get(keys.version(customer, model, branch, number))
         return None if raw is None else VersionSpec.from_dict(orjson.loads(raw))

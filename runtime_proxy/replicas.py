@@ -63,6 +63,13 @@ class _Failure:
     count: int
     until: float
     error: ApiError
+    spec: VersionSpec
+
+
+def same_image(a: VersionSpec, b: VersionSpec) -> bool:
+    """Whether a replica of ``a`` runs ``b``'s code the way ``b`` says (the settings a container is created with)."""
+    return (a.image, a.entrypoint, a.env, a.batch_size, a.gpu, a.memory_mb) == \
+        (b.image, b.entrypoint, b.env, b.batch_size, b.gpu, b.memory_mb)
 
 
 def _remaining(deadline: float, now: float) -> float:
@@ -90,6 +97,12 @@ class ReplicaManager:
         self.image_last_used: dict[str, float] = {}  # images this proxy ran (pruned by the reaper)
 
     # ---- public API -------------------------------------------------------
+
+    async def warm(self, spec: VersionSpec, timeout_s: float) -> tuple[str, dict[str, float]]:
+        """Make sure a ready replica of ``spec`` runs here (a deploy's pre-warm); what it was, and phase times."""
+        replica, kind, timings = await self._acquire(spec, self.clock() + timeout_s)
+        replica.slots.release()
+        return kind, timings
 
     async def run_chunk(self, req: ChunkRequest) -> ChunkResult:
         """Run one chunk on a ready replica of its version; start one if needed."""
@@ -210,6 +223,10 @@ class ReplicaManager:
 
     async def _ensure_ready(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> tuple[Replica, str]:
         replica = self._by_version.get(spec.key)
+        if replica is not None and not same_image(replica.spec, spec):
+            # A version number withdrawn after a failed pre-warm was reused for other code.
+            await self._retire(replica)
+            replica = None
         if replica is not None:
             replica.last_used = self.clock()  # not idle: the reaper must not pause it under us
         if replica is not None and replica.state == "running":
@@ -245,6 +262,9 @@ class ReplicaManager:
 
     def _check_backoff(self, spec: VersionSpec) -> None:
         failure = self._failures.get(spec.key)
+        if failure is not None and not same_image(failure.spec, spec):
+            del self._failures[spec.key]  # the number now names other code: a clean slate
+            failure = None
         if failure is not None and self.clock() < failure.until:
             wait_s = failure.until - self.clock()
             raise ApiError(
@@ -256,7 +276,7 @@ class ReplicaManager:
     def _record_failure(self, spec: VersionSpec, error: ApiError) -> None:
         count = self._failures[spec.key].count + 1 if spec.key in self._failures else 1
         until = self.clock() + policy.backoff_s(count, self.settings.start_backoff_s)
-        self._failures[spec.key] = _Failure(count=count, until=until, error=error)
+        self._failures[spec.key] = _Failure(count=count, until=until, error=error, spec=spec)
 
     async def _start(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> Replica:
         await self._make_room(spec)

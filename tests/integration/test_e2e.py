@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.support.stack import ADMIN, MODELS_DIR, REPO_ROOT, Stack, running_stack
+from tests.support.stack import ADMIN, MODELS_DIR, REPO_ROOT, Stack, running_stack, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -124,3 +124,28 @@ async def test_cli_deploy_and_call(stack: Stack) -> None:
     assert code == 0 and body == {"data": {"echo": "from the cli"}}, body
     code, body = await cli("call", "echo", "7", "--data", "1", "--key", stack.key)
     assert code == 1 and body["type"] == "not_found", body
+
+
+async def test_capacity_min_prewarms_before_latest_moves(stack: Stack) -> None:
+    from ingress import state
+
+    base = "/api/v1/customers/acme/models/echo/branches/main/versions"
+    assert await stack.deploy("echo", stack.image, entrypoint="models:echo") == 1
+    # A version that never gets ready is refused, uses no number, and latest stays.
+    status, body = await stack.admin("POST", base, {"image": stack.image, "entrypoint": "broken:predict",
+                                                    "capacity": {"min": 1}})
+    assert status == 422 and body["type"] == "prewarm_failed", body
+    assert "No module named 'nope_this_module_does_not_exist'" in body["error"]
+    assert (await stack.call("echo", "x"))[2]["X-Model-Version"] == "1"
+    assert (await stack.admin("GET", base + "/2"))[0] == 404
+    # A good one is warm before the answer: a replica runs before any call.
+    status, body = await stack.admin("POST", base, {"image": stack.image, "entrypoint": "models:echo",
+                                                    "capacity": {"min": 1}})
+    assert status == 201 and body["version"] == 2, body
+    view = stack.app[state.VIEW]
+    await wait_until(lambda: any(r.version == "acme/echo/main/2" and r.state == "running"
+                                 for p in view.live_proxies() for r in p.replicas),
+                     5, "the pre-warmed replica in a heartbeat")
+    status, body, headers = await stack.call("echo", "y")
+    assert status == 200 and headers["X-Model-Version"] == "2"
+    assert 'start;desc="warm"' in headers["Server-Timing"]
