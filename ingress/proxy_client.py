@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from shared.errors import ApiError
+from shared.http1 import Connection, request_head
 from shared.messages import ChunkRequest, ChunkResult
 
 CHUNKS_PATH = "/internal/v1/chunks"
@@ -30,39 +31,13 @@ class _StaleConnection(Exception):
     """A pooled connection the proxy had already closed: retry on a fresh one."""
 
 
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def exchange(self, head: bytes, body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-        self.writer.write(head + body)
-        status_line = await self.reader.readline()
-        if not status_line:
-            raise ConnectionResetError("closed before answering")
-        status = int(status_line.split(b" ", 2)[1])
-        headers: dict[bytes, bytes] = {}
-        while True:
-            line = await self.reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get(b"content-length", b"0"))
-        data = await self.reader.readexactly(length) if length else b""
-        return status, headers, data
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 class ProxyClient:
     """Keeps idle connections per proxy; safe for concurrent use (one connection per call in flight)."""
 
     def __init__(self, secret: str, connect_timeout_s: float) -> None:
         self.secret = secret
         self.connect_timeout_s = connect_timeout_s
-        self._idle: dict[str, list[_Connection]] = {}
+        self._idle: dict[str, list[Connection]] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
 
     def _address(self, url: str) -> tuple[str, int]:
@@ -73,14 +48,14 @@ class ProxyClient:
             self._addresses[url] = address
         return address
 
-    async def _connect(self, url: str) -> _Connection:
+    async def _connect(self, url: str) -> Connection:
         host, port = self._address(url)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, limit=2**26), self.connect_timeout_s)
         except (OSError, TimeoutError) as exc:
             raise ProxyUnreachable(f"{url}: cannot connect: {exc or type(exc).__name__}") from None
-        return _Connection(reader, writer)
+        return Connection(reader, writer)
 
     async def run(self, url: str, chunk: ChunkRequest) -> ChunkResult:
         """The proxy's result, or ApiError it answered; ProxyUnreachable when no answer came."""
@@ -92,9 +67,7 @@ class ProxyClient:
 
     async def _post(self, url: str, path: str, payload: dict[str, Any], timeout_s: float) -> Any:
         body = orjson.dumps(payload)
-        head = (f"POST {path} HTTP/1.1\r\nHost: {url.split('//', 1)[-1]}\r\n"
-                f"Authorization: Bearer {self.secret}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = request_head("POST", path, url.split("//", 1)[-1], len(body), f"Authorization: Bearer {self.secret}\r\n")
         try:
             async with asyncio.timeout(timeout_s + ANSWER_GRACE_S):
                 try:
@@ -126,7 +99,7 @@ class ProxyClient:
         except BaseException:
             conn.close()  # cancelled mid-exchange: the framing is unknown now
             raise
-        if headers.get(b"connection", b"").lower() != b"close" and len(idle) < MAX_IDLE_PER_PROXY:
+        if Connection.keeps_alive(headers) and len(idle) < MAX_IDLE_PER_PROXY:
             idle.append(conn)
         else:
             conn.close()

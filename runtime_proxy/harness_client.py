@@ -11,43 +11,11 @@ from typing import Any
 
 import orjson
 
+from shared.http1 import Connection, request_head
+
 
 class HarnessUnavailable(ConnectionError):
     """The replica's socket refused, reset or closed: the process is gone or not up."""
-
-
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def request(self, method: str, path: str, body: bytes) -> tuple[int, bytes, bool]:
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: harness\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        self.writer.write(head + body)
-        status_line = await self.reader.readline()
-        if not status_line:
-            raise HarnessUnavailable("the replica closed the connection without answering")
-        status = int(status_line.split(b" ", 2)[1])
-        length = 0
-        keep_alive = True
-        while True:
-            line = await self.reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"connection" and value.strip().lower() == b"close":
-                keep_alive = False
-        data = await self.reader.readexactly(length) if length else b""
-        return status, data, keep_alive
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 class HarnessClient:
@@ -55,22 +23,22 @@ class HarnessClient:
 
     def __init__(self, socket_path: str, max_idle: int = 4) -> None:
         self.socket_path = socket_path
-        self._idle: list[_Connection] = []
+        self._idle: list[Connection] = []
         self._max_idle = max_idle
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         try:
             reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=2**26)
         except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError) as exc:
             raise HarnessUnavailable(f"cannot connect to the replica: {exc.strerror or exc}") from exc
-        return _Connection(reader, writer)
+        return Connection(reader, writer)
 
     async def call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
         """One request; the caller bounds it with a timeout (a stuck model never answers)."""
         body = b"" if payload is None else orjson.dumps(payload)
         conn = self._idle.pop() if self._idle else await self._connect()
         try:
-            status, data, keep_alive = await conn.request(method, path, body)
+            status, headers, data = await conn.exchange(request_head(method, path, "harness", len(body)), body)
         except (ConnectionError, asyncio.IncompleteReadError, OSError, ValueError, IndexError) as exc:
             conn.close()
             raise HarnessUnavailable(f"the replica connection broke: {exc}") from exc
@@ -78,7 +46,7 @@ class HarnessClient:
             # Cancelled mid-request: the connection's framing is unknown now.
             conn.close()
             raise
-        if keep_alive and len(self._idle) < self._max_idle:
+        if Connection.keeps_alive(headers) and len(self._idle) < self._max_idle:
             self._idle.append(conn)
         else:
             conn.close()
