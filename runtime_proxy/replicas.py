@@ -29,6 +29,9 @@ from shared.settings import ProxySettings
 log = logging.getLogger("lukewarm.proxy")
 
 CONTAINER_UID = 65534
+# Container states a restarted proxy takes over, as replica states. An exited one is a stopped
+# replica (lukewarm): started again on demand, and retired if it fails to come up.
+ADOPTABLE = {"running": "running", "paused": "paused", "exited": "stopped"}
 STOP_TIMEOUT_S = 5.0
 
 
@@ -143,11 +146,12 @@ class ReplicaManager:
         found = await self.runtime.list_replicas(self.settings.proxy_id)
         adopted = 0
         for f in found:
-            if f.state not in {"running", "paused"} or f.spec.key in self._by_version:
+            state = ADOPTABLE.get(f.state)
+            if state is None or f.spec.key in self._by_version:
                 await self._discard_handle(f.handle, f.run_dir)
                 continue
             replica = self._new_replica(f.replica_id, f.spec, f.handle, f.run_dir)
-            replica.state = f.state
+            replica.state = state
             replica.gpu_uuid = f.gpu_uuid
             self._register(replica)
             if f.gpu_uuid and self.gpu is not None:

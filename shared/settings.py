@@ -68,7 +68,7 @@ class ProxySettings:
     max_replicas: int = 16
     # Concurrent chunks one replica accepts.
     replica_concurrency: int = 1
-    memory_budget_mb: int = 0  # 0: from the host's memory
+    memory_budget_mb: int = 0  # memory of live replicas this host may hold; 0: no budget, only max_replicas
     reaper_interval_s: float = 1.0
     pause_stop_after_s: float = 3600.0
     # Model images this proxy ran are removed once no replica here uses them for this long,

@@ -177,3 +177,24 @@ async def test_containers_run_hardened(stack: Stack) -> None:
     labels = c["Config"]["Labels"]
     assert {labels[f"lukewarm.{k}"] for k in ("customer", "model", "branch", "version", "proxy")} == {
         "acme", "who", "main", "1", pid}
+
+
+async def test_long_idle_replica_is_stopped_then_restarted_lukewarm_after_a_proxy_restart(
+    redis_url: str, state_dir: Path, model_image: str,
+) -> None:
+    async with running_stack(redis_url, state_dir, "docker", reaper_interval_s=0.1, pause_stop_after_s=0.3) as s:
+        await s.customer("acme")
+        pid = s.proxies[0].proxy_id
+        await s.deploy("echo", model_image, entrypoint="models:echo", idle_timeout_s=0.3)
+        assert (await s.call("echo", "a"))[0] == 200
+        [first] = containers(pid, model="echo")
+        await wait_until(lambda: status_of(pid, "echo") == ["exited"], 20, "paused, then stopped", 0.1)
+
+        s.proxies[0].kill()
+        await s.proxies[0].start()  # re-adopts the stopped container as a stopped replica
+        status, body, headers = await s.call("echo", "b")
+        assert status == 200 and body == {"data": {"echo": "b"}}
+        assert 'start;desc="lukewarm"' in headers["Server-Timing"]
+        [again] = containers(pid, model="echo")
+        assert again["Id"] == first["Id"], "the stopped container itself was started again"
+        assert again["State"]["Status"] == "running"
