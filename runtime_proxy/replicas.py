@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime_proxy import policy
+from runtime_proxy.cgroups import container_usage
 from runtime_proxy.gpu import GpuCoordinator, NoGpuAvailable
 from runtime_proxy.harness_client import HarnessClient, HarnessUnavailable
 from runtime_proxy.runtime import SOCKET_NAME, ExitInfo, LaunchSpec, Runtime, RuntimeFailure
@@ -132,14 +133,20 @@ class ReplicaManager:
         )
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """Replica states for the heartbeat."""
+        """Replica states for the heartbeat, with each container's memory and CPU time when its cgroup shows."""
         now = self.clock()
-        return [
-            {"replica_id": r.replica_id, "version": r.spec.key, "state": r.state, "in_flight": r.in_flight,
-             "idle_s": round(now - r.last_used, 3), "concurrency": self.settings.replica_concurrency,
-             "memory_mb": r.spec.memory_mb, "gpu": r.spec.gpu, "gpu_uuid": r.gpu_uuid}
-            for r in self.replicas.values()
-        ]
+        out = []
+        for r in self.replicas.values():
+            entry: dict[str, Any] = {
+                "replica_id": r.replica_id, "version": r.spec.key, "state": r.state, "in_flight": r.in_flight,
+                "idle_s": round(now - r.last_used, 3), "concurrency": self.settings.replica_concurrency,
+                "memory_mb": r.spec.memory_mb, "gpu": r.spec.gpu, "gpu_uuid": r.gpu_uuid,
+            }
+            usage = container_usage(r.handle)
+            if usage is not None:
+                entry["memory_used_mb"], entry["cpu_s"] = usage.memory_mb, usage.cpu_s
+            out.append(entry)
+        return out
 
     async def adopt(self) -> int:
         """Re-adopt this proxy's containers from their labels; never restarts a running one."""

@@ -174,6 +174,17 @@ async def test_containers_run_hardened(stack: Stack) -> None:
     assert host["Memory"] == 128 * 1024 * 1024
     assert host["Init"] is True
     assert c["Config"]["User"] == "65534:65534"
+    # The heartbeat reports what the container uses, read from its cgroup.
+    seen: list[dict[str, Any]] = []
+
+    async def reported() -> bool:
+        proxies = (await stack.admin("GET", "/api/v1/status"))[1]["proxies"]
+        seen[:] = [r for p in proxies if p["proxy_id"] == pid for r in p["replicas"]
+                   if r["version"] == "acme/who/main/1" and "memory_used_mb" in r]
+        return bool(seen)
+
+    await wait_until(reported, 10, "the replica's usage in a heartbeat", 0.05)
+    assert 0 < seen[0]["memory_used_mb"] <= 128 and seen[0]["cpu_s"] > 0
     labels = c["Config"]["Labels"]
     assert {labels[f"lukewarm.{k}"] for k in ("customer", "model", "branch", "version", "proxy")} == {
         "acme", "who", "main", "1", pid}
