@@ -7,7 +7,9 @@ released and a hanging driver; everything else is real.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -69,20 +71,26 @@ def chunk(s: VersionSpec, timeout_s: float = 20.0) -> ChunkRequest:
     return ChunkRequest(spec=s, inputs=[None], timeout_s=timeout_s, request_id="t")
 
 
-async def make(state_dir: Path, runtime: GpuProcessRuntime, nvml: FakeNvml, **gpu_kw: float) -> ReplicaManager:
+@contextlib.asynccontextmanager
+async def gpu_manager(state_dir: Path, runtime: GpuProcessRuntime, nvml: FakeNvml,
+                      **gpu_kw: float) -> AsyncIterator[ReplicaManager]:
+    """A replica manager with a GPU coordinator over ``nvml``; its replicas are removed on exit."""
     settings = ProxySettings(proxy_id="gpu-test", state_dir=str(state_dir), proxy_secret="s")
     gpu = GpuCoordinator(nvml, poll_s=0.02, **gpu_kw)  # type: ignore[arg-type]
     manager = ReplicaManager(runtime, settings, install_harness(state_dir), gpu=gpu)
     gpu.usage = manager.gpu_usage
-    return manager
+    try:
+        yield manager
+    finally:
+        await manager.close(stop_replicas=True)
+        await runtime.close()
 
 
 async def test_swap_waits_for_release_then_pins_the_new_model(state_dir: Path) -> None:
     nvml = FakeNvml(1)
     runtime = GpuProcessRuntime(nvml, release_after_s=0.4)
-    manager = await make(state_dir, runtime, nvml, min_residency_s=0.0, release_timeout_s=5.0)
     uuid = (await nvml.gpus())[0].uuid
-    try:
+    async with gpu_manager(state_dir, runtime, nvml, min_residency_s=0.0, release_timeout_s=5.0) as manager:
         first = await manager.run_chunk(chunk(spec(1)))
         assert first.outputs == [uuid]
         [a] = manager.replicas.values()
@@ -93,31 +101,24 @@ async def test_swap_waits_for_release_then_pins_the_new_model(state_dir: Path) -
         assert time.monotonic() - started >= 0.4, "started only after the old memory was released"
         assert second.timings["gpu_ms"] >= 400
         assert [r.spec.version for r in manager.replicas.values()] == [2]
-    finally:
-        await manager.close(stop_replicas=True)
-        await runtime.close()
 
 
 async def test_memory_never_released_kills_the_old_model(state_dir: Path) -> None:
     nvml = FakeNvml(1)
     runtime = GpuProcessRuntime(nvml, stuck=True)
-    manager = await make(state_dir, runtime, nvml, min_residency_s=0.0, release_timeout_s=0.3, kill_grace_s=1.0)
-    try:
+    async with gpu_manager(state_dir, runtime, nvml, min_residency_s=0.0, release_timeout_s=0.3,
+                           kill_grace_s=1.0) as manager:
         await manager.run_chunk(chunk(spec(1)))
         [a] = manager.replicas.values()
         result = await manager.run_chunk(chunk(spec(2)))
         assert result.outputs == [(await nvml.gpus())[0].uuid]
         assert runtime.killed == [a.handle]
-    finally:
-        await manager.close(stop_replicas=True)
-        await runtime.close()
 
 
 async def test_minimum_residency_gives_503_with_retry_after(state_dir: Path) -> None:
     nvml = FakeNvml(1)
     runtime = GpuProcessRuntime(nvml)
-    manager = await make(state_dir, runtime, nvml, min_residency_s=30.0, release_timeout_s=1.0)
-    try:
+    async with gpu_manager(state_dir, runtime, nvml, min_residency_s=30.0, release_timeout_s=1.0) as manager:
         await manager.run_chunk(chunk(spec(1)))
         with pytest.raises(ApiError) as info:
             await manager.run_chunk(chunk(spec(2), timeout_s=0.5))
@@ -125,36 +126,25 @@ async def test_minimum_residency_gives_503_with_retry_after(state_dir: Path) -> 
         assert int(info.value.headers["Retry-After"]) >= 1
         assert runtime.stopped == [], "the resident model keeps its GPU"
         assert (await manager.run_chunk(chunk(spec(1)))).start == "warm"
-    finally:
-        await manager.close(stop_replicas=True)
-        await runtime.close()
 
 
 async def test_hanging_nvml_is_bounded(state_dir: Path) -> None:
     nvml = FakeNvml(1, hang=True)
     runtime = GpuProcessRuntime(nvml)
-    manager = await make(state_dir, runtime, nvml, min_residency_s=0.0, nvml_timeout_s=0.2)
-    try:
+    async with gpu_manager(state_dir, runtime, nvml, min_residency_s=0.0, nvml_timeout_s=0.2) as manager:
         started = time.monotonic()
         with pytest.raises(ApiError) as info:
             await manager.run_chunk(chunk(spec(1), timeout_s=5))
         assert info.value.status == 503
         assert time.monotonic() - started < 5
-    finally:
-        await manager.close(stop_replicas=True)
-        await runtime.close()
 
 
 async def test_cpu_versions_are_untouched_by_gpu_logic(state_dir: Path) -> None:
     nvml = FakeNvml(0)
     runtime = GpuProcessRuntime(nvml)
-    manager = await make(state_dir, runtime, nvml)
-    try:
+    async with gpu_manager(state_dir, runtime, nvml) as manager:
         cpu = VersionSpec("acme", "echo", "main", 1, f"dir:{MODELS_DIR}", entrypoint="models:visible_gpu")
         assert (await manager.run_chunk(chunk(cpu))).outputs == [None]
         with pytest.raises(ApiError) as info:
             await manager.run_chunk(chunk(spec(1)))
         assert info.value.status == 503 and "no GPU" in info.value.message
-    finally:
-        await manager.close(stop_replicas=True)
-        await runtime.close()
