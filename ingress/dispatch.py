@@ -21,7 +21,7 @@ from ingress.proxy_client import ProxyClient, ProxyUnreachable
 from ingress.router import Choice, choose_proxies
 from ingress.view import StateView
 from shared.errors import ApiError, deadline_exceeded, unavailable
-from shared.messages import ChunkRequest, ChunkResult, VersionSpec
+from shared.messages import ChunkRequest, ChunkResult, VersionSpec, start_ms
 
 # Below this many items a batch goes to one proxy: a second hop costs more than it saves.
 MIN_CHUNK = 32
@@ -200,9 +200,7 @@ class Dispatcher:
         return self._choices(spec, exclude)
 
     def _learn(self, spec: VersionSpec, result: ChunkResult, items: int) -> None:
-        t = result.timings
-        start_ms = sum(t.get(k, 0.0) for k in ("pull_ms", "create_ms", "start_ms", "ready_ms", "unpause_ms"))
-        self.costs.record(spec.key, result.start, start_ms, t.get("infer_ms", 0.0), items)
+        self.costs.record(spec.key, result.start, start_ms(result.timings), result.timings.get("infer_ms", 0.0), items)
 
     @staticmethod
     def _stitch(results: list[ChunkResult]) -> Outcome:

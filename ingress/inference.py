@@ -14,20 +14,19 @@ from ingress.dispatch import Outcome
 from ingress.hosts import customer_from_host
 from shared.errors import ApiError, bad_request
 from shared.http import error_response, json_response, read_json
-from shared.messages import VersionSpec, check_branch
+from shared.messages import START_PHASES, VersionSpec, check_branch, start_ms
 
 log = logging.getLogger("lukewarm.ingress")
 
 
 def server_timing(route_ms: float, timings: dict[str, float], start: str) -> str:
-    start_ms = sum(timings.get(k, 0.0) for k in ("pull_ms", "create_ms", "start_ms", "ready_ms", "unpause_ms"))
     parts = [
         f"route;dur={route_ms:.2f}",
         f"queue;dur={timings.get('queue_ms', 0.0):.2f}",
-        f'start;desc="{start}";dur={start_ms:.2f}',
+        f'start;desc="{start}";dur={start_ms(timings):.2f}',
         f"infer;dur={timings.get('infer_ms', 0.0):.2f}",
     ]
-    for phase in ("pull", "create", "start", "ready", "unpause"):
+    for phase in START_PHASES:
         if f"{phase}_ms" in timings:
             parts.append(f"start-{phase};dur={timings[f'{phase}_ms']:.2f}")
     return ", ".join(parts)

@@ -213,6 +213,15 @@ class ChunkRequest:
         return cls(spec=spec, inputs=data["inputs"], timeout_s=timeout_s, request_id=str(data.get("request_id", "")))
 
 
+# The phases of a replica start a proxy times (``<phase>_ms`` in ChunkResult.timings).
+START_PHASES = ("pull", "create", "start", "ready", "unpause")
+
+
+def start_ms(timings: dict[str, float]) -> float:
+    """The whole start of a chunk's replica: its phases summed (0 when it was warm)."""
+    return sum(timings.get(f"{phase}_ms", 0.0) for phase in START_PHASES)
+
+
 @dataclasses.dataclass
 class ChunkResult:
     """What a proxy answers for a chunk (status 200 even when the model raised)."""
