@@ -32,12 +32,18 @@ REDIS_TIMEOUT_S = 2.0
 
 
 def make_runtime(kind: str) -> Runtime:
-    """The runtime named by ``kind``; ``auto`` is Docker when the engine answers, else processes."""
+    """The runtime named by ``kind``; ``auto`` is Docker, and no engine answering is an error.
+
+    The process runtime isolates nothing: it runs only when named, never as a fallback.
+    """
     from runtime_proxy.docker_runtime import DockerRuntime, docker_available
     from runtime_proxy.process_runtime import ProcessRuntime
 
     if kind == "auto":
-        kind = "docker" if docker_available() else "process"
+        if not docker_available():
+            raise SystemExit("LUKEWARM_RUNTIME=auto: no Docker engine answers (start dockerd); the process "
+                             "runtime isolates nothing and runs only when named (LUKEWARM_RUNTIME=process)")
+        kind = "docker"
     if kind == "docker":
         return DockerRuntime()
     if kind == "process":

@@ -43,6 +43,18 @@ class DevOptions:
     proxy_secret: str = ""
 
 
+def dev_runtime(kind: str) -> str:
+    """On a laptop ``auto`` may fall back to processes (the daemon never does): said out loud."""
+    if kind != "auto":
+        return kind
+    from runtime_proxy.docker_runtime import docker_available
+
+    if docker_available():
+        return "docker"
+    print("no Docker engine answers: using the process runtime (no isolation: run only your own code)", flush=True)
+    return "process"
+
+
 async def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
     client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
@@ -120,7 +132,7 @@ async def serve(options: DevOptions) -> None:
     secret = options.proxy_secret or generated_secret()
     # One directory for every dev run: replica ids and the content-addressed harness never collide.
     state_dir = options.state_dir or str(Path.home() / ".cache" / "lukewarm" / "dev")
-    runtime = make_runtime(options.runtime)
+    runtime = make_runtime(dev_runtime(options.runtime))
     proxy_settings = finish_proxy_settings(ProxySettings(
         redis_url=options.redis_url, proxy_secret=secret, proxy_host=options.host, proxy_port=options.proxy_port,
         runtime=runtime.name, state_dir=state_dir, proxy_id=f"dev-{options.proxy_port}",

@@ -2,16 +2,21 @@
 
 Every field of a settings dataclass is settable as the environment variable
 ``LUKEWARM_<FIELD>`` and as the flag ``--<field-with-dashes>``; a flag beats
-the environment, which beats the default. Nothing here runs at import time:
-``main()`` builds the object and passes it down.
+the environment, which beats the default. A secret never has to be a flag
+(flags show in ``ps``): every text field can also be read from a file named by
+``LUKEWARM_<FIELD>_FILE``. Nothing here runs at import time: ``main()`` builds
+the object and passes it down.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import secrets
 import socket
+import urllib.parse
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
 
@@ -46,6 +51,26 @@ class IngressSettings:
     # least hedge_min_ms) is sent to a second warm proxy too; first answer wins. 0: never.
     hedge_factor: float = 4.0
     hedge_min_ms: float = 200.0
+    # HTTPS: both set makes the ingress port speak TLS (1.2+) only.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # A connection must deliver a request's headers (and be idle no longer) within this.
+    header_timeout_s: float = 10.0
+    # A request's body must arrive within this once its headers did.
+    body_timeout_s: float = 30.0
+    # Open client connections at once; past this a new connection gets 503 and is closed.
+    max_connections: int = 4096
+    max_batch_items: int = 100_000
+    # Requests of one customer in flight at this ingress before new ones get 429.
+    max_inflight_per_customer: int = 256
+    # Nesting of an inference body: far below what the harness's parser survives.
+    max_json_depth: int = 64
+    # A cached API key is re-read from Redis once older than this (revocation without pub/sub).
+    key_cache_s: float = 2.0
+    # Largest memory_mb a deploy may ask for.
+    max_memory_mb: int = 65_536
+    # Largest cpus a deploy may ask for.
+    max_cpus: float = 16.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +79,14 @@ class ProxySettings:
 
     redis_url: str = DEFAULT_REDIS_URL
     proxy_secret: str = ""
-    proxy_host: str = "0.0.0.0"
+    # Loopback unless told otherwise; any other address needs advertise_url (fail fast).
+    proxy_host: str = "127.0.0.1"
     proxy_port: int = 8081
-    # Address ingresses use to reach this proxy; derived from the port when empty.
+    # Address ingresses use to reach this proxy; derived from a loopback bind when empty.
     advertise_url: str = ""
     proxy_id: str = ""
-    runtime: str = "auto"  # docker | process | auto (docker when the engine answers)
+    # docker | process | auto (docker, and exit when no engine answers: never falls back to process)
+    runtime: str = "auto"
     state_dir: str = "/var/lib/lukewarm"
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
@@ -68,7 +95,10 @@ class ProxySettings:
     max_replicas: int = 16
     # Concurrent chunks one replica accepts.
     replica_concurrency: int = 1
-    memory_budget_mb: int = 0  # memory of live replicas this host may hold; 0: no budget, only max_replicas
+    # Memory of live replicas this host may hold; 0: 75 % of the host's RAM.
+    memory_budget_mb: int = 0
+    # Live replicas one customer may hold on this host (0: half of max_replicas).
+    max_replicas_per_customer: int = 0
     reaper_interval_s: float = 1.0
     pause_stop_after_s: float = 3600.0
     # Model images this proxy ran are removed once no replica here uses them for this long,
@@ -84,6 +114,18 @@ class ProxySettings:
     gpu_min_residency_s: float = 30.0
     # How long a swap waits for NVML to show the old model's memory released before killing it.
     gpu_release_timeout_s: float = 15.0
+    # Largest answer a model may send over its socket; past it the caller gets 502 response_too_large.
+    max_response_mb: int = 64
+    # Largest chunk an ingress may send.
+    max_body_mb: int = 64
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
+    # Size of the tmpfs each replica's socket directory lives on (the only host path it can write).
+    run_dir_kb: int = 1024
+    # Container log rotation: json-file logs capped at log_max_mb × 2 files.
+    log_max_mb: int = 10
+    # How long a version spec read from Redis is trusted before it is read again.
+    spec_cache_s: float = 5.0
 
 
 def _coerce(kind: Any, raw: str) -> Any:
@@ -110,6 +152,8 @@ def load_settings(
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         kind = hints[field.name]
         env_name = ENV_PREFIX + field.name.upper()
+        if kind is str and env.get(env_name + "_FILE"):
+            values[field.name] = read_secret_file(env_name + "_FILE", env[env_name + "_FILE"])
         if env_name in env and env[env_name] != "":
             try:
                 values[field.name] = _coerce(kind, env[env_name])
@@ -127,15 +171,42 @@ def load_settings(
     return cls(**values)
 
 
+def read_secret_file(name: str, path: str) -> str:
+    """The first line of a secret file (systemd credentials, Kubernetes secrets)."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def finish_proxy_settings(settings: ProxySettings) -> ProxySettings:
-    """Fill what defaults cannot know statically: id and advertised address."""
+    """Fill what defaults cannot know statically: id and advertised address.
+
+    A proxy bound beyond loopback must be told the address ingresses reach it by:
+    guessing would advertise an address other hosts cannot use (SystemExit).
+    """
     changes: dict[str, Any] = {}
     if not settings.proxy_id:
         changes["proxy_id"] = f"{socket.gethostname()}-{settings.proxy_port}"
-    if not settings.advertise_url:
-        host = "127.0.0.1" if settings.proxy_host in {"0.0.0.0", "", "::"} else settings.proxy_host
-        host = f"[{host}]" if ":" in host else host
+    if settings.advertise_url:
+        parts = urllib.parse.urlsplit(settings.advertise_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise SystemExit(f"LUKEWARM_ADVERTISE_URL must look like http://10.0.0.5:8081, got {settings.advertise_url!r}")
+    elif is_loopback(settings.proxy_host):
+        host = f"[{settings.proxy_host}]" if ":" in settings.proxy_host else settings.proxy_host
         changes["advertise_url"] = f"http://{host}:{settings.proxy_port}"
+    else:
+        raise SystemExit(f"the proxy binds {settings.proxy_host or 'every address'!r}, beyond loopback: set "
+                         "LUKEWARM_ADVERTISE_URL to the address ingresses reach it by (e.g. http://10.0.0.5:8081)")
     return dataclasses.replace(settings, **changes) if changes else settings
 
 

@@ -112,11 +112,13 @@ def test_bad_flags_exit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> 
     [
         ({}, "{host}-8081", "http://127.0.0.1:8081"),
         ({"proxy_port": 9001}, "{host}-9001", "http://127.0.0.1:9001"),
-        ({"proxy_host": ""}, "{host}-8081", "http://127.0.0.1:8081"),
-        ({"proxy_host": "10.0.0.5", "proxy_port": 7000}, "{host}-7000", "http://10.0.0.5:7000"),
+        ({"proxy_host": "127.0.0.3", "proxy_port": 7000}, "{host}-7000", "http://127.0.0.3:7000"),
+        ({"proxy_host": "::1"}, "{host}-8081", "http://[::1]:8081"),
+        ({"proxy_host": "10.0.0.5", "advertise_url": "http://10.0.0.5:7000"}, "{host}-8081", "http://10.0.0.5:7000"),
         ({"proxy_id": "gpu-7"}, "gpu-7", "http://127.0.0.1:8081"),
         ({"advertise_url": "http://lb:1"}, "{host}-8081", "http://lb:1"),
         ({"proxy_id": "a", "advertise_url": "http://b"}, "a", "http://b"),
+        ({"proxy_host": "0.0.0.0", "advertise_url": "http://10.1.2.3:8081"}, "{host}-8081", "http://10.1.2.3:8081"),
     ],
 )
 def test_finish_proxy_settings(given: dict[str, Any], proxy_id: str, advertise_url: str) -> None:
@@ -132,6 +134,25 @@ def test_finish_proxy_settings_is_idempotent() -> None:
     assert finish_proxy_settings(once) is once
 
 
-def test_finish_proxy_settings_ipv6_any() -> None:
-    url = finish_proxy_settings(ProxySettings(proxy_host="::")).advertise_url
-    assert url in {"http://127.0.0.1:8081", "http://[::1]:8081"}
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.0.0.5"])
+def test_binding_beyond_loopback_needs_an_advertise_url(host: str) -> None:
+    with pytest.raises(SystemExit, match="LUKEWARM_ADVERTISE_URL"):
+        finish_proxy_settings(ProxySettings(proxy_host=host))
+
+
+@pytest.mark.parametrize("url", ["10.0.0.5:8081", "https://x:1", "http://"])
+def test_a_malformed_advertise_url_is_refused(url: str) -> None:
+    with pytest.raises(SystemExit, match="LUKEWARM_ADVERTISE_URL"):
+        finish_proxy_settings(ProxySettings(advertise_url=url))
+
+
+def test_the_proxy_binds_loopback_by_default() -> None:
+    assert ProxySettings().proxy_host == "127.0.0.1"
+
+
+def test_secrets_come_from_files(tmp_path: Any) -> None:
+    (tmp_path / "token").write_text("s3cret\n")
+    settings = load_settings(IngressSettings, [], {"LUKEWARM_ADMIN_TOKEN_FILE": str(tmp_path / "token")})
+    assert settings.admin_token == "s3cret"
+    with pytest.raises(SystemExit, match="LUKEWARM_PROXY_SECRET_FILE"):
+        load_settings(IngressSettings, [], {"LUKEWARM_PROXY_SECRET_FILE": str(tmp_path / "missing")})
