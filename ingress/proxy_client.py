@@ -7,14 +7,16 @@ framing only (all the proxy speaks). An aiohttp ClientSession request costs
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.parse
 from typing import Any
 
 import orjson
 
 from shared.errors import ApiError
-from shared.http1 import Connection, request_head
+from shared.http1 import Connection, ResponseTooLarge, request_head
 from shared.messages import ChunkRequest, ChunkResult
+from shared.signing import derive_key, signed_head_lines
 
 CHUNKS_PATH = "/internal/v1/chunks"
 WARM_PATH = "/internal/v1/warm"
@@ -34,8 +36,9 @@ class _StaleConnection(Exception):
 class ProxyClient:
     """Keeps idle connections per proxy; safe for concurrent use (one connection per call in flight)."""
 
-    def __init__(self, secret: str, connect_timeout_s: float) -> None:
-        self.secret = secret
+    def __init__(self, secret: str, connect_timeout_s: float, max_answer_bytes: int = 129 * 2**20) -> None:
+        self._key = derive_key(secret)
+        self.max_answer_bytes = max_answer_bytes
         self.connect_timeout_s = connect_timeout_s
         self._idle: dict[str, list[Connection]] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
@@ -52,10 +55,10 @@ class ProxyClient:
         host, port = self._address(url)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=2**26), self.connect_timeout_s)
+                asyncio.open_connection(host, port, limit=2**16), self.connect_timeout_s)
         except (OSError, TimeoutError) as exc:
             raise ProxyUnreachable(f"{url}: cannot connect: {exc or type(exc).__name__}") from None
-        return Connection(reader, writer)
+        return Connection(reader, writer, max_body=self.max_answer_bytes)
 
     async def run(self, url: str, chunk: ChunkRequest) -> ChunkResult:
         """The proxy's result, or ApiError it answered; ProxyUnreachable when no answer came."""
@@ -67,13 +70,18 @@ class ProxyClient:
 
     async def _post(self, url: str, path: str, payload: dict[str, Any], timeout_s: float) -> Any:
         body = orjson.dumps(payload)
-        head = request_head("POST", path, url.split("//", 1)[-1], len(body), f"Authorization: Bearer {self.secret}\r\n")
+        host = url.split("//", 1)[-1]
+
+        def head() -> bytes:  # signed afresh per attempt: a nonce is good once
+            return request_head("POST", path, host, len(body), signed_head_lines(self._key, "POST", path, body,
+                                                                                 time.time()))
+
         try:
             async with asyncio.timeout(timeout_s + ANSWER_GRACE_S):
                 try:
-                    status, headers, data = await self._exchange(url, head, body, reuse=True)
+                    status, headers, data = await self._exchange(url, head(), body, reuse=True)
                 except _StaleConnection:
-                    status, headers, data = await self._exchange(url, head, body, reuse=False)
+                    status, headers, data = await self._exchange(url, head(), body, reuse=False)
         except TimeoutError:
             raise ApiError(504, "timeout", "deadline passed before the model answered") from None
         try:
@@ -91,6 +99,10 @@ class ProxyClient:
         conn = idle.pop() if pooled else await self._connect(url)
         try:
             status, headers, data = await conn.exchange(head, body)
+        except ResponseTooLarge:
+            conn.close()
+            raise ApiError(502, "response_too_large", "the model's answer is larger than this ingress accepts") \
+                from None
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
             conn.close()
             if pooled and isinstance(exc, ConnectionResetError | BrokenPipeError):
@@ -99,7 +111,7 @@ class ProxyClient:
         except BaseException:
             conn.close()  # cancelled mid-exchange: the framing is unknown now
             raise
-        if Connection.keeps_alive(headers) and len(idle) < MAX_IDLE_PER_PROXY:
+        if conn.reusable and len(idle) < MAX_IDLE_PER_PROXY:
             idle.append(conn)
         else:
             conn.close()

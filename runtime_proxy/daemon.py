@@ -21,9 +21,11 @@ from runtime_proxy.heartbeat import Heartbeat
 from runtime_proxy.nvml import NoGpu, Nvml, RealNvml
 from runtime_proxy.replicas import ReplicaManager
 from runtime_proxy.runtime import Runtime
+from runtime_proxy.versions import VersionSource
 from shared.background import Periodic
-from shared.http import error_middleware
+from shared.http import LIMITS, BodyLimits, error_middleware
 from shared.settings import ProxySettings
+from shared.signing import ReplayGuard, derive_key
 
 log = logging.getLogger("lukewarm.proxy")
 
@@ -31,7 +33,7 @@ HARNESS_SOURCE = Path(__file__).with_name("harness.py")
 REDIS_TIMEOUT_S = 2.0
 
 
-def make_runtime(kind: str) -> Runtime:
+def make_runtime(kind: str, log_max_mb: int = 10) -> Runtime:
     """The runtime named by ``kind``; ``auto`` is Docker, and no engine answering is an error.
 
     The process runtime isolates nothing: it runs only when named, never as a fallback.
@@ -45,7 +47,7 @@ def make_runtime(kind: str) -> Runtime:
                              "runtime isolates nothing and runs only when named (LUKEWARM_RUNTIME=process)")
         kind = "docker"
     if kind == "docker":
-        return DockerRuntime()
+        return DockerRuntime(log_max_mb=log_max_mb)
     if kind == "process":
         return ProcessRuntime()
     raise SystemExit(f"unknown runtime {kind!r}: use docker, process or auto")
@@ -68,12 +70,16 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
               nvml_adapter: Nvml | None = None) -> web.Application:
     if not settings.proxy_secret:
         raise SystemExit("LUKEWARM_PROXY_SECRET must be set: ingresses authenticate with it")
-    app = web.Application(middlewares=[error_middleware], client_max_size=256 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_mb * 1024 * 1024)
     app[routes.SETTINGS] = settings
+    app[routes.SIGNING_KEY] = derive_key(settings.proxy_secret)
+    app[routes.REPLAYS] = ReplayGuard()
+    # Inputs are the customer's, parsed again by the harness: depth stays far below what it survives.
+    app[LIMITS] = BodyLimits(timeout_s=30.0, max_depth=128)
     routes.add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        rt = runtime or make_runtime(settings.runtime)
+        rt = runtime or make_runtime(settings.runtime, settings.log_max_mb)
         harness = install_harness(Path(settings.state_dir))
         nvml: Nvml = nvml_adapter or (RealNvml() if settings.gpus else NoGpu())
         gpu = GpuCoordinator(nvml, min_residency_s=settings.gpu_min_residency_s,
@@ -84,6 +90,7 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         app[routes.MANAGER] = manager
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
                                       socket_connect_timeout=REDIS_TIMEOUT_S)
+        app[routes.VERSIONS] = VersionSource(client, settings.spec_cache_s)
         async def state() -> dict[str, Any]:
             return {"replicas": manager.snapshot(), "gpus": await gpu.snapshot(), "nvml": nvml.status()}
 

@@ -31,6 +31,7 @@ from shared.messages import VersionSpec
 CONTAINER_USER = "65534:65534"
 PIDS_LIMIT = 256
 TMPFS_MB = 64
+OPEN_FILES = 4096
 
 
 def docker_available(timeout_s: float = 3.0) -> bool:
@@ -45,12 +46,13 @@ def docker_available(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def container_options(launch: LaunchSpec) -> dict[str, Any]:
+def container_options(launch: LaunchSpec, log_max_mb: int = 10) -> dict[str, Any]:
     """The create() options of a replica: the hardening of DESIGN.md lives here."""
     spec = launch.spec
     memory = f"{spec.memory_mb}m"
     return {
-        "image": spec.image,
+        # The content the version was pinned to at deploy, when known: a retag changes nothing here.
+        "image": spec.image_id or spec.image,
         "command": ["python3", HARNESS_IN_CONTAINER],
         "name": f"lw-{launch.replica_id}",
         "labels": labels_for(launch),
@@ -65,6 +67,11 @@ def container_options(launch: LaunchSpec) -> dict[str, Any]:
         "read_only": True,
         "tmpfs": {"/tmp": f"rw,noexec,nosuid,size={TMPFS_MB}m"},
         "pids_limit": PIDS_LIMIT,
+        "nano_cpus": int(spec.cpus * 1e9),
+        "ulimits": [docker.types.Ulimit(name="nofile", soft=OPEN_FILES, hard=OPEN_FILES)],
+        # A model printing in a loop must not fill the host's disk through Docker's log.
+        "log_config": docker.types.LogConfig(type="json-file", config={"max-size": f"{log_max_mb}m", "max-file": "2"}),
+        "ipc_mode": "private",
         "mem_limit": memory,
         "memswap_limit": memory,  # no swap: an over-limit model is OOM-killed, not slowed to a crawl
         "user": CONTAINER_USER,
@@ -81,8 +88,9 @@ class DockerRuntime:
 
     name = "docker"
 
-    def __init__(self, api_timeout_s: float = 30.0) -> None:
+    def __init__(self, api_timeout_s: float = 30.0, log_max_mb: int = 10) -> None:
         self._api_timeout_s = api_timeout_s
+        self._log_max_mb = log_max_mb
         self._client: docker.DockerClient | None = None
 
     def _docker(self) -> docker.DockerClient:
@@ -118,7 +126,7 @@ class DockerRuntime:
             raise RuntimeFailure("image_unavailable", f"cannot pull image {image!r}: {exc}") from exc
 
     async def create(self, launch: LaunchSpec) -> str:
-        container = await self._call(self._docker().containers.create, **container_options(launch))
+        container = await self._call(self._docker().containers.create, **container_options(launch, self._log_max_mb))
         return str(container.id)
 
     async def _container(self, handle: str) -> Any:
@@ -196,6 +204,14 @@ class DockerRuntime:
                 gpu_uuid=labels.get("lukewarm.gpu") or None,
             ))
         return found
+
+    def owns_peer(self, handle: str, pid: int) -> bool:
+        """The process's cgroup names this container (v1 and v2, cgroupfs and systemd drivers)."""
+        try:
+            with open(f"/proc/{pid}/cgroup", encoding="ascii", errors="replace") as f:
+                return len(handle) == 64 and handle in f.read()
+        except OSError:
+            return False
 
     async def close(self) -> None:
         if self._client is not None:

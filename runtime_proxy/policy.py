@@ -42,17 +42,20 @@ def replicas_to_stop(replicas: Sequence[ReplicaView], now: float, stop_after_s: 
 
 def replicas_to_evict(
     replicas: Sequence[ReplicaView], memory_budget_mb: int, max_replicas: int, incoming_mb: int = 0,
+    evict_running: bool = False,
 ) -> list[str]:
     """Least recently used idle replicas to remove so the host fits its budgets.
 
-    Stopped replicas go first, then paused ones, each oldest first; running or
-    busy replicas are never evicted here (they are paused first by idleness).
-    ``incoming_mb`` makes room for a replica about to start.
+    Stopped replicas go first, then paused ones, each oldest first. Busy replicas
+    are never evicted. Idle running ones only with ``evict_running`` (a start that
+    needs room: otherwise ``keep_warm`` or a long idle timeout would let one
+    customer hold every slot of the host for good). ``incoming_mb`` makes room
+    for a replica about to start.
     """
     live = [r for r in replicas if r.state in {"starting", "running", "paused"}]
     used_mb = sum(r.memory_mb for r in live) + incoming_mb
     count = len(replicas) + (1 if incoming_mb else 0)
-    order = {"stopped": 0, "paused": 1}
+    order = {"stopped": 0, "paused": 1, **({"running": 2} if evict_running else {})}
     candidates = sorted(
         (r for r in replicas if r.state in order and r.in_flight == 0),
         key=lambda r: (order[r.state], r.last_used),
@@ -69,6 +72,24 @@ def replicas_to_evict(
         if r.state != "stopped":
             used_mb -= r.memory_mb
     return evict
+
+
+def quota_evictions(replicas: Sequence[ReplicaView], customer: str, quota: int) -> list[str] | None:
+    """Replicas of ``customer`` to remove so one more of theirs fits its per-host ``quota`` of live replicas.
+
+    Their own idle replicas go, paused before running, least recently used first;
+    None when their replicas here are all busy (the start must wait or go elsewhere).
+    """
+    prefix = customer + "/"
+    mine = [r for r in replicas if r.version_key.startswith(prefix) and r.state in {"starting", "running", "paused"}]
+    excess = len(mine) + 1 - quota
+    if excess <= 0:
+        return []
+    rank = {"paused": 0, "running": 1}
+    idle = sorted((r for r in mine if r.state in rank and r.in_flight == 0), key=lambda r: (rank[r.state], r.last_used))
+    if len(idle) < excess:
+        return None
+    return [r.replica_id for r in idle[:excess]]
 
 
 def backoff_s(failures: int, base_s: float, cap_s: float = 300.0) -> float:

@@ -103,6 +103,10 @@ class ProcessRuntime:
         # The kernel's OOM killer sends SIGKILL; without cgroups we cannot tell it apart.
         return ExitInfo(exit_code=proc.returncode)
 
+    def owns_peer(self, handle: str, pid: int) -> bool:
+        proc = self._procs.get(handle)
+        return proc is not None and proc.pid == pid
+
     async def list_replicas(self, proxy_id: str) -> list[FoundReplica]:
         return []  # children do not outlive the proxy: nothing to re-adopt
 

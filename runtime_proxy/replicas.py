@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +20,8 @@ from typing import Any
 from runtime_proxy import policy
 from runtime_proxy.cgroups import container_usage
 from runtime_proxy.gpu import GpuCoordinator, NoGpuAvailable
-from runtime_proxy.harness_client import HarnessClient, HarnessUnavailable
+from runtime_proxy.harness_client import HarnessClient, HarnessMisbehaved, HarnessUnavailable
+from runtime_proxy.rundirs import RunDirError, RunDirs
 from runtime_proxy.runtime import SOCKET_NAME, ExitInfo, LaunchSpec, Runtime, RuntimeFailure
 from shared.errors import ApiError, deadline_exceeded, unavailable
 from shared.messages import ChunkRequest, ChunkResult, VersionSpec
@@ -72,12 +72,38 @@ class _Failure:
 
 def same_image(a: VersionSpec, b: VersionSpec) -> bool:
     """Whether a replica of ``a`` runs ``b``'s code the way ``b`` says (the settings a container is created with)."""
-    return (a.image, a.entrypoint, a.env, a.batch_size, a.gpu, a.memory_mb) == \
-        (b.image, b.entrypoint, b.env, b.batch_size, b.gpu, b.memory_mb)
+    return (a.image, a.image_id, a.entrypoint, a.env, a.batch_size, a.gpu, a.memory_mb, a.cpus) == \
+        (b.image, b.image_id, b.entrypoint, b.env, b.batch_size, b.gpu, b.memory_mb, b.cpus)
 
 
 def _remaining(deadline: float, now: float) -> float:
     return max(0.0, deadline - now)
+
+
+# What a caller is told when the engine fails: one line, no host paths or engine text (those go to the log).
+RUNTIME_MESSAGES = {
+    "image_unavailable": "the model's image {image} is not available on this host",
+    "replica_gone": "the replica disappeared while it was being started",
+    "image_build_failed": "the model's image could not be built",
+}
+
+
+def default_memory_budget_mb() -> int:
+    """Three quarters of the host's RAM: the rest is for the daemons, the engine and the kernel."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 3 // 4 // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8192
+
+
+def runtime_error(exc: RuntimeFailure, spec: VersionSpec) -> ApiError:
+    log.warning("runtime failure for %s: %s: %s", spec.key, exc.type, exc)
+    message = RUNTIME_MESSAGES.get(exc.type, "the container engine could not run this replica")
+    return ApiError(502, exc.type, message.format(image=spec.image))
 
 
 class ReplicaManager:
@@ -96,9 +122,11 @@ class ReplicaManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._failures: dict[str, _Failure] = {}
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
-        self.run_root = Path(settings.state_dir) / "run"
+        self.run_dirs = RunDirs(Path(settings.state_dir) / "run", CONTAINER_UID, settings.run_dir_kb)
         self.gpu = gpu
         self.image_last_used: dict[str, float] = {}  # images this proxy ran (pruned by the reaper)
+        self.memory_budget_mb = settings.memory_budget_mb or default_memory_budget_mb()
+        self.customer_quota = settings.max_replicas_per_customer or max(1, settings.max_replicas // 2)
 
     # ---- public API -------------------------------------------------------
 
@@ -150,6 +178,7 @@ class ReplicaManager:
 
     async def adopt(self) -> int:
         """Re-adopt this proxy's containers from their labels; never restarts a running one."""
+        self.run_dirs.prepare()
         found = await self.runtime.list_replicas(self.settings.proxy_id)
         adopted = 0
         for f in found:
@@ -164,6 +193,9 @@ class ReplicaManager:
             if f.gpu_uuid and self.gpu is not None:
                 self.gpu.adopt(f.spec.key, f.gpu_uuid, f.handle)
             adopted += 1
+        swept = self.run_dirs.sweep(r.run_dir for r in self.replicas.values())
+        if swept:
+            log.info("removed %d socket directories no replica owns", swept)
         return adopted
 
     async def reap_once(self) -> dict[str, list[str]]:
@@ -179,7 +211,7 @@ class ReplicaManager:
             if await self._transition(rid, "stop"):
                 done["stopped"].append(rid)
         views = [r.view() for r in self.replicas.values()]
-        for rid in policy.replicas_to_evict(views, self.settings.memory_budget_mb, self.settings.max_replicas):
+        for rid in policy.replicas_to_evict(views, self.memory_budget_mb, self.settings.max_replicas):
             replica = self.replicas.get(rid)
             if replica is not None:
                 await self._retire(replica)
@@ -293,24 +325,31 @@ class ReplicaManager:
         await self._make_room(spec)
         t = self.clock()
         try:
-            if not await self.runtime.has_image(spec.image):
+            if not await self.runtime.has_image(spec.image_id or spec.image):
                 await self.runtime.pull(spec.image)
                 timings["pull_ms"] = (self.clock() - t) * 1000
+                if spec.image_id and not await self.runtime.has_image(spec.image_id):
+                    raise RuntimeFailure("image_unavailable", f"{spec.image} no longer holds {spec.image_id}")
         except RuntimeFailure as exc:
-            raise ApiError(502, exc.type, str(exc)) from None
+            raise runtime_error(exc, spec) from None
         gpu_uuid = await self._acquire_gpu(spec, deadline, timings) if spec.gpu else None
         replica_id = uuid.uuid4().hex[:12]
-        run_dir = self._make_run_dir(replica_id)
+        try:
+            run_dir = self.run_dirs.make(replica_id)
+        except RunDirError as exc:
+            if self.gpu is not None and gpu_uuid:
+                self.gpu.release(spec.key)
+            raise ApiError(502, "runtime_error", str(exc)) from None
         launch = LaunchSpec(replica_id=replica_id, spec=spec, proxy_id=self.settings.proxy_id,
                             run_dir=run_dir, harness_path=self.harness_path, gpu_uuid=gpu_uuid)
         t = self.clock()
         try:
             handle = await self.runtime.create(launch)
         except RuntimeFailure as exc:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            self.run_dirs.remove(run_dir)
             if self.gpu is not None and gpu_uuid:
                 self.gpu.release(spec.key)
-            raise ApiError(502, exc.type, str(exc)) from None
+            raise runtime_error(exc, spec) from None
         timings["create_ms"] = (self.clock() - t) * 1000
         replica = self._new_replica(replica_id, spec, handle, run_dir)
         replica.gpu_uuid = gpu_uuid
@@ -332,7 +371,7 @@ class ReplicaManager:
             timings["ready_ms"] = (self.clock() - t) * 1000
         except RuntimeFailure as exc:
             await self._retire(replica)
-            raise ApiError(502, exc.type, str(exc)) from None
+            raise runtime_error(exc, replica.spec) from None
         except BaseException:
             await self._retire(replica)
             raise
@@ -382,15 +421,34 @@ class ReplicaManager:
         return busy, replica.last_used
 
     async def _make_room(self, spec: VersionSpec) -> None:
-        views = [r.view() for r in self.replicas.values()]
-        evict = policy.replicas_to_evict(
-            views, self.settings.memory_budget_mb, self.settings.max_replicas, incoming_mb=spec.memory_mb,
-        )
+        """Fit one more replica of ``spec``: the customer's quota first, then the host's memory and count."""
+        if spec.memory_mb > self.memory_budget_mb:
+            raise unavailable(f"this version needs {spec.memory_mb} MB; this host offers {self.memory_budget_mb} MB", 30)
+        views = self._eviction_views()
+        mine = policy.quota_evictions(views, spec.customer, self.customer_quota)
+        if mine is None:
+            raise unavailable("this customer's replicas on this host are all busy", retry_after_s=2)
+        for rid in mine:
+            await self._retire(self.replicas[rid])
+        evict = policy.replicas_to_evict(self._eviction_views(), self.memory_budget_mb, self.settings.max_replicas,
+                                         incoming_mb=spec.memory_mb, evict_running=True)
         for rid in evict:
             await self._retire(self.replicas[rid])
-        busy = [r for r in self.replicas.values() if r.state in {"starting", "running", "paused"}]
-        if len(busy) >= self.settings.max_replicas:
-            raise unavailable("this host runs as many replicas as it may; all are busy", retry_after_s=2)
+        live = [r for r in self.replicas.values() if r.state in {"starting", "running", "paused"}]
+        if len(live) >= self.settings.max_replicas or \
+                sum(r.spec.memory_mb for r in live) + spec.memory_mb > self.memory_budget_mb:
+            raise unavailable("this host is full and every replica on it is busy", retry_after_s=2)
+
+    def _eviction_views(self) -> list[policy.ReplicaView]:
+        """Replica views where one a request is acquiring right now counts as busy (not evictable)."""
+        views = []
+        for r in self.replicas.values():
+            view = r.view()
+            lock = self._locks.get(r.spec.key)
+            if view.in_flight == 0 and ((lock is not None and lock.locked()) or r.slots.locked()):
+                view = dataclasses.replace(view, in_flight=1)
+            views.append(view)
+        return views
 
     async def _wait_ready(self, replica: Replica, until: float) -> None:
         """Poll the harness's /ready until it answers, fails, or the replica exits."""
@@ -401,10 +459,12 @@ class ReplicaManager:
                 status, body = await asyncio.wait_for(replica.client.call("GET", "/ready"), 2.0)
             except (HarnessUnavailable, TimeoutError):
                 pass
+            except HarnessMisbehaved as exc:
+                raise ApiError(502, exc.type, str(exc)) from None
             if status == 200:
                 return
             if status == 500 and isinstance(body, dict):
-                raise ApiError(502, "model_load_failed", str(body.get("error") or "the model failed to load"))
+                raise ApiError(502, "model_load_failed", str(body.get("error") or "the model failed to load")[:500])
             if status is None:
                 info = await self.runtime.exit_info(replica.handle)
                 if info is not None:
@@ -427,6 +487,10 @@ class ReplicaManager:
             # A stuck model keeps its slot forever: replace the replica, do not wait for it.
             self._retire_later(replica)
             raise deadline_exceeded() from None
+        except HarnessMisbehaved as exc:
+            if exc.type != "response_too_large":
+                self._retire_later(replica)  # what answers there is not an honest harness any more
+            raise ApiError(502, exc.type, str(exc)) from None
         except HarnessUnavailable:
             replica.state = "dead"
             info = await self._wait_exit(replica)
@@ -476,21 +540,15 @@ class ReplicaManager:
         now = self.clock()
         return Replica(
             replica_id=replica_id, spec=spec, handle=handle, run_dir=run_dir,
-            client=HarnessClient(str(run_dir / SOCKET_NAME), max_idle=self.settings.replica_concurrency),
+            client=HarnessClient(str(run_dir / SOCKET_NAME), max_idle=self.settings.replica_concurrency,
+                                 max_response_bytes=self.settings.max_response_mb * 2**20,
+                                 peer_ok=functools.partial(self.runtime.owns_peer, handle)),
             slots=asyncio.Semaphore(self.settings.replica_concurrency), last_used=now, started_at=now,
         )
 
     def _register(self, replica: Replica) -> None:
         self.replicas[replica.replica_id] = replica
         self._by_version[replica.spec.key] = replica
-
-    def _make_run_dir(self, replica_id: str) -> Path:
-        run_dir = self.run_root / replica_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            # The harness runs as nobody and must create its socket here.
-            os.chown(run_dir, CONTAINER_UID, CONTAINER_UID)
-        return run_dir
 
     async def _transition(self, replica_id: str, action: str) -> bool:
         """Pause or stop an idle replica, holding its version's lock so no request slips in meanwhile."""
@@ -562,5 +620,5 @@ class ReplicaManager:
             await self.runtime.remove(handle)
         except RuntimeFailure as exc:
             log.warning("could not remove replica %s: %s", handle, exc)
-        if run_dir and str(run_dir).startswith(str(self.run_root)):
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir and str(run_dir):
+            self.run_dirs.remove(run_dir)

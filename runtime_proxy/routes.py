@@ -1,47 +1,73 @@
-"""The proxy's internal HTTP API; only ingresses holding the shared secret may call it."""
+"""The proxy's internal HTTP API; only ingresses holding the shared secret may call it.
+
+Every internal call is signed (``shared.signing``): a sniffer can neither
+forge nor replay one. What a chunk runs comes from the registry
+(``VersionSource``), never from the request's body.
+"""
 from __future__ import annotations
 
-import hmac
+import time
 
+import orjson
 from aiohttp import web
 
 from runtime_proxy.replicas import ReplicaManager
-from shared.errors import ApiError
-from shared.http import bearer, json_response, read_json
-from shared.messages import ChunkRequest
+from runtime_proxy.versions import VersionSource
+from shared.errors import ApiError, bad_request
+from shared.http import json_response, read_body
+from shared.messages import ChunkCall, ChunkRequest
 from shared.settings import ProxySettings
+from shared.signing import BadSignature, ReplayGuard
 
 MANAGER = web.AppKey("manager", ReplicaManager)
 SETTINGS = web.AppKey("proxy_settings", ProxySettings)
+VERSIONS = web.AppKey("versions", VersionSource)
+SIGNING_KEY = web.AppKey("signing_key", bytes)
+REPLAYS = web.AppKey("replays", ReplayGuard)
 
 CHUNKS_PATH = "/internal/v1/chunks"
 WARM_PATH = "/internal/v1/warm"
+STATE_PATH = "/internal/v1/state"
 
 
-def _authorize(request: web.Request) -> None:
-    secret = request.app[SETTINGS].proxy_secret
-    if not secret or not hmac.compare_digest(bearer(request).encode(), secret.encode()):
-        raise ApiError(401, "unauthorized", "missing or wrong proxy secret")
+async def _authorized_body(request: web.Request) -> bytes:
+    """The request's body once its signature checks out; 401 otherwise (the reason goes to no one else)."""
+    body = await read_body(request, request.app[SETTINGS].header_timeout_s * 3)
+    try:
+        request.app[REPLAYS].check(request.app[SIGNING_KEY], request.method, request.raw_path, body,
+                                   dict(request.headers), time.time())
+    except BadSignature as exc:
+        raise ApiError(401, "unauthorized", f"internal call refused: {exc}") from None
+    return body
+
+
+async def _call(request: web.Request, needs_inputs: bool) -> ChunkCall:
+    body = await _authorized_body(request)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise bad_request("chunk is not JSON") from None
+    return ChunkCall.from_dict(data, needs_inputs)
 
 
 async def run_chunk(request: web.Request) -> web.Response:
-    _authorize(request)
-    chunk = ChunkRequest.from_dict(await read_json(request))
+    call = await _call(request, needs_inputs=True)
+    spec = await request.app[VERSIONS].get(call.version, call.created_at)
+    chunk = ChunkRequest(spec=spec, inputs=call.inputs, timeout_s=call.timeout_s, request_id=call.request_id)
     result = await request.app[MANAGER].run_chunk(chunk)
     return json_response(result.to_dict())
 
 
 async def warm(request: web.Request) -> web.Response:
     """Pre-warm: a ready replica of the version here, without running anything on it."""
-    _authorize(request)
-    body = await read_json(request)
-    chunk = ChunkRequest.from_dict({**body, "inputs": []} if isinstance(body, dict) else body)
-    kind, timings = await request.app[MANAGER].warm(chunk.spec, chunk.timeout_s)
+    call = await _call(request, needs_inputs=False)
+    spec = await request.app[VERSIONS].get(call.version, call.created_at)
+    kind, timings = await request.app[MANAGER].warm(spec, call.timeout_s)
     return json_response({"start": kind, "timings": timings, "proxy_id": request.app[SETTINGS].proxy_id})
 
 
 async def state(request: web.Request) -> web.Response:
-    _authorize(request)
+    await _authorized_body(request)
     return json_response({"proxy_id": request.app[SETTINGS].proxy_id, "replicas": request.app[MANAGER].snapshot()})
 
 
@@ -52,5 +78,5 @@ async def healthz(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post(CHUNKS_PATH, run_chunk)
     app.router.add_post(WARM_PATH, warm)
-    app.router.add_get("/internal/v1/state", state)
+    app.router.add_get(STATE_PATH, state)
     app.router.add_get("/healthz", healthz)

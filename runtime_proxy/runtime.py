@@ -96,6 +96,10 @@ class Runtime(Protocol):
 
     async def list_replicas(self, proxy_id: str) -> list[FoundReplica]: ...
 
+    def owns_peer(self, handle: str, pid: int) -> bool:
+        """Whether host process ``pid`` belongs to replica ``handle`` (who listens on its socket)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -117,10 +121,10 @@ def labels_for(launch: LaunchSpec) -> dict[str, str]:
 def harness_env(spec: VersionSpec, socket_path: str, code_dir: str | None = None,
                 gpu_uuid: str | None = None) -> dict[str, str]:
     env = dict(spec.env)
-    if spec.gpu:
-        # CUDA sees only the GPU this replica holds (and none when it holds none).
-        env["CUDA_VISIBLE_DEVICES"] = gpu_uuid or ""
-        env["NVIDIA_VISIBLE_DEVICES"] = gpu_uuid or "none"
+    # Always set here, whatever the deploy's env said: where nvidia is Docker's default runtime,
+    # NVIDIA_VISIBLE_DEVICES=all would hand a CPU version every GPU. "void" exposes none.
+    env["CUDA_VISIBLE_DEVICES"] = gpu_uuid or ""
+    env["NVIDIA_VISIBLE_DEVICES"] = gpu_uuid or "void"
     env.update({
         "LUKEWARM_ENTRYPOINT": spec.entrypoint,
         "LUKEWARM_SOCKET": socket_path,

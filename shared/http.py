@@ -1,6 +1,8 @@
 """aiohttp helpers shared by the ingress and the proxy: JSON in, JSON out, one error shape."""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import uuid
 from typing import Any
@@ -15,6 +17,29 @@ log = logging.getLogger("lukewarm.http")
 JSON = "application/json"
 
 
+@dataclasses.dataclass(frozen=True)
+class BodyLimits:
+    """How a daemon reads bodies: bounded in time (slow bodies) and nesting (parsers that recurse)."""
+
+    timeout_s: float = 30.0
+    max_depth: int = 64
+
+
+LIMITS = web.AppKey("body_limits", BodyLimits)
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests lists/objects deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item if isinstance(item, list) else item.values() if isinstance(item, dict) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return False
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type=JSON, headers=headers)
 
@@ -24,22 +49,41 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> we
                         headers={**error.headers, **(headers or {})})
 
 
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body; 413 when over the app's size limit (before reading it whole)."""
+def _limits(request: web.Request) -> BodyLimits:
+    return request.app.get(LIMITS) or BodyLimits()
+
+
+async def read_body(request: web.Request, timeout_s: float | None = None) -> bytes:
+    """The request's body: 413 when over the app's size limit (before reading it whole), 408 when it
+    does not arrive within ``timeout_s`` (a slow body holds a connection and a buffer)."""
     limit = request.app._client_max_size  # noqa: SLF001 - aiohttp keeps the limit here
     length = request.content_length
     if length is not None and length > limit:
         raise ApiError(413, "too_large", f"body of {length} bytes is over the limit of {limit} bytes")
+    timeout_s = _limits(request).timeout_s if timeout_s is None else timeout_s
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, "timeout", f"the body did not arrive within {timeout_s:g} s") from None
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, "too_large", f"body is over the limit of {limit} bytes") from None
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, nested no deeper than the app's limit (400 otherwise)."""
+    raw = await read_body(request)
     if not raw:
         raise bad_request("body must be JSON")
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"body is not valid JSON: {exc}") from None
+    max_depth = _limits(request).max_depth
+    # Counting brackets runs at C speed; only bodies that could nest that deep are walked.
+    if raw.count(b"[") + raw.count(b"{") > max_depth and nesting_exceeds(value, max_depth):
+        raise bad_request(f"body nests deeper than {max_depth} levels")
+    return value
 
 
 @web.middleware

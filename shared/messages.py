@@ -59,6 +59,7 @@ class VersionSpec:
     batch_size: int | None = None
     gpu: bool = False
     memory_mb: int = 512
+    cpus: float = 1.0
     gpu_memory_mb: int = 0
     capacity: Capacity = Capacity()
     idle_timeout_s: float = 300.0
@@ -66,6 +67,8 @@ class VersionSpec:
     timeout_s: float = 60.0
     created_at: float = 0.0
     retired: bool = False
+    # The image's content id (sha256:…) resolved at deploy: the version runs exactly this, forever.
+    image_id: str = ""
 
     @property
     def key(self) -> str:
@@ -186,9 +189,20 @@ def validate_deploy(body: Any) -> dict[str, Any]:
     return fields
 
 
+def split_version_key(key: Any) -> tuple[str, str, str, int]:
+    """``customer/model/branch/version`` (the branch may hold ``/``) → its parts; 400 when malformed."""
+    if not isinstance(key, str) or key.count("/") < 3:
+        raise bad_request("version must be customer/model/branch/number")
+    customer, model, rest = key.split("/", 2)
+    branch, _, number = rest.rpartition("/")
+    if not (number.isascii() and number.isdigit()) or int(number) < 1:
+        raise bad_request("version must be customer/model/branch/number")
+    return check_name("customer", customer), check_name("model", model), check_branch(branch), int(number)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkRequest:
-    """One chunk of a request, sent by an ingress to a proxy."""
+    """One chunk of a request, as the ingress holds it (with the version it resolved)."""
 
     spec: VersionSpec
     inputs: list[Any]
@@ -196,21 +210,36 @@ class ChunkRequest:
     request_id: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_dict(), "inputs": self.inputs, "timeout_s": self.timeout_s,
-                "request_id": self.request_id}
+        """The wire form names the version; the proxy reads what it runs from the registry, not from us."""
+        return {"version": self.spec.key, "created_at": self.spec.created_at, "inputs": self.inputs,
+                "timeout_s": self.timeout_s, "request_id": self.request_id}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkCall:
+    """A chunk as a proxy receives it: which version (and which deploy of that number), what to run."""
+
+    version: str
+    created_at: float
+    inputs: list[Any]
+    timeout_s: float
+    request_id: str
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ChunkRequest":
-        if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
-            raise bad_request("chunk must be an object with spec and inputs")
+    def from_dict(cls, data: Any, needs_inputs: bool = True) -> "ChunkCall":
+        if not isinstance(data, dict) or (needs_inputs and not isinstance(data.get("inputs"), list)):
+            raise bad_request("chunk must be an object with version, created_at, timeout_s and inputs")
+        split_version_key(data.get("version"))
         try:
-            spec = VersionSpec.from_dict(data["spec"])
             timeout_s = float(data["timeout_s"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise bad_request(f"bad chunk: {exc}") from None
-        if timeout_s <= 0:
+            created_at = float(data["created_at"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad_request(f"bad chunk: {type(exc).__name__}: {exc}") from None
+        if not timeout_s > 0:
             raise ApiError(504, "timeout", "deadline passed before the chunk reached the proxy")
-        return cls(spec=spec, inputs=data["inputs"], timeout_s=timeout_s, request_id=str(data.get("request_id", "")))
+        request_id = data.get("request_id", "")
+        return cls(version=data["version"], created_at=created_at, inputs=data.get("inputs") or [],
+                   timeout_s=min(timeout_s, 86400.0), request_id=str(request_id)[:128])
 
 
 # The phases of a replica start a proxy times (``<phase>_ms`` in ChunkResult.timings).

@@ -144,7 +144,8 @@ async def test_cpu_versions_are_untouched_by_gpu_logic(state_dir: Path) -> None:
     runtime = GpuProcessRuntime(nvml)
     async with gpu_manager(state_dir, runtime, nvml) as manager:
         cpu = VersionSpec("acme", "echo", "main", 1, f"dir:{MODELS_DIR}", entrypoint="models:visible_gpu")
-        assert (await manager.run_chunk(chunk(cpu))).outputs == [None]
+        # A CPU version sees no GPU: the proxy sets the variables whatever its env says.
+        assert (await manager.run_chunk(chunk(cpu))).outputs == [""]
         with pytest.raises(ApiError) as info:
             await manager.run_chunk(chunk(spec(1)))
         assert info.value.status == 503 and "no GPU" in info.value.message

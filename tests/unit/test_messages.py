@@ -8,8 +8,8 @@ import pytest
 
 from shared.errors import ApiError
 from shared.messages import (
-    DEPLOY_FIELDS, PATCHABLE_FIELDS, Capacity, ChunkRequest, ChunkResult, VersionSpec, check_alias, check_branch,
-    check_name, validate_deploy, validate_settings,
+    DEPLOY_FIELDS, PATCHABLE_FIELDS, Capacity, ChunkCall, ChunkRequest, ChunkResult, VersionSpec, check_alias, check_branch,
+    check_name, split_version_key, validate_deploy, validate_settings,
 )
 
 
@@ -179,18 +179,18 @@ def test_version_spec_from_deploy_fields() -> None:
 
 
 def chunk_body(**changes: Any) -> dict[str, Any]:
-    body = {"spec": VersionSpec("c", "m", "main", 1, "img").to_dict(), "inputs": [1, 2], "timeout_s": 5,
-            "request_id": "req-1"}
+    body = {"version": "c/m/main/1", "created_at": 12.5, "inputs": [1, 2], "timeout_s": 5, "request_id": "req-1"}
     body.update(changes)
     return {k: v for k, v in body.items() if v is not ...}
 
 
-def test_chunk_request_round_trip() -> None:
-    req = ChunkRequest.from_dict(orjson.loads(orjson.dumps(chunk_body())))
-    assert req.inputs == [1, 2]
-    assert req.timeout_s == 5.0
-    assert req.request_id == "req-1"
-    assert ChunkRequest.from_dict(req.to_dict()) == req
+def test_chunk_wire_form_names_the_version_and_carries_no_spec() -> None:
+    spec = VersionSpec("c", "m", "feat/x", 3, "img", env={"A": "1"}, created_at=7.0)
+    wire = ChunkRequest(spec=spec, inputs=[1], timeout_s=2.0, request_id="r").to_dict()
+    assert wire == {"version": "c/m/feat/x/3", "created_at": 7.0, "inputs": [1], "timeout_s": 2.0, "request_id": "r"}
+    call = ChunkCall.from_dict(orjson.loads(orjson.dumps(wire)))
+    assert (call.version, call.created_at, call.inputs, call.timeout_s, call.request_id) == \
+        ("c/m/feat/x/3", 7.0, [1], 2.0, "r")
 
 
 @pytest.mark.parametrize(
@@ -200,31 +200,39 @@ def test_chunk_request_round_trip() -> None:
         ([1], 400),
         (chunk_body(inputs=...), 400),
         (chunk_body(inputs="abc"), 400),
-        (chunk_body(spec=...), 400),
+        (chunk_body(version=...), 400),
+        (chunk_body(version="c/m/main"), 400),
+        (chunk_body(version="c/m/main/0"), 400),
+        (chunk_body(version="c/m/main/²"), 400),
+        (chunk_body(version="C!/m/main/1"), 400),
+        (chunk_body(version=["c"]), 400),
+        (chunk_body(created_at=...), 400),
+        (chunk_body(created_at="x"), 400),
         (chunk_body(timeout_s=...), 400),
         (chunk_body(timeout_s=None), 400),
         (chunk_body(timeout_s="soon"), 400),
-        (chunk_body(spec={"customer": "c"}), 400),  # required fields missing
-        (chunk_body(spec=VersionSpec("c", "m", "main", 1, "i").to_dict() | {"capacity": {"nope": 1}}), 400),
         (chunk_body(timeout_s=0), 504),
         (chunk_body(timeout_s=-0.5), 504),
+        (chunk_body(timeout_s=float("nan")), 504),
     ],
 )
-def test_chunk_request_errors(body: Any, status: int) -> None:
+def test_chunk_call_errors(body: Any, status: int) -> None:
     with pytest.raises(ApiError) as info:
-        ChunkRequest.from_dict(body)
+        ChunkCall.from_dict(body)
     assert info.value.status == status
 
 
-def test_chunk_request_without_request_id() -> None:
-    assert ChunkRequest.from_dict(chunk_body(request_id=...)).request_id == ""
+def test_chunk_call_without_request_id_or_inputs_for_a_warm_up() -> None:
+    assert ChunkCall.from_dict(chunk_body(request_id=...)).request_id == ""
+    assert ChunkCall.from_dict(chunk_body(inputs=...), needs_inputs=False).inputs == []
 
 
-@pytest.mark.parametrize("spec", ["img", None, [1, 2]])
-def test_chunk_request_non_object_spec_is_400(spec: Any) -> None:
-    with pytest.raises(ApiError) as info:
-        ChunkRequest.from_dict(chunk_body(spec=spec))
-    assert info.value.status == 400
+@pytest.mark.parametrize(
+    ("key", "parts"),
+    [("c/m/main/1", ("c", "m", "main", 1)), ("c/m/a/b/c/12", ("c", "m", "a/b/c", 12))],
+)
+def test_split_version_key(key: str, parts: tuple[str, str, str, int]) -> None:
+    assert split_version_key(key) == parts
 
 
 def test_chunk_result_round_trip() -> None:

@@ -199,6 +199,9 @@ def test_from_heartbeat_rejects_broken(data: dict[str, Any]) -> None:
 class _NoRuntime:
     name = "none"
 
+    def owns_peer(self, handle: str, pid: int) -> bool:
+        return False
+
 
 async def test_from_heartbeat_reads_the_proxys_real_payload(tmp_path: Path) -> None:
     """The payload runtime_proxy/heartbeat.py publishes, with replicas from ReplicaManager.snapshot()."""

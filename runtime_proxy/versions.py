@@ -1,0 +1,69 @@
+"""What a version runs, as the registry says: a proxy never takes image, env or limits from a request.
+
+A chunk names a version (``customer/model/branch/n``) and the deploy time the
+ingress resolved; the spec comes from Redis, cached for ``cache_s``. Versions
+are immutable once deployed, so a cached spec stays right but for retirement
+(re-read within ``cache_s``) and a number given back after a failed pre-warm
+and reused (a different ``created_at``: read again at once). While Redis is
+unreachable a cached spec keeps serving warm calls.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+
+import orjson
+import redis.asyncio as redis
+
+from shared import keys
+from shared.errors import ApiError, not_found, unavailable
+from shared.messages import VersionSpec, split_version_key
+
+MAX_CACHED = 10_000
+
+
+class VersionSource:
+    """Version specs by key, from the registry, cached (LRU, bounded)."""
+
+    def __init__(self, client: redis.Redis, cache_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.cache_s = cache_s
+        self.clock = clock
+        self._cache: collections.OrderedDict[str, tuple[VersionSpec, float]] = collections.OrderedDict()
+
+    async def get(self, key: str, created_at: float) -> VersionSpec:
+        """The spec of ``key`` as deployed at ``created_at``; 404 unknown or retired, 503 when it changed."""
+        now = self.clock()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0].created_at == created_at and now < cached[1]:
+            self._cache.move_to_end(key)
+            return self._check(cached[0], created_at)
+        try:
+            raw = await self.client.get(keys.version(*split_version_key(key)))
+        except (redis.RedisError, OSError):
+            if cached is not None and cached[0].created_at == created_at:
+                return self._check(cached[0], created_at)  # immutable: safe to serve through an outage
+            raise unavailable("the registry is unreachable and this version is not known here yet", 2) from None
+        if raw is None:
+            self._cache.pop(key, None)
+            raise not_found(f"no version {key}")
+        try:
+            spec = VersionSpec.from_dict(orjson.loads(raw))
+        except (ValueError, TypeError) as exc:
+            raise ApiError(500, "internal", f"version {key} is unreadable in the registry: {exc}") from None
+        self._cache[key] = (spec, now + self.cache_s)
+        self._cache.move_to_end(key)
+        while len(self._cache) > MAX_CACHED:
+            self._cache.popitem(last=False)
+        return self._check(spec, created_at)
+
+    @staticmethod
+    def _check(spec: VersionSpec, created_at: float) -> VersionSpec:
+        if spec.retired:
+            raise not_found(f"version {spec.key} is retired")
+        if spec.created_at != created_at:
+            # The number was given back and deployed again: the caller resolved other code.
+            raise ApiError(503, "version_changed", f"version {spec.key} was redeployed: resolve it again",
+                           {"Retry-After": "1"})
+        return spec
