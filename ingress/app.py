@@ -15,6 +15,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from ingress import inference, management, state
+from ingress.admission import CustomerLimiter
 from ingress.costs import CostBook
 from ingress.dispatch import Dispatcher
 from ingress.proxy_client import ProxyClient
@@ -22,7 +23,7 @@ from ingress.registry import Registry
 from ingress.requestlog import RequestLog
 from ingress.view import StateView
 from shared.background import Periodic, cancel_and_wait
-from shared.http import error_middleware
+from shared.http import LIMITS, BodyLimits, error_middleware
 from shared.metrics import Metrics
 from shared.settings import IngressSettings
 
@@ -39,6 +40,8 @@ def build_app(settings: IngressSettings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_mb * 1024 * 1024)
     app[state.SETTINGS] = settings
     app[state.METRICS] = Metrics()
+    app[state.LIMITER] = CustomerLimiter(settings.max_inflight_per_customer)
+    app[LIMITS] = BodyLimits(timeout_s=settings.body_timeout_s, max_depth=settings.max_json_depth)
     inference.add_routes(app)
     management.add_routes(app)
     app.cleanup_ctx.append(_resources)
@@ -52,8 +55,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     # Pub/sub blocks on reads: it gets its own connection without the read timeout.
     events_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
     registry = Registry(client)
-    view = StateView(registry, max_staleness_s=settings.max_staleness_s)
-    proxy_client = ProxyClient(settings.proxy_secret, settings.proxy_connect_timeout_s)
+    view = StateView(registry, max_staleness_s=settings.max_staleness_s, key_cache_s=settings.key_cache_s)
+    # A proxy's answer holds the model's (capped at max_response_mb there) re-encoded, and logs.
+    proxy_client = ProxyClient(settings.proxy_secret, settings.proxy_connect_timeout_s,
+                               max_answer_bytes=(2 * settings.max_response_mb + 1) * 2**20)
     request_log = RequestLog(registry)
     app[state.REGISTRY] = registry
     app[state.VIEW] = view

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 
 from aiohttp import web
 
@@ -24,6 +25,8 @@ async def key_record(request: web.Request, view: StateView) -> KeyRecord:
     record = await view.api_key(key)
     if record is None:
         raise ApiError(401, "unauthorized", "unknown API key")
+    if record.expired(time.time()):
+        raise ApiError(401, "unauthorized", "this API key has expired")
     return record
 
 

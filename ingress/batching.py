@@ -5,7 +5,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from shared.errors import bad_request
+from shared.errors import ApiError, bad_request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ def is_batch(data: Any) -> bool:
     )
 
 
-def parse_body(body: Any) -> InferenceInput:
+def parse_body(body: Any, max_items: int = 100_000) -> InferenceInput:
     if not isinstance(body, dict):
         raise bad_request('body must be a JSON object like {"data": ...}')
     if "data" not in body:
@@ -45,6 +45,8 @@ def parse_body(body: Any) -> InferenceInput:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0):
         raise bad_request("timeout_seconds must be a positive integer")
     data = body["data"]
+    if isinstance(data, list) and len(data) > max_items:
+        raise ApiError(413, "too_many_items", f"a request may hold at most {max_items} items, this one {len(data)}")
     if is_batch(data):
         return InferenceInput(inputs=[item[1] for item in data], ids=[item[0] for item in data],
                               timeout_s=None if timeout is None else float(timeout))

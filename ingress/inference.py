@@ -14,7 +14,7 @@ from ingress.dispatch import Outcome
 from ingress.hosts import customer_from_host
 from shared.errors import ApiError, bad_request
 from shared.http import error_response, json_response, read_json
-from shared.messages import START_PHASES, VersionSpec, check_branch, start_ms
+from shared.messages import START_PHASES, VersionSpec, check_branch, check_name, start_ms
 
 log = logging.getLogger("lukewarm.ingress")
 
@@ -32,8 +32,24 @@ def server_timing(route_ms: float, timings: dict[str, float], start: str) -> str
     return ", ".join(parts)
 
 
+def _request_id(request: web.Request) -> str:
+    """The caller's id when it is a sane token (it is echoed in headers and logs), else a fresh one."""
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
+        return given
+    return uuid.uuid4().hex
+
+
+def _version_pointer(raw: str) -> str:
+    if raw.isdigit() and not (raw.isascii() and int(raw) >= 1):
+        raise bad_request(f"version must be a positive integer, latest or an alias, got {raw!r}")
+    if not raw.isdigit() and raw != "latest":
+        check_name("version or alias", raw)
+    return raw
+
+
 async def infer(request: web.Request) -> web.Response:
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    request_id = _request_id(request)
     headers = {"X-Request-Id": request_id}
     t0 = time.perf_counter()
     try:
@@ -53,10 +69,20 @@ async def _infer(request: web.Request, request_id: str, headers: dict[str, str])
     if customer is None:
         raise bad_request(f"the Host header must name a customer: <customer>.{settings.base_domain}")
     await require_customer_scope(request, view, customer, "predict")
-    model = request.match_info["model"]
+    with app[state.LIMITER].admit(customer):
+        return await _admitted(request, customer, request_id, headers, t0)
+
+
+async def _admitted(request: web.Request, customer: str, request_id: str, headers: dict[str, str],
+                    t0: float) -> web.Response:
+    app = request.app
+    settings = app[state.SETTINGS]
+    view = app[state.VIEW]
+    model = check_name("model", request.match_info["model"])
     branch = check_branch(request.match_info.get("branch", "main").replace("~", "/"))
-    body = parse_body(await read_json(request))
-    spec = await view.resolve(customer, model, branch, request.match_info["version"])
+    pointer = _version_pointer(request.match_info["version"])
+    body = parse_body(await read_json(request), settings.max_batch_items)
+    spec = await view.resolve(customer, model, branch, pointer)
     headers["X-Model-Version"] = str(spec.version)
     timeout_s = min(spec.timeout_s, body.timeout_s or spec.timeout_s)
     route_ms = (time.perf_counter() - t0) * 1000

@@ -13,14 +13,16 @@ from ingress import state
 from ingress.auth import is_admin, key_record
 from shared.errors import ApiError, bad_request, not_found
 from shared.http import json_response, read_json
+from shared.images import check_customer_image, parse_image, shared_repositories
 from shared.messages import (
-    PATCHABLE_FIELDS, VersionSpec, check_alias, check_branch, check_name, validate_deploy,
+    PATCHABLE_FIELDS, DeployLimits, VersionSpec, check_alias, check_branch, check_name, validate_deploy,
     validate_settings,
 )
 
 BRANCH_PATH = "/api/v1/customers/{customer}/models/{model}/branches/{branch}"
 SCOPES = {"predict", "deploy"}
 PREWARM_TIMEOUT_S = 120.0
+MAX_KEY_LIFETIME_S = 10 * 365 * 86400
 
 
 def _admin(request: web.Request) -> None:
@@ -28,27 +30,29 @@ def _admin(request: web.Request) -> None:
         raise ApiError(401, "unauthorized", "this call needs the admin token")
 
 
-async def _deployer(request: web.Request, customer: str) -> None:
-    """The admin, or a key of this customer with the deploy scope."""
+async def _deployer(request: web.Request, customer: str) -> bool:
+    """The admin (True), or a key of this customer with the deploy scope (False)."""
     if is_admin(request, request.app[state.SETTINGS].admin_token):
-        return
+        return True
     record = await key_record(request, request.app[state.VIEW])
     if record.customer != customer:
         raise ApiError(403, "forbidden", f"this key does not belong to customer {customer!r}")
     if "deploy" not in record.scopes:
         raise ApiError(403, "forbidden", "this key lacks the 'deploy' scope")
+    return False
 
 
-async def _customer(request: web.Request) -> str:
+async def _customer(request: web.Request) -> tuple[str, bool]:
+    """The customer named in the path, and whether the caller is the admin."""
     customer = check_name("customer", request.match_info["customer"])
-    await _deployer(request, customer)
+    admin = await _deployer(request, customer)
     if not await request.app[state.REGISTRY].customer_exists(customer):
         raise not_found(f"no customer {customer!r}")
-    return customer
+    return customer, admin
 
 
 async def _branch(request: web.Request) -> tuple[str, str, str]:
-    customer = await _customer(request)
+    customer, _ = await _customer(request)
     model = check_name("model", request.match_info["model"])
     return customer, model, check_branch(request.match_info["branch"].replace("~", "/"))
 
@@ -74,35 +78,63 @@ async def put_customer(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    customer = await _customer(request)
+    customer, admin = await _customer(request)
     body: Any = {}
     if request.can_read_body:
         body = await read_json(request)
-    if not isinstance(body, dict) or set(body) - {"scopes"}:
-        raise bad_request('body must be {} or {"scopes": ["predict", "deploy"]}')
+    if not isinstance(body, dict) or set(body) - {"scopes", "expires_in_s"}:
+        raise bad_request('body must be {} or {"scopes": ["predict", "deploy"], "expires_in_s": 86400}')
     scopes = body.get("scopes", ["predict"])
-    if not isinstance(scopes, list) or not scopes or not set(scopes) <= SCOPES:
+    if not isinstance(scopes, list) or not scopes or not all(isinstance(x, str) for x in scopes) \
+            or not set(scopes) <= SCOPES:
         raise bad_request(f"scopes must be a non-empty list of {sorted(SCOPES)}")
-    record, key = await request.app[state.REGISTRY].create_key(customer, tuple(sorted(set(scopes))))
-    return json_response({"id": record.id, "key": key, "scopes": list(record.scopes)}, status=201)
+    if "deploy" in scopes and not admin:
+        # A leaked deploy key must not be able to mint itself successors that outlive its revocation.
+        raise ApiError(403, "forbidden", "only the admin may create keys with the 'deploy' scope")
+    expires_in_s = body.get("expires_in_s")
+    if expires_in_s is not None and (isinstance(expires_in_s, bool) or not isinstance(expires_in_s, int)
+                                     or not 1 <= expires_in_s <= MAX_KEY_LIFETIME_S):
+        raise bad_request(f"expires_in_s must be an integer from 1 to {MAX_KEY_LIFETIME_S}")
+    record, key = await request.app[state.REGISTRY].create_key(customer, tuple(sorted(set(scopes))), expires_in_s)
+    return json_response({"id": record.id, "key": key, "scopes": list(record.scopes),
+                          "expires_at": record.expires_at}, status=201)
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    customer = await _customer(request)
+    customer, _ = await _customer(request)
     return json_response({"keys": await request.app[state.REGISTRY].list_keys(customer)})
 
 
 async def delete_key(request: web.Request) -> web.Response:
-    customer = await _customer(request)
+    customer, _ = await _customer(request)
+    if len(request.match_info["key_id"]) > 64:
+        raise not_found("no such key")
     await request.app[state.REGISTRY].delete_key(customer, request.match_info["key_id"])
     return web.Response(status=204)
 
 
 # ---- versions and aliases ----------------------------------------------------------
 
+def _deploy_limits(request: web.Request) -> DeployLimits:
+    settings = request.app[state.SETTINGS]
+    return DeployLimits(max_memory_mb=settings.max_memory_mb, max_cpus=settings.max_cpus)
+
+
+def _check_image(request: web.Request, image: str, customer: str, admin: bool) -> None:
+    """A customer's key deploys only its own namespace; the admin anything (a path too, for dev's processes)."""
+    settings = request.app[state.SETTINGS]
+    if not admin:
+        check_customer_image(image, customer, settings.image_prefix, shared_repositories(settings.shared_images))
+    elif not image.startswith(("dir:", "/")):
+        parse_image(image)
+
+
 async def create_version(request: web.Request) -> web.Response:
-    customer, model, branch = await _branch(request)
-    fields = validate_deploy(await read_json(request))
+    customer, admin = await _customer(request)
+    model = check_name("model", request.match_info["model"])
+    branch = check_branch(request.match_info["branch"].replace("~", "/"))
+    fields = validate_deploy(await read_json(request), _deploy_limits(request))
+    _check_image(request, fields["image"], customer, admin)
     registry = request.app[state.REGISTRY]
     capacity = fields.get("capacity")
     warm_count = capacity.min if capacity is not None else 0
@@ -135,7 +167,7 @@ async def patch_version(request: web.Request) -> web.Response:
     customer, model, branch = await _branch(request)
     registry = request.app[state.REGISTRY]
     spec = await registry.require_version(customer, model, branch, _version_number(request))
-    changes = validate_settings(await read_json(request), PATCHABLE_FIELDS)
+    changes = validate_settings(await read_json(request), PATCHABLE_FIELDS, _deploy_limits(request))
     spec = dataclasses.replace(spec, **changes)
     await registry.save_version(spec)
     request.app[state.VIEW].forget_version(spec.key)
@@ -203,7 +235,8 @@ async def status_page(request: web.Request) -> web.Response:
     _admin(request)
     proxies = await request.app[state.REGISTRY].list_proxies()
     rows = "".join(
-        f"<tr><td>{html.escape(p['proxy_id'])}</td><td>{html.escape(p['url'])}</td><td>{p.get('epoch')}</td>"
+        f"<tr><td>{html.escape(str(p.get('proxy_id')))}</td><td>{html.escape(str(p.get('url')))}</td>"
+        f"<td>{html.escape(str(p.get('epoch')))}</td>"
         f"<td><pre>{html.escape(orjson.dumps(p.get('replicas', []), option=orjson.OPT_INDENT_2).decode())}</pre></td></tr>"
         for p in proxies
     )

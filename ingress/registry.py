@@ -24,7 +24,7 @@ KEY_PREFIX = "lw_"
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +32,20 @@ class KeyRecord:
     id: str
     customer: str
     scopes: tuple[str, ...]
+    expires_at: float | None = None
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"id": self.id, "customer": self.customer, "scopes": list(self.scopes)})
+        return orjson.dumps({"id": self.id, "customer": self.customer, "scopes": list(self.scopes),
+                             "expires_at": self.expires_at})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "KeyRecord":
         data = orjson.loads(raw)
-        return cls(id=data["id"], customer=data["customer"], scopes=tuple(data["scopes"]))
+        return cls(id=data["id"], customer=data["customer"], scopes=tuple(data["scopes"]),
+                   expires_at=data.get("expires_at"))
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 def event(kind: str, **fields: Any) -> bytes:
@@ -64,12 +70,15 @@ class Registry:
     async def customer_exists(self, name: str) -> bool:
         return bool(await self.redis.exists(keys.customer(name)))
 
-    async def create_key(self, customer: str, scopes: tuple[str, ...]) -> tuple[KeyRecord, str]:
+    async def create_key(self, customer: str, scopes: tuple[str, ...],
+                         expires_in_s: int | None = None) -> tuple[KeyRecord, str]:
+        """A new key (returned once, stored as its hash); one with an expiry also vanishes from Redis then."""
         key = KEY_PREFIX + secrets.token_urlsafe(30)
-        record = KeyRecord(id=secrets.token_hex(6), customer=customer, scopes=scopes)
+        expires_at = None if expires_in_s is None else round(time.time() + expires_in_s, 3)
+        record = KeyRecord(id=secrets.token_hex(6), customer=customer, scopes=scopes, expires_at=expires_at)
         digest = hash_key(key)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.api_key(digest), record.to_json())
+            pipe.set(keys.api_key(digest), record.to_json(), ex=expires_in_s)
             pipe.hset(keys.customer_keys(customer), record.id, digest)
             await pipe.execute()
         return record, key
@@ -90,6 +99,8 @@ class Registry:
         return sorted(i.decode() if isinstance(i, bytes) else i for i in ids)
 
     async def lookup_key(self, key: str) -> KeyRecord | None:
+        if len(key) > 256:
+            return None  # no key is that long: spare Redis the round trip
         raw = await self.redis.get(keys.api_key(hash_key(key)))
         return None if raw is None else KeyRecord.from_json(raw)
 

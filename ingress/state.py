@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ingress.admission import CustomerLimiter
 from ingress.dispatch import Dispatcher
 from ingress.registry import Registry
 from ingress.requestlog import RequestLog
@@ -16,3 +17,4 @@ VIEW = web.AppKey("view", StateView)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
 METRICS = web.AppKey("metrics", Metrics)
+LIMITER = web.AppKey("limiter", CustomerLimiter)

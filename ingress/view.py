@@ -36,13 +36,16 @@ def branch_id(customer: str, model: str, branch: str) -> str:
 
 class StateView:
     def __init__(self, registry: Registry, clock: Callable[[], float] = time.time,
-                 max_staleness_s: float = 120.0) -> None:
+                 max_staleness_s: float = 120.0, key_cache_s: float = 2.0) -> None:
         self.registry = registry
         self.clock = clock
         self.max_staleness_s = max_staleness_s
+        # A deleted key stops working within 1 s by pub/sub, and within key_cache_s even when the
+        # message is lost: a cached key is read again once that old.
+        self.key_cache_s = key_cache_s
         self.pointers: dict[str, dict[str, int]] = {}
         self.versions: dict[str, VersionSpec] = {}
-        self.keys: dict[str, KeyRecord] = {}
+        self.keys: dict[str, tuple[KeyRecord, float]] = {}
         self.proxies: dict[str, ProxyState] = {}
         self.epochs: dict[str, int] = {}
         self.last_refresh = 0.0
@@ -64,12 +67,26 @@ class StateView:
             raise unavailable(f"registry unreachable while reading {what}: {type(exc).__name__}", 2) from None
 
     async def api_key(self, key: str) -> KeyRecord | None:
+        """The key's record, read again once cached longer than ``key_cache_s``; None when unknown.
+
+        While Redis is unreachable a known key keeps working (nobody can revoke it meanwhile either).
+        """
         digest = hash_key(key)
-        record = self.keys.get(digest)
+        now = self.clock()
+        cached = self.keys.get(digest)
+        if cached is not None and now - cached[1] < self.key_cache_s:
+            return cached[0]
+        try:
+            record = await self.registry.lookup_key(key)
+        except (redis.RedisError, OSError) as exc:
+            self.redis_ok = False
+            if cached is not None:
+                return cached[0]
+            raise unavailable(f"registry unreachable while reading an API key: {type(exc).__name__}", 2) from None
         if record is None:
-            record = await self._from_redis("an API key", self.registry.lookup_key(key))
-            if record is not None:
-                self.keys[digest] = record
+            self.keys.pop(digest, None)
+        else:
+            self.keys[digest] = (record, now)
         return record
 
     async def branch_pointers(self, customer: str, model: str, branch: str) -> dict[str, int]:
@@ -142,6 +159,13 @@ class StateView:
     def forget_version(self, key: str) -> None:
         self.versions.pop(key, None)
 
+    def resync(self) -> None:
+        """Forget what events would have told us: keys and versions are read again, pointers refreshed."""
+        self.keys.clear()
+        self.versions.clear()
+        self._dirty.update(self.pointers)
+        self.changed.set()
+
     def apply_event(self, raw: bytes) -> None:
         try:
             message = orjson.loads(raw)
@@ -208,6 +232,8 @@ class StateView:
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
+                # Messages sent while we were away are lost: what they could have changed is read again.
+                self.resync()
                 backoff_s = 0.1
                 while not self.stopping:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)

@@ -140,8 +140,10 @@ class Server:
             return 503, b'{"error":"loading","type":"not_ready"}'
         try:
             request = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return 400, _dumps({"error": f"body is not JSON: {exc}", "type": "bad_request"})
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # Deep nesting exhausts the parser's recursion: an error for this call, not the replica's end.
+            return 400, _dumps({"error": f"body is not JSON this harness can read: {type(exc).__name__}",
+                                "type": "bad_request"})
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
             return 400, _dumps({"error": 'body must be {"inputs": [...]}', "type": "bad_request"})
         async with self.model.lock:
@@ -226,7 +228,8 @@ async def serve(socket_path: str, model: Model) -> None:
     # Listen before importing: the proxy polls /ready and gets 503 "loading"
     # instead of connection refused while a big model imports.
     srv = await asyncio.start_unix_server(server.handle, path=socket_path, limit=2**20)
-    os.chmod(socket_path, 0o666)  # the proxy may run as another uid
+    # Only the owner (the proxy is root, or the same user with the process runtime) may connect.
+    os.chmod(socket_path, 0o600)
     print(f"lukewarm harness: listening on {socket_path}, loading {model.entrypoint}",
           file=sys.stderr, flush=True)
     # The import runs in a thread so the loop keeps answering /ready.

@@ -16,8 +16,21 @@ from shared.errors import ApiError, bad_request
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,99}$")
 ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_POINTERS = {"latest"}
+# Variables the proxy owns: the harness's, and the GPU ones (a CPU version asking for
+# NVIDIA_VISIBLE_DEVICES=all would get every GPU where nvidia is Docker's default runtime).
+RESERVED_ENV_PREFIXES = ("LUKEWARM_", "NVIDIA_", "CUDA_")
+MAX_ENV_VARS = 64
+MAX_ENV_BYTES = 32 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployLimits:
+    """What a deploy may ask of a host (IngressSettings.max_memory_mb, max_cpus)."""
+
+    max_memory_mb: int = 65_536
+    max_cpus: float = 16.0
 
 
 def check_name(kind: str, value: Any) -> str:
@@ -90,7 +103,7 @@ class VersionSpec:
 
 # The settings a client may give at deploy time, and which of them PATCH may change.
 DEPLOY_FIELDS = {
-    "image", "entrypoint", "env", "batch_size", "gpu", "memory_mb", "gpu_memory_mb",
+    "image", "entrypoint", "env", "batch_size", "gpu", "memory_mb", "cpus", "gpu_memory_mb",
     "capacity", "idle_timeout_s", "keep_warm", "timeout_s",
 }
 PATCHABLE_FIELDS = {"capacity", "idle_timeout_s", "keep_warm", "timeout_s"}
@@ -139,7 +152,23 @@ def _capacity(value: Any) -> Capacity | None:
     return cap
 
 
-def validate_settings(body: Any, allowed: set[str]) -> dict[str, Any]:
+def _env(env: Any) -> dict[str, str]:
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and ENV_NAME_RE.match(k) and isinstance(v, str) and "\x00" not in v
+        for k, v in env.items()
+    ):
+        raise bad_request("env must map variable names to strings")
+    reserved = sorted(k for k in env if k.upper().startswith(RESERVED_ENV_PREFIXES))
+    if reserved:
+        raise bad_request(f"env may not set {', '.join(reserved[:5])}: LUKEWARM_*, NVIDIA_* and CUDA_* "
+                          "are set by the proxy")
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in env.items())
+    if len(env) > MAX_ENV_VARS or size > MAX_ENV_BYTES:
+        raise bad_request(f"env may hold at most {MAX_ENV_VARS} variables and {MAX_ENV_BYTES // 1024} KB")
+    return dict(env)
+
+
+def validate_settings(body: Any, allowed: set[str], limits: DeployLimits = DeployLimits()) -> dict[str, Any]:
     """Check a deploy or PATCH body; return only the fields that were given."""
     if not isinstance(body, dict):
         raise bad_request("body must be a JSON object")
@@ -157,21 +186,18 @@ def validate_settings(body: Any, allowed: set[str]) -> dict[str, Any]:
             raise bad_request("entrypoint must look like 'module:function'")
         out["entrypoint"] = body["entrypoint"]
     if body.get("env") is not None:
-        env = body["env"]
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and ENV_NAME_RE.match(k) and not k.startswith("LUKEWARM_") and isinstance(v, str)
-            for k, v in env.items()
-        ):
-            raise bad_request("env must map variable names (not LUKEWARM_*) to strings")
-        out["env"] = dict(env)
-    for name, low, high in (("batch_size", 1, 100_000), ("memory_mb", 32, 1_048_576), ("gpu_memory_mb", 0, 1_048_576)):
+        out["env"] = _env(body["env"])
+    for name, low, high in (("batch_size", 1, 100_000), ("memory_mb", 32, limits.max_memory_mb),
+                            ("gpu_memory_mb", 0, 1_048_576)):
         value = _positive_int(body, name, low, high)
         if value is not None:
             out[name] = value
-    for name, high in (("idle_timeout_s", 7 * 86400), ("timeout_s", 3600)):
-        seconds = _positive_number(body, name, high)
-        if seconds is not None:
-            out[name] = seconds
+    for name, high in (("idle_timeout_s", 7 * 86400), ("timeout_s", 3600), ("cpus", limits.max_cpus)):
+        number = _positive_number(body, name, high)
+        if number is not None:
+            out[name] = number
+    if out.get("cpus") is not None and out["cpus"] < 0.05:
+        raise bad_request("cpus must be at least 0.05")
     for name in ("gpu", "keep_warm"):
         flag = _bool(body, name)
         if flag is not None:
@@ -182,8 +208,8 @@ def validate_settings(body: Any, allowed: set[str]) -> dict[str, Any]:
     return out
 
 
-def validate_deploy(body: Any) -> dict[str, Any]:
-    fields = validate_settings(body, DEPLOY_FIELDS)
+def validate_deploy(body: Any, limits: DeployLimits = DeployLimits()) -> dict[str, Any]:
+    fields = validate_settings(body, DEPLOY_FIELDS, limits)
     if "image" not in fields:
         raise bad_request("image is required")
     return fields

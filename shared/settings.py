@@ -71,6 +71,11 @@ class IngressSettings:
     max_memory_mb: int = 65_536
     # Largest cpus a deploy may ask for.
     max_cpus: float = 16.0
+    # A customer's key may deploy images under <image_prefix><customer>/ or these (comma-separated).
+    image_prefix: str = "lukewarm-"
+    shared_images: str = ""
+    # Largest answer a model may give (the proxies' setting too): caps what a proxy's answer may hold.
+    max_response_mb: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
