@@ -46,6 +46,8 @@ def parse_image(image: str) -> ImageRef:
     domain, path = match.group("domain"), match.group("path")
     # Docker's rule: the first component names a registry only when it looks like a host.
     if domain is not None and not ("." in domain or ":" in domain or domain == "localhost" or domain.startswith("[")):
+        if not re.fullmatch(_COMPONENT, domain):
+            raise invalid_image(f"image is not a valid image reference: {image[:100]!r}")
         path, domain = f"{domain}/{path}", None
     return ImageRef(domain=domain, repository=path, tag=match.group("tag"), digest=match.group("digest"))
 

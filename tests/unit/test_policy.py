@@ -138,3 +138,37 @@ def test_images_to_prune(last_used: dict[str, float], in_use: set[str], idle_s: 
     from runtime_proxy.policy import images_to_prune
 
     assert images_to_prune(last_used, in_use, 100.0, idle_s, max_images) == expected
+
+
+def _view(rid: str, key: str, state: str, last_used: float, in_flight: int = 0, keep_warm: bool = False,
+          memory_mb: int = 100) -> ReplicaView:
+    return ReplicaView(replica_id=rid, version_key=key, state=state, in_flight=in_flight, last_used=last_used,
+                       idle_timeout_s=300, keep_warm=keep_warm, memory_mb=memory_mb)
+
+
+def test_a_full_host_evicts_idle_running_replicas_when_a_start_needs_room() -> None:
+    """keep_warm must not let one customer hold every slot: idle running replicas go last, LRU."""
+    replicas = [_view("r1", "a/m/main/1", "running", 10, keep_warm=True),
+                _view("r2", "a/m/main/2", "running", 5, keep_warm=True),
+                _view("r3", "b/m/main/1", "running", 1, in_flight=1)]
+    assert replicas_to_evict(replicas, 0, 3, incoming_mb=100) == []
+    assert replicas_to_evict(replicas, 0, 3, incoming_mb=100, evict_running=True) == ["r2"]
+    assert replicas_to_evict(replicas, 250, 8, incoming_mb=100, evict_running=True) == ["r2", "r1"]
+
+
+@pytest.mark.parametrize(
+    ("replicas", "quota", "expected"),
+    [
+        ([], 1, []),
+        ([_view("a1", "acme/m/main/1", "running", 5)], 2, []),
+        ([_view("a1", "acme/m/main/1", "running", 5)], 1, ["a1"]),
+        ([_view("a1", "acme/m/main/1", "running", 5), _view("a2", "acme/m/main/2", "paused", 9)], 2, ["a2"]),
+        ([_view("a1", "acme/m/main/1", "running", 5, in_flight=1)], 1, None),
+        ([_view("a1", "acme/m/main/1", "stopped", 5), _view("g1", "globex/m/main/1", "running", 1)], 1, []),
+        ([_view("x1", "acme2/m/main/1", "running", 5)], 1, []),  # a customer named like a prefix of another
+    ],
+)
+def test_quota_evictions(replicas: list[ReplicaView], quota: int, expected: list[str] | None) -> None:
+    from runtime_proxy.policy import quota_evictions
+
+    assert quota_evictions(replicas, "acme", quota) == expected
