@@ -312,7 +312,10 @@ class ProxyProcess:
 
     async def state(self, session: aiohttp.ClientSession) -> dict[str, Any]:
         """The proxy's ``GET /internal/v1/state`` (replica ids, states, in-flight)."""
-        async with session.get(self.url + "/internal/v1/state", headers={"Authorization": f"Bearer {SECRET}"},
+        from shared.signing import derive_key, sign
+
+        headers = sign(derive_key(SECRET), "GET", "/internal/v1/state", b"", time.time())
+        async with session.get(self.url + "/internal/v1/state", headers=headers,
                                timeout=aiohttp.ClientTimeout(total=5)) as r:
             r.raise_for_status()
             return dict(await r.json(content_type=None))
@@ -385,17 +388,24 @@ class BenchStack:
         await proxy.start()
         return proxy
 
-    async def start_ingress(self, **settings: Any) -> None:
+    async def start_ingress(self, tls_ca: str = "", **settings: Any) -> None:
+        """The ingress in-process, listening exactly as ``python -m ingress`` does (shared.serving:
+        connection cap, header deadline, TLS when ``tls_cert``/``tls_key`` are among ``settings``).
+        With TLS, ``url`` turns https and the stack's session trusts ``tls_ca`` (a PEM file) only."""
+        import ssl
+
         from ingress.app import build_app
+        from shared import serving
         from shared.settings import IngressSettings
 
         config = IngressSettings(**{
             "redis_url": self.redis_url, "admin_token": ADMIN, "proxy_secret": SECRET,
             "ingress_host": "127.0.0.1", "ingress_port": self.port, "view_poll_interval_s": 0.2, **settings})
-        self.runner = web.AppRunner(build_app(config), access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        self.session = aiohttp.ClientSession()
+        listener = serving.ingress_listener(config)
+        self.runner = await serving.start_server(build_app(config), listener)
+        self.url = f"{listener.scheme}://127.0.0.1:{self.port}"
+        client_ssl = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl) if client_ssl else None)
 
     async def wait_for_proxies(self, count: int, timeout_s: float = 15.0) -> None:
         from ingress import state as ingress_state

@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from aiohttp import web
+from aiohttp.log import access_logger
 
 from runtime_proxy.daemon import build_app
+from shared import serving
 from shared.eventloop import install_uvloop
 from shared.settings import ProxySettings, finish_proxy_settings, load_settings
 
@@ -17,8 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_uvloop()
-    web.run_app(build_app(settings), host=settings.proxy_host, port=settings.proxy_port,
-                shutdown_timeout=30, print=None)
+    serving.run(build_app(settings), serving.proxy_listener(settings), access_log=access_logger)
 
 
 if __name__ == "__main__":

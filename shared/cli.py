@@ -49,6 +49,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         example=not args.no_example, host=args.host,
         admin_token=os.environ.get("LUKEWARM_ADMIN_TOKEN", ""),
         proxy_secret=os.environ.get("LUKEWARM_PROXY_SECRET", ""),
+        tls=args.tls, tls_cert=args.tls_cert, tls_key=args.tls_key,
     ))
 
 
@@ -99,6 +100,11 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--runtime", choices=["docker", "process", "auto"], default=os.environ.get("LUKEWARM_RUNTIME", "auto"))
     dev.add_argument("--no-example", action="store_true")
     dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--tls", action="store_true",
+                     help="serve the ingress over HTTPS only, with a local CA and a *.localhost certificate")
+    dev.add_argument("--tls-cert", default=os.environ.get("LUKEWARM_TLS_CERT", ""),
+                     help="serve the ingress over HTTPS only with this certificate (PEM; with --tls-key)")
+    dev.add_argument("--tls-key", default=os.environ.get("LUKEWARM_TLS_KEY", ""), help="its private key (PEM)")
     dev.set_defaults(fn=cmd_dev)
 
     common = argparse.ArgumentParser(add_help=False)

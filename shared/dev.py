@@ -3,12 +3,16 @@
 Starts a Redis when none answers, deploys the example model ``hello`` for
 customer ``demo``, prints an API key and a curl line, serves until Ctrl-C
 (or SIGTERM) and then stops cleanly: servers first, then what it started.
+With ``--tls`` (or ``--tls-cert``/``--tls-key``) the ingress port speaks HTTPS
+only; ``--tls`` makes a local CA and a wildcard certificate in the state
+directory and prints the CA's path and a ``curl --cacert`` line.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,6 +25,7 @@ from pathlib import Path
 import redis.asyncio as redis
 from aiohttp import web
 
+from shared import serving
 from shared.settings import IngressSettings, ProxySettings, finish_proxy_settings, generated_secret
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +46,37 @@ class DevOptions:
     state_dir: str = ""
     admin_token: str = ""
     proxy_secret: str = ""
+    # HTTPS: ``tls`` makes a local CA and certificate; or both files are given.
+    tls: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DevTls:
+    """What the ingress loads, and the CA a client trusts (empty when the files were given)."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+
+
+def dev_tls(options: DevOptions, state_dir: str) -> DevTls:
+    """The certificate for the ingress: the given files, or a local CA's under ``state_dir/tls``.
+
+    Blocking (key generation, file writes): called before the loop serves anything.
+    """
+    if options.tls and (options.tls_cert or options.tls_key):
+        raise SystemExit("give --tls (a local CA) or --tls-cert and --tls-key (your files), not both")
+    if options.tls_cert or options.tls_key:
+        return DevTls(options.tls_cert, options.tls_key)
+    if not options.tls:
+        return DevTls()
+    from shared.tls import make_dev_ca
+
+    # *.localhost is ignored by OpenSSL's wildcard matching: the demo host is named outright.
+    certs = make_dev_ca(Path(state_dir) / "tls", "localhost", extra_names=(f"{DEMO_CUSTOMER}.localhost",))
+    return DevTls(str(certs.cert), str(certs.key), str(certs.ca_cert))
 
 
 def dev_runtime(kind: str) -> str:
@@ -119,9 +155,24 @@ async def deploy_example(app: web.Application, image: str) -> str:
     return key
 
 
-def curl_line(host: str, port: int, key: str) -> str:
-    return (f"curl -s -H 'Host: {DEMO_CUSTOMER}.localhost' -H 'Authorization: {key}' "
-            f"-d '{{\"data\": \"world\"}}' http://{host}:{port}/v1/hello/latest")
+def curl_line(host: str, port: int, key: str, ca: str = "") -> str:
+    """A curl line calling the example; with ``ca`` over HTTPS, trusting that CA only."""
+    if not ca:
+        return (f"curl -s -H 'Host: {DEMO_CUSTOMER}.localhost' -H 'Authorization: {key}' "
+                f"-d '{{\"data\": \"world\"}}' http://{host}:{port}/v1/hello/latest")
+    # --resolve: the name is sent as SNI and Host, and checked against the certificate, with no DNS.
+    name = f"{DEMO_CUSTOMER}.localhost"
+    return (f"curl -s --cacert {shlex.quote(ca)} --resolve {name}:{port}:{connect_address(host)} "
+            f"-H 'Authorization: {key}' -d '{{\"data\": \"world\"}}' https://{name}:{port}/v1/hello/latest")
+
+
+def connect_address(host: str) -> str:
+    """Where a local client reaches a server bound to ``host`` (a wildcard bind is reached on loopback)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 async def serve(options: DevOptions) -> None:
@@ -132,6 +183,7 @@ async def serve(options: DevOptions) -> None:
     secret = options.proxy_secret or generated_secret()
     # One directory for every dev run: replica ids and the content-addressed harness never collide.
     state_dir = options.state_dir or str(Path.home() / ".cache" / "lukewarm" / "dev")
+    tls = dev_tls(options, state_dir)
     runtime = make_runtime(dev_runtime(options.runtime))
     proxy_settings = finish_proxy_settings(ProxySettings(
         redis_url=options.redis_url, proxy_secret=secret, proxy_host=options.host, proxy_port=options.proxy_port,
@@ -140,28 +192,36 @@ async def serve(options: DevOptions) -> None:
     ))
     ingress_settings = IngressSettings(
         redis_url=options.redis_url, admin_token=admin_token, proxy_secret=secret,
-        ingress_host=options.host, ingress_port=options.port,
+        ingress_host=options.host, ingress_port=options.port, tls_cert=tls.cert, tls_key=tls.key,
     )
+    # Before the loop: a wrong certificate or key is one line, and nothing has started yet.
+    listeners = [serving.proxy_listener(proxy_settings), serving.ingress_listener(ingress_settings)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with ensure_redis(options.redis_url):
         image = await example_image(runtime.name) if options.example else ""
-        runners = [web.AppRunner(build_proxy(proxy_settings, runtime), access_log=None),
-                   web.AppRunner(build_ingress(ingress_settings), access_log=None)]
+        apps = [build_proxy(proxy_settings, runtime), build_ingress(ingress_settings)]
+        runners: list[web.AppRunner] = []
         try:
-            for runner, port in zip(runners, (options.proxy_port, options.port)):
-                await runner.setup()
-                await web.TCPSite(runner, options.host, port).start()
-            print(f"ingress http://{options.host}:{options.port}  proxy {proxy_settings.advertise_url}  "
-                  f"runtime {runtime.name}", flush=True)
+            for app, listener in zip(apps, listeners):
+                try:
+                    runners.append(await serving.start_server(app, listener))
+                except OSError as exc:
+                    raise SystemExit(f"cannot listen on {listener.host}:{listener.port}: "
+                                     f"{exc.strerror or exc}") from None
+            print(f"ingress {listeners[1].scheme}://{options.host}:{options.port}  "
+                  f"proxy {proxy_settings.advertise_url}  runtime {runtime.name}", flush=True)
             print(f"admin token: {admin_token}", flush=True)
+            if tls.ca:
+                print(f"TLS only; the certificate is signed by a local CA: {tls.ca} (give clients that file)",
+                      flush=True)
             if options.example:
                 key = await deploy_example(runners[1].app, image)
                 print(f"API key for customer {DEMO_CUSTOMER}: {key}", flush=True)
                 print("try:", flush=True)
-                print("  " + curl_line(options.host, options.port, key), flush=True)
+                print("  " + curl_line(options.host, options.port, key, tls.ca), flush=True)
             print("serving; Ctrl-C stops", flush=True)
             await stop.wait()
             print("stopping ...", flush=True)

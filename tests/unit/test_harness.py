@@ -146,7 +146,7 @@ def test_loading_then_ready_and_single_inputs(start: Callable[..., Harness], tmp
     # The socket answers while the module is still importing.
     assert h.poll_ready(lambda s, b: True) == (503, {"ready": False, "error": "loading"})
     assert h.request("POST", "/predict", {"inputs": [1]})[0] == 503
-    assert stat.S_IMODE(os.stat(h.sock).st_mode) == 0o666
+    assert stat.S_IMODE(os.stat(h.sock).st_mode) == 0o600
     gate.touch()
     h.wait_ready()
 
