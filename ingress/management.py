@@ -11,7 +11,8 @@ from aiohttp import web
 
 from ingress import state
 from ingress.auth import is_admin, key_record
-from shared.errors import ApiError, bad_request, not_found
+from ingress.proxy_client import ProxyUnreachable
+from shared.errors import ApiError, bad_request, not_found, unavailable
 from shared.http import json_response, read_json
 from shared.images import check_customer_image, parse_image, shared_repositories
 from shared.messages import (
@@ -22,6 +23,8 @@ from shared.messages import (
 BRANCH_PATH = "/api/v1/customers/{customer}/models/{model}/branches/{branch}"
 SCOPES = {"predict", "deploy"}
 PREWARM_TIMEOUT_S = 120.0
+RESOLVE_TIMEOUT_S = 300.0
+RESOLVE_TRIES = 3
 MAX_KEY_LIFETIME_S = 10 * 365 * 86400
 
 
@@ -129,12 +132,31 @@ def _check_image(request: web.Request, image: str, customer: str, admin: bool) -
         parse_image(image)
 
 
+async def _pin_image(request: web.Request, image: str) -> str:
+    """The content id ``image`` names now, as a proxy's engine resolves it: the version runs that forever,
+    whatever the tag names later. 422 when no host has it and none can pull it."""
+    proxies = sorted(request.app[state.VIEW].live_proxies(), key=lambda p: image not in p.images)
+    if not proxies:
+        raise unavailable("no runtime proxy is alive to check the image", 2)
+    client = request.app[state.DISPATCHER].client
+    for proxy in proxies[:RESOLVE_TRIES]:
+        try:
+            return await client.resolve_image(proxy.url, image, RESOLVE_TIMEOUT_S)
+        except ProxyUnreachable:
+            continue
+        except ApiError as exc:
+            if exc.type != "image_unavailable":
+                raise
+    raise ApiError(422, "image_unavailable", f"image {image} is on no host and none could pull it")
+
+
 async def create_version(request: web.Request) -> web.Response:
     customer, admin = await _customer(request)
     model = check_name("model", request.match_info["model"])
     branch = check_branch(request.match_info["branch"].replace("~", "/"))
     fields = validate_deploy(await read_json(request), _deploy_limits(request))
     _check_image(request, fields["image"], customer, admin)
+    fields["image_id"] = await _pin_image(request, fields["image"])
     registry = request.app[state.REGISTRY]
     capacity = fields.get("capacity")
     warm_count = capacity.min if capacity is not None else 0

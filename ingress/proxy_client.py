@@ -20,6 +20,7 @@ from shared.signing import derive_key, signed_head_lines
 
 CHUNKS_PATH = "/internal/v1/chunks"
 WARM_PATH = "/internal/v1/warm"
+RESOLVE_PATH = "/internal/v1/images/resolve"
 # The proxy answers its own 504 at the deadline; this grace lets that answer arrive.
 ANSWER_GRACE_S = 2.0
 MAX_IDLE_PER_PROXY = 64
@@ -67,6 +68,11 @@ class ProxyClient:
     async def warm(self, url: str, chunk: ChunkRequest) -> dict[str, Any]:
         """Have the proxy start a ready replica of ``chunk.spec`` (its inputs are ignored)."""
         return dict(await self._post(url, WARM_PATH, chunk.to_dict(), chunk.timeout_s))
+
+    async def resolve_image(self, url: str, image: str, timeout_s: float) -> str:
+        """The content id of ``image`` on that proxy's host (pulled there when missing)."""
+        answer = await self._post(url, RESOLVE_PATH, {"image": image}, timeout_s)
+        return str(answer.get("image_id") or "") if isinstance(answer, dict) else ""
 
     async def _post(self, url: str, path: str, payload: dict[str, Any], timeout_s: float) -> Any:
         body = orjson.dumps(payload)

@@ -335,6 +335,18 @@ def remove_containers(label: str, timeout_s: float = 60.0) -> None:
         log(f"could not remove containers {label}: {exc}")
 
 
+def unmount_below(root: Path) -> None:
+    """Unmount what a proxy left mounted under ``root`` (replicas' socket tmpfs, kept for re-adoption)."""
+    prefix = str(root.resolve()).rstrip("/") + "/"
+    try:
+        with open("/proc/self/mounts") as f:
+            points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    except OSError:
+        return
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
+
+
 # ---- model images --------------------------------------------------------------
 
 
@@ -516,6 +528,7 @@ async def bench_stack(runtime: str | None = None, proxies: int = 1, own_redis: b
     state_root = Path(tempfile.mkdtemp(prefix="lwb-", dir="/tmp"))  # short: socket paths < 108 bytes
     async with contextlib.AsyncExitStack() as exits:
         exits.callback(shutil.rmtree, state_root, True)
+        exits.callback(unmount_below, state_root)
         if own_redis:
             redis_url = await exits.enter_async_context(throwaway_redis())
         elif not await redis_answers(redis_url):

@@ -34,6 +34,14 @@ TMPFS_MB = 64
 OPEN_FILES = 4096
 
 
+def _name_of(reference: str) -> str:
+    """A reference without its tag or digest (``reg:5000/a/b:1@sha256:…`` → ``reg:5000/a/b``)."""
+    name = reference.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
 def docker_available(timeout_s: float = 3.0) -> bool:
     """True when a Docker engine answers a ping within ``timeout_s``."""
     try:
@@ -124,6 +132,18 @@ class DockerRuntime:
             await self._call(self._docker().images.pull, image)
         except RuntimeFailure as exc:
             raise RuntimeFailure("image_unavailable", f"cannot pull image {image!r}: {exc}") from exc
+
+    async def resolve_image(self, image: str) -> str:
+        if not await self.has_image(image):
+            await self.pull(image)
+        attrs = (await self._call(self._docker().images.get, image)).attrs
+        # The engine answers `name@sha256:<image id>` with that image whatever its name: insist that the
+        # image really carries the name asked for, or one customer's name could reach another's image.
+        wanted = _name_of(image)
+        names = {_name_of(n) for n in (attrs.get("RepoTags") or []) + (attrs.get("RepoDigests") or [])}
+        if wanted not in names:
+            raise RuntimeFailure("image_unavailable", f"no image named {wanted} holds {image}")
+        return str(attrs["Id"])
 
     async def create(self, launch: LaunchSpec) -> str:
         container = await self._call(self._docker().containers.create, **container_options(launch, self._log_max_mb))

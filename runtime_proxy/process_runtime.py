@@ -39,6 +39,11 @@ class ProcessRuntime:
             "image_unavailable", f"the process runtime runs only code directories ('dir:/path'), not {image!r}"
         )
 
+    async def resolve_image(self, image: str) -> str:
+        if code_dir_of(image) is None:
+            await self.pull(image)
+        return ""  # a code directory has no content id: it is the admin's own, for a laptop
+
     async def create(self, launch: LaunchSpec) -> str:
         if code_dir_of(launch.spec.image) is None:
             await self.pull(launch.spec.image)

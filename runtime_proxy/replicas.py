@@ -100,10 +100,13 @@ def default_memory_budget_mb() -> int:
     return 8192
 
 
-def runtime_error(exc: RuntimeFailure, spec: VersionSpec) -> ApiError:
-    log.warning("runtime failure for %s: %s: %s", spec.key, exc.type, exc)
+def runtime_error(exc: RuntimeFailure, subject: VersionSpec | str) -> ApiError:
+    """The caller's one line for an engine failure about a version (or an image); the detail is logged."""
+    image = subject.image if isinstance(subject, VersionSpec) else subject
+    log.warning("runtime failure for %s: %s: %s", subject.key if isinstance(subject, VersionSpec) else image,
+                exc.type, exc)
     message = RUNTIME_MESSAGES.get(exc.type, "the container engine could not run this replica")
-    return ApiError(502, exc.type, message.format(image=spec.image))
+    return ApiError(502, exc.type, message.format(image=image))
 
 
 class ReplicaManager:

@@ -6,12 +6,14 @@ forge nor replay one. What a chunk runs comes from the registry
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
 from aiohttp import web
 
-from runtime_proxy.replicas import ReplicaManager
+from runtime_proxy.replicas import ReplicaManager, runtime_error
+from runtime_proxy.runtime import RuntimeFailure
 from runtime_proxy.versions import VersionSource
 from shared.errors import ApiError, bad_request
 from shared.http import json_response, read_body
@@ -28,6 +30,8 @@ REPLAYS = web.AppKey("replays", ReplayGuard)
 CHUNKS_PATH = "/internal/v1/chunks"
 WARM_PATH = "/internal/v1/warm"
 STATE_PATH = "/internal/v1/state"
+RESOLVE_PATH = "/internal/v1/images/resolve"
+RESOLVE_TIMEOUT_S = 300.0
 
 
 async def _authorized_body(request: web.Request) -> bytes:
@@ -66,6 +70,26 @@ async def warm(request: web.Request) -> web.Response:
     return json_response({"start": kind, "timings": timings, "proxy_id": request.app[SETTINGS].proxy_id})
 
 
+async def resolve_image(request: web.Request) -> web.Response:
+    """The content id an image reference names here (pulled when missing): a deploy pins its version to it."""
+    try:
+        body = orjson.loads(await _authorized_body(request))
+    except orjson.JSONDecodeError:
+        raise bad_request("body is not JSON") from None
+    image = body.get("image") if isinstance(body, dict) else None
+    if not isinstance(image, str) or not image or len(image) > 300:
+        raise bad_request('body must be {"image": "<reference>"}')
+    manager = request.app[MANAGER]
+    try:
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            image_id = await manager.runtime.resolve_image(image)
+    except RuntimeFailure as exc:
+        raise runtime_error(exc, image) from None
+    except TimeoutError:
+        raise ApiError(504, "timeout", f"resolving {image} took longer than {RESOLVE_TIMEOUT_S:g} s") from None
+    return json_response({"image": image, "image_id": image_id})
+
+
 async def state(request: web.Request) -> web.Response:
     await _authorized_body(request)
     return json_response({"proxy_id": request.app[SETTINGS].proxy_id, "replicas": request.app[MANAGER].snapshot()})
@@ -79,4 +103,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(CHUNKS_PATH, run_chunk)
     app.router.add_post(WARM_PATH, warm)
     app.router.add_get(STATE_PATH, state)
+    app.router.add_post(RESOLVE_PATH, resolve_image)
     app.router.add_get("/healthz", healthz)

@@ -10,15 +10,19 @@ unreachable a cached spec keeps serving warm calls.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from collections.abc import Callable
 
 import orjson
 import redis.asyncio as redis
+from redis.exceptions import AuthenticationError, NoPermissionError
 
 from shared import keys
 from shared.errors import ApiError, not_found, unavailable
 from shared.messages import VersionSpec, split_version_key
+
+log = logging.getLogger("lukewarm.proxy")
 
 MAX_CACHED = 10_000
 
@@ -41,6 +45,10 @@ class VersionSource:
             return self._check(cached[0], created_at)
         try:
             raw = await self.client.get(keys.version(*split_version_key(key)))
+        except (NoPermissionError, AuthenticationError) as exc:
+            # Not an outage: this proxy's Redis user is set up wrong (deploy/redis-acl.conf).
+            log.error("Redis refused the proxy's read of version %s: %s", key, exc)
+            raise ApiError(500, "internal", "this proxy may not read the registry (see its log)") from None
         except (redis.RedisError, OSError):
             if cached is not None and cached[0].created_at == created_at:
                 return self._check(cached[0], created_at)  # immutable: safe to serve through an outage

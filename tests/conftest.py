@@ -73,4 +73,5 @@ def state_dir() -> Iterator[Path]:
     path = Path("/tmp") / f"lwt-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     yield path
+    stack.unmount_below(path)  # replicas' socket tmpfs a stopped proxy keeps for re-adoption
     subprocess.run(["rm", "-rf", str(path)], check=False, timeout=30)

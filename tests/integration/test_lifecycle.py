@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.support.stack import Stack, running_stack, wait_until
+from tests.support.stack import BASE_IMAGE, Stack, running_stack, wait_until
 
 pytestmark = [pytest.mark.timeout(240)]
 
@@ -137,14 +138,54 @@ async def test_memory_limit_exceeded_is_oom(stack: Stack) -> None:
     assert status == 200 and body == {"data": 1}
 
 
-async def test_bad_image_fails_clearly_and_is_not_retried_in_a_loop(stack: Stack) -> None:
-    await stack.deploy("ghost", "lukewarm-test/does-not-exist:1")
-    status, body, _ = await stack.call("ghost", 1, timeout_s=60)
-    assert status == 502 and body["type"] == "image_unavailable", body
+async def test_an_image_missing_at_deploy_is_refused_and_uses_no_number(stack: Stack) -> None:
+    path = "/api/v1/customers/acme/models/ghost/branches/main/versions"
+    status, body = await stack.admin("POST", path, {"image": "lukewarm-test/does-not-exist:1"})
+    assert (status, body["type"]) == (422, "image_unavailable"), body
     assert "does-not-exist" in body["error"]
-    status, again, headers = await stack.call("ghost", 1, timeout_s=10)
-    assert status == 502 and "not retried" in again["error"]
-    assert int(headers["Retry-After"]) >= 1
+    assert await stack.deploy("ghost", stack.image, entrypoint="models:echo") == 1
+
+
+def _build(tag: str, source: str, workdir: Path) -> None:
+    from runtime_proxy.docker_runtime import build_image
+
+    (workdir / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nWORKDIR /app\nCOPY models.py /app/\n")
+    (workdir / "models.py").write_text(source)
+    build_image(str(workdir), tag)
+
+
+async def test_a_version_runs_the_content_it_was_deployed_with_forever(stack: Stack, tmp_path: Path) -> None:
+    """The tag is resolved to the image's id at deploy: a rebuild under the same tag changes no old version;
+    when the pinned content is gone for good the call fails clearly, and is not retried in a loop."""
+    tag = f"lukewarm-test/pinned:{uuid.uuid4().hex[:8]}"
+    for n, answer in enumerate(("first", "second")):
+        (tmp_path / answer).mkdir()
+        await asyncio.to_thread(_build, tag, f"def which(x):\n    return {answer!r}\n", tmp_path / answer)
+        assert await stack.deploy("pinned", tag, entrypoint="models:which") == n + 1
+    try:
+        assert (await stack.call("pinned", 0, version="1"))[1] == {"data": "first"}
+        assert (await stack.call("pinned", 0, version="2"))[1] == {"data": "second"}
+        first_id = (await stack.admin("GET", "/api/v1/customers/acme/models/pinned/branches/main/versions/1"))[1]
+        assert first_id["image_id"].startswith("sha256:")
+        subprocess.run(["docker", "rm", "-f", *[c["Id"] for c in containers(stack.proxies[0].proxy_id,
+                                                                          model="pinned")]],
+                       capture_output=True, timeout=60)
+        subprocess.run(["docker", "rmi", "-f", first_id["image_id"]], capture_output=True, timeout=60)
+
+        async def forgotten() -> bool:  # the reaper notices the removed containers
+            replicas = (await stack.proxies[0].state(stack.session))["replicas"]  # type: ignore[arg-type]
+            return not any(r["version"].startswith("acme/pinned/") for r in replicas)
+
+        await wait_until(forgotten, 20, "the proxy to forget the removed replicas")
+        status, body, _ = await stack.call("pinned", 0, version="1", timeout_s=60)
+        assert (status, body["type"]) == (502, "image_unavailable"), body
+        assert "/var/lib" not in body["error"] and "docker" not in body["error"].lower()
+        status, again, headers = await stack.call("pinned", 0, version="1", timeout_s=10)
+        assert status == 502 and "not retried" in again["error"]
+        assert int(headers["Retry-After"]) >= 1
+        assert (await stack.call("pinned", 0, version="2"))[1] == {"data": "second"}
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=60)
 
 
 async def test_bad_entrypoint_fails_with_the_harness_error(stack: Stack) -> None:
