@@ -64,12 +64,12 @@ class Stack(BenchStack):
 
 @contextlib.asynccontextmanager
 async def running_stack(redis_url: str, state_dir: Path, runtime: str, proxies: int = 1,
-                        **proxy_settings: Any) -> AsyncIterator[Stack]:
+                        ingress: dict[str, Any] | None = None, **proxy_settings: Any) -> AsyncIterator[Stack]:
     stack = Stack(redis_url, state_dir, runtime)
     try:
         for _ in range(proxies):
             await stack.add_proxy(**proxy_settings)
-        await stack.start_ingress()
+        await stack.start_ingress(**(ingress or {}))
         await stack.wait_for_proxies(proxies)
         yield stack
     finally:

@@ -42,3 +42,8 @@ def whoami(_x):
 
 def visible_gpu(_x):
     return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def environment(name):
+    """One variable of the replica's environment, as the model sees it."""
+    return os.environ.get(name)
