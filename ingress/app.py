@@ -25,6 +25,7 @@ from ingress.view import StateView
 from shared.background import Periodic, cancel_and_wait
 from shared.http import LIMITS, BodyLimits, error_middleware
 from shared.metrics import Metrics
+from shared.redisclient import connect
 from shared.settings import IngressSettings
 
 log = logging.getLogger("lukewarm.ingress")
@@ -50,10 +51,9 @@ def build_app(settings: IngressSettings) -> web.Application:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[state.SETTINGS]
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                  socket_connect_timeout=REDIS_TIMEOUT_S, health_check_interval=10)
+    client = connect(settings.redis_url, REDIS_TIMEOUT_S, health_check_s=10)
     # Pub/sub blocks on reads: it gets its own connection without the read timeout.
-    events_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
+    events_client = connect(settings.redis_url, REDIS_TIMEOUT_S, read_timeout=False)
     registry = Registry(client)
     view = StateView(registry, max_staleness_s=settings.max_staleness_s, key_cache_s=settings.key_cache_s)
     # A proxy's answer holds the model's (capped at max_response_mb there) re-encoded, and logs.

@@ -24,6 +24,7 @@ from runtime_proxy.runtime import Runtime
 from runtime_proxy.versions import VersionSource
 from shared.background import Periodic
 from shared.http import LIMITS, BodyLimits, error_middleware
+from shared.redisclient import connect
 from shared.settings import ProxySettings
 from shared.signing import ReplayGuard, derive_key
 
@@ -88,8 +89,7 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         gpu.usage = manager.gpu_usage
         adopted = await manager.adopt()
         app[routes.MANAGER] = manager
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                      socket_connect_timeout=REDIS_TIMEOUT_S)
+        client = connect(settings.redis_url, REDIS_TIMEOUT_S)
         app[routes.VERSIONS] = VersionSource(client, settings.spec_cache_s)
         async def state() -> dict[str, Any]:
             return {"replicas": manager.snapshot(), "gpus": await gpu.snapshot(), "nvml": nvml.status()}
