@@ -41,9 +41,11 @@ def _request_id(request: web.Request) -> str:
 
 
 def _version_pointer(raw: str) -> str:
-    if raw.isdigit() and not (raw.isascii() and int(raw) >= 1):
-        raise bad_request(f"version must be a positive integer, latest or an alias, got {raw!r}")
-    if not raw.isdigit() and raw != "latest":
+    """``46``, ``latest`` or an alias; anything else (``²``, 10 000 digits) is 400 before it reaches ``int``."""
+    if raw.isdigit():
+        if not raw.isascii() or len(raw) > 12 or int(raw) < 1:
+            raise bad_request(f"version must be a positive integer, latest or an alias, got {raw[:20]!r}")
+    elif raw != "latest":
         check_name("version or alias", raw)
     return raw
 

@@ -62,7 +62,7 @@ async def _branch(request: web.Request) -> tuple[str, str, str]:
 
 def _version_number(request: web.Request) -> int:
     raw = request.match_info["number"]
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or int(raw) < 1:
         raise bad_request(f"version must be a positive integer, got {raw!r}")
     return int(raw)
 
@@ -238,7 +238,7 @@ async def delete_alias(request: web.Request) -> web.Response:
 async def read_logs(request: web.Request) -> web.Response:
     customer, model, branch = await _branch(request)
     raw = request.query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 4 or not 1 <= int(raw) <= 1000:
         raise bad_request("limit must be an integer from 1 to 1000")
     await request.app[state.REQUEST_LOG].flush()
     logs = await request.app[state.REGISTRY].read_logs(customer, model, branch, int(raw))

@@ -100,7 +100,7 @@ class StateView:
 
     async def resolve(self, customer: str, model: str, branch: str, pointer: str) -> VersionSpec:
         """The version a pointer (``46``, ``latest`` or an alias) names; 404 when none."""
-        if pointer.isdigit():
+        if pointer.isascii() and pointer.isdigit():
             number = int(pointer)
         else:
             pointers = await self.branch_pointers(customer, model, branch)

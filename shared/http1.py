@@ -51,7 +51,7 @@ class _Answer:
     def on_headers_complete(self) -> None:
         self.head_done = True
         length = self.headers.get(b"content-length")
-        if length is not None and length.strip().isdigit() and int(length) > self.max_body:
+        if length is not None and length.strip().isascii() and length.strip().isdigit() and int(length) > self.max_body:
             self.error = ResponseTooLarge(f"answer announces {int(length)} bytes, over the limit of {self.max_body}")
             raise self.error
 
