@@ -534,8 +534,9 @@ class ReplicaManager:
         if info.oom_killed:
             return ApiError(502, "oom", f"the model ran out of memory {when} (killed by the OOM killer)")
         code = "" if info.exit_code is None else f" with code {info.exit_code}"
-        detail = f": {info.detail}" if info.detail else ""
-        return ApiError(502, "model_crashed", f"the replica exited{code} {when}{detail}")
+        if info.detail:
+            log.warning("replica exited%s %s: %s", code, when, info.detail)  # engine text: host paths stay here
+        return ApiError(502, "model_crashed", f"the replica exited{code} {when}")
 
     # ---- bookkeeping ---------------------------------------------------------
 

@@ -263,6 +263,16 @@ def test_malformed_body_is_400(start: Callable[..., Harness], raw: bytes) -> Non
     assert status == 400 and body["type"] == "bad_request"
 
 
+def test_json_deeper_than_its_parser_survives_is_400_and_the_harness_lives(start: Callable[..., Harness]) -> None:
+    """Any predict key could otherwise kill replicas with a nested body and force cold starts."""
+    h = start(DOUBLE, "model:predict")
+    depth = 100_000
+    status, body = h.request("POST", "/predict", raw=b'{"inputs": ' + b"[" * depth + b"]" * depth + b"}")
+    assert status == 400 and body["type"] == "bad_request"
+    assert h.predict([2])["outputs"] == [4]
+    assert h.proc.poll() is None
+
+
 def test_routes_and_framing(start: Callable[..., Harness]) -> None:
     h = start(DOUBLE, "model:predict")
     status, body = h.request("GET", "/nowhere")
