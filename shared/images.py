@@ -40,7 +40,7 @@ def parse_image(image: str) -> ImageRef:
     """A Docker image reference split into its parts; 400 ``invalid_image`` for anything else."""
     if image.startswith(("dir:", "/", ".", "~")) or "\\" in image:
         raise invalid_image("image must be an image reference like lukewarm-acme/churn:1, not a path")
-    match = _REFERENCE.match(image) if len(image) <= MAX_LENGTH else None
+    match = _REFERENCE.fullmatch(image) if len(image) <= MAX_LENGTH else None
     if match is None:
         raise invalid_image(f"image is not a valid image reference: {image[:100]!r}")
     domain, path = match.group("domain"), match.group("path")

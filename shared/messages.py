@@ -34,19 +34,19 @@ class DeployLimits:
 
 
 def check_name(kind: str, value: Any) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise bad_request(f"{kind} must be 1-63 lowercase letters, digits, '-' or '_', got {value!r}")
     return value
 
 
 def check_branch(value: Any) -> str:
-    if not isinstance(value, str) or not BRANCH_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not BRANCH_RE.fullmatch(value) or ".." in value:
         raise bad_request(f"branch must be letters, digits, '_', '.', '-' or '/', got {value!r}")
     return value
 
 
 def check_alias(value: Any) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or value.isdigit() or value in RESERVED_POINTERS:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value.isdigit() or value in RESERVED_POINTERS:
         raise bad_request(f"alias must be a name that is not a number nor 'latest', got {value!r}")
     return value
 
@@ -141,12 +141,11 @@ def _capacity(value: Any) -> Capacity | None:
         return None
     if not isinstance(value, dict) or set(value) - {"min", "desired", "max"}:
         raise bad_request("capacity must be an object with min, desired and max")
-    for name in ("min", "desired", "max"):
-        _positive_int(value, name, 0, 1000)
-    cap = Capacity(
-        min=value.get("min", 0), desired=value.get("desired", max(1, value.get("min", 0))),
-        max=value.get("max", max(4, value.get("desired", 1), value.get("min", 0))),
-    )
+    given = {name: _positive_int(value, name, 0, 1000) for name in ("min", "desired", "max")}
+    low = given["min"] if given["min"] is not None else 0
+    desired = given["desired"] if given["desired"] is not None else max(1, low)
+    cap = Capacity(min=low, desired=desired,
+                   max=given["max"] if given["max"] is not None else max(4, desired, low))
     if not cap.min <= cap.desired <= cap.max or cap.max < 1:
         raise bad_request("capacity must satisfy min <= desired <= max and max >= 1")
     return cap
@@ -154,7 +153,7 @@ def _capacity(value: Any) -> Capacity | None:
 
 def _env(env: Any) -> dict[str, str]:
     if not isinstance(env, dict) or not all(
-        isinstance(k, str) and ENV_NAME_RE.match(k) and isinstance(v, str) and "\x00" not in v
+        isinstance(k, str) and ENV_NAME_RE.fullmatch(k) and isinstance(v, str) and "\x00" not in v
         for k, v in env.items()
     ):
         raise bad_request("env must map variable names to strings")
@@ -182,7 +181,7 @@ def validate_settings(body: Any, allowed: set[str], limits: DeployLimits = Deplo
             raise bad_request("image must be a non-empty image reference without spaces")
         out["image"] = image
     if body.get("entrypoint") is not None:
-        if not isinstance(body["entrypoint"], str) or not ENTRYPOINT_RE.match(body["entrypoint"]):
+        if not isinstance(body["entrypoint"], str) or not ENTRYPOINT_RE.fullmatch(body["entrypoint"]):
             raise bad_request("entrypoint must look like 'module:function'")
         out["entrypoint"] = body["entrypoint"]
     if body.get("env") is not None:

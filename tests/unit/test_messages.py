@@ -239,3 +239,19 @@ def test_chunk_result_round_trip() -> None:
     result = ChunkResult(outputs=[1], stdout="o", stderr="e", error=None, start="cold", timings={"infer_ms": 1.5},
                          proxy_id="p")
     assert ChunkResult.from_dict(result.to_dict() | {"extra": 1}) == result
+
+
+@pytest.mark.parametrize("check", [check_name, check_branch, check_alias])
+def test_a_trailing_newline_is_not_part_of_a_valid_name(check: Any) -> None:
+    with pytest.raises(ApiError):
+        check("acme\n")
+
+
+def test_env_names_with_a_trailing_newline_are_refused() -> None:
+    with pytest.raises(ApiError):
+        validate_settings({"env": {"A\n": "1"}}, DEPLOY_FIELDS)
+
+
+@pytest.mark.parametrize("capacity", [{"min": None}, {"desired": None}, {"max": None}])
+def test_null_capacity_fields_mean_the_default(capacity: dict[str, Any]) -> None:
+    assert validate_settings({"capacity": capacity}, DEPLOY_FIELDS)["capacity"] == Capacity(0, 1, 4)
