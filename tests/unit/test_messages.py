@@ -241,7 +241,7 @@ def test_chunk_result_round_trip() -> None:
     assert ChunkResult.from_dict(result.to_dict() | {"extra": 1}) == result
 
 
-@pytest.mark.parametrize("check", [check_name, check_branch, check_alias])
+@pytest.mark.parametrize("check", [lambda v: check_name("customer", v), check_branch, check_alias])
 def test_a_trailing_newline_is_not_part_of_a_valid_name(check: Any) -> None:
     with pytest.raises(ApiError):
         check("acme\n")
