@@ -155,14 +155,15 @@ async def deploy_example(app: web.Application, image: str) -> str:
     return key
 
 
-def curl_line(host: str, port: int, key: str, ca: str = "") -> str:
-    """A curl line calling the example; with ``ca`` over HTTPS, trusting that CA only."""
-    if not ca:
+def curl_line(host: str, port: int, key: str, https: bool = False, ca: str = "") -> str:
+    """A curl line calling the example; over HTTPS trusting ``ca`` only when given."""
+    if not https:
         return (f"curl -s -H 'Host: {DEMO_CUSTOMER}.localhost' -H 'Authorization: {key}' "
                 f"-d '{{\"data\": \"world\"}}' http://{host}:{port}/v1/hello/latest")
     # --resolve: the name is sent as SNI and Host, and checked against the certificate, with no DNS.
     name = f"{DEMO_CUSTOMER}.localhost"
-    return (f"curl -s --cacert {shlex.quote(ca)} --resolve {name}:{port}:{connect_address(host)} "
+    cacert = f"--cacert {shlex.quote(ca)} " if ca else ""
+    return (f"curl -s {cacert}--resolve {name}:{port}:{connect_address(host)} "
             f"-H 'Authorization: {key}' -d '{{\"data\": \"world\"}}' https://{name}:{port}/v1/hello/latest")
 
 
@@ -221,7 +222,8 @@ async def serve(options: DevOptions) -> None:
                 key = await deploy_example(runners[1].app, image)
                 print(f"API key for customer {DEMO_CUSTOMER}: {key}", flush=True)
                 print("try:", flush=True)
-                print("  " + curl_line(options.host, options.port, key, tls.ca), flush=True)
+                print("  " + curl_line(options.host, options.port, key, https=bool(tls.cert), ca=tls.ca),
+                      flush=True)
             print("serving; Ctrl-C stops", flush=True)
             await stop.wait()
             print("stopping ...", flush=True)

@@ -224,6 +224,28 @@ def test_tls_listener_serves_https_and_bounds_the_handshake(run_on: Callable[[Sc
     run_on(scenario)
 
 
+def test_what_aiohttp_answers_itself_is_in_the_one_error_shape(run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        async with serving() as (runner, port):
+            for raw in (b"FOO / HTTP/1.1\r\nHost: test\r\n\r\n",  # a method the parser refuses
+                        b"GET / HTTP/1.1\r\nHost: test\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+                        b"GET / HTTP/1.1\r\nHost: test\r\nContent-Length: nope\r\n\r\n"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(raw)
+                status, headers, body = await read_answer(reader)
+                assert status == 400 and headers["content-type"] == "application/json", (raw[:40], body)
+                answer = orjson.loads(body)
+                assert answer["type"] == "bad_request" and "\n" not in answer["error"], answer
+                assert await closed_by_server(reader)
+                writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(HEAD)
+            assert (await read_answer(reader))[::2] == (200, b"ok")
+            writer.close()
+
+    run_on(scenario)
+
+
 def test_a_busy_port_is_an_oserror_and_the_app_is_cleaned_up(run_on: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
         cleaned = asyncio.Event()

@@ -161,3 +161,22 @@ def test_cert_and_key_come_both_or_neither(certs: DevCerts) -> None:
         with pytest.raises(SystemExit) as excinfo:
             context_from_files(cert, key)
         assert "needs both" in one_line_exit(excinfo)
+
+
+def test_dev_tls_makes_a_ca_in_the_state_dir_or_uses_the_given_files(tmp_path: Path) -> None:
+    from shared.dev import DevOptions, curl_line, dev_tls
+
+    made = dev_tls(DevOptions(tls=True), str(tmp_path))
+    assert Path(made.ca) == tmp_path / "tls" / "ca.pem"
+    assert "demo.localhost" in sans(Path(made.cert))[0], "OpenSSL ignores *.localhost: the demo host is named"
+    assert dev_tls(DevOptions(tls_cert="/c.pem", tls_key="/k.pem"), str(tmp_path)) == \
+        type(made)("/c.pem", "/k.pem", "")
+    assert dev_tls(DevOptions(), str(tmp_path)).cert == ""
+    with pytest.raises(SystemExit):
+        dev_tls(DevOptions(tls=True, tls_cert="/c.pem", tls_key="/k.pem"), str(tmp_path))
+
+    line = curl_line("0.0.0.0", 8443, "lw_key", https=True, ca=made.ca)
+    assert f"--cacert {made.ca}" in line and "--resolve demo.localhost:8443:127.0.0.1" in line
+    assert line.endswith("https://demo.localhost:8443/v1/hello/latest")
+    assert "--cacert" not in curl_line("127.0.0.1", 8443, "k", https=True)
+    assert "http://127.0.0.1:8080/" in curl_line("127.0.0.1", 8080, "k")
