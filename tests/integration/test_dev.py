@@ -7,32 +7,14 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.support.stack import REPO_ROOT, free_port
+from tests.support.stack import REPO_ROOT, free_port, read_until
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
-    """Lines of ``proc``'s output up to the one starting with ``marker`` (bounded)."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line.rstrip("\n"))
-        if line.strip().startswith(marker):
-            return lines
-    raise AssertionError(f"no line starting with {marker!r} within {timeout_s} s; output: {lines}")
 
 
 @pytest.mark.parametrize("runtime", ["docker", "process"])

@@ -15,7 +15,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import orjson
 import pytest
 
 from shared.tls import DevCerts, make_dev_ca, server_context
-from tests.support.stack import MODELS_DIR, REPO_ROOT, Stack, free_port
+from tests.support.stack import MODELS_DIR, REPO_ROOT, Stack, free_port, read_until
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(300)]
 
@@ -159,23 +158,6 @@ def test_the_daemon_exits_with_one_line_on_half_a_pair_or_missing_files(certs: D
         assert len(lines) == 1 and expected in lines[0], (args, done.stderr)
     # The pair is checked the same way whatever loads it.
     assert server_context(str(certs.cert), str(certs.key)).minimum_version == ssl.TLSVersion.TLSv1_2
-
-
-def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
-    """Lines of ``proc``'s output up to one containing ``marker`` (bounded)."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line.rstrip("\n"))
-        if marker in line:
-            return lines
-    raise AssertionError(f"no line with {marker!r} within {timeout_s} s; output: {lines}")
 
 
 def test_dev_tls_prints_a_ca_and_a_curl_line_that_answers(redis_url: str, state_dir: Path) -> None:

@@ -5,6 +5,8 @@ in-process (so tests can read its view). Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,20 @@ async def running_stack(redis_url: str, state_dir: Path, runtime: str, proxies: 
         if runtime == "docker":
             for proxy in stack.proxies:
                 remove_containers(f"lukewarm.proxy={proxy.proxy_id}")
+
+
+def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
+    """Lines of ``proc``'s output up to the one starting with ``marker`` (bounded)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line.rstrip("\n"))
+        if line.strip().startswith(marker):
+            return lines
+    raise AssertionError(f"no line starting with {marker!r} within {timeout_s} s; output: {lines}")
