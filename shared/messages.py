@@ -191,8 +191,10 @@ def validate_settings(body: Any, allowed: set[str], limits: DeployLimits = Deplo
         value = _positive_int(body, name, low, high)
         if value is not None:
             out[name] = value
-    for name, high in (("idle_timeout_s", 7 * 86400), ("timeout_s", 3600), ("cpus", limits.max_cpus)):
-        number = _positive_number(body, name, high)
+    ceilings: tuple[tuple[str, float], ...] = (("idle_timeout_s", 7 * 86400), ("timeout_s", 3600),
+                                               ("cpus", limits.max_cpus))
+    for name, ceiling in ceilings:
+        number = _positive_number(body, name, ceiling)
         if number is not None:
             out[name] = number
     if out.get("cpus") is not None and out["cpus"] < 0.05:

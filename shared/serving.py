@@ -202,10 +202,9 @@ class GuardedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        kwargs = {"ssl_handshake_timeout": self._handshake_timeout_s} if self._ssl_context else {}
         self._server = await loop.create_server(
             self._protocol, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=True, **kwargs)
+            reuse_address=True, ssl_handshake_timeout=self._handshake_timeout_s if self._ssl_context else None)
 
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
