@@ -35,7 +35,9 @@ class _Answer:
         self.body = bytearray()
         self.messages = 0
         self.head_done = False
+        self.keep_alive = False
         self.complete = False
+        self.parser: httptools.HttpResponseParser | None = None
         self.error: Exception | None = None
 
     def on_message_begin(self) -> None:
@@ -50,6 +52,8 @@ class _Answer:
 
     def on_headers_complete(self) -> None:
         self.head_done = True
+        # Only valid while the message is being parsed: after it completes httptools says False.
+        self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
         length = self.headers.get(b"content-length")
         if length is not None and length.strip().isascii() and length.strip().isdigit() and int(length) > self.max_body:
             self.error = ResponseTooLarge(f"answer announces {int(length)} bytes, over the limit of {self.max_body}")
@@ -84,7 +88,7 @@ class Connection:
         """
         self.writer.write(head + body)
         answer = _Answer(self.max_body)
-        parser = httptools.HttpResponseParser(answer)
+        parser = answer.parser = httptools.HttpResponseParser(answer)
         received = 0
         while not answer.complete:
             if received > MAX_HEAD_BYTES and not answer.head_done:
@@ -105,7 +109,7 @@ class Connection:
                     raise answer.error from None
                 raise BadResponse(f"malformed answer: {exc}") from None
         # A second message in the same read is bytes nobody asked for: do not trust the stream again.
-        self.reusable = answer.messages == 1 and parser.should_keep_alive()
+        self.reusable = answer.messages == 1 and answer.keep_alive
         return parser.get_status_code(), answer.headers, bytes(answer.body)
 
     def close(self) -> None:

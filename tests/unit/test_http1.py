@@ -82,6 +82,23 @@ async def test_closed_before_answering_is_a_reset() -> None:
         await exchange()
 
 
+@pytest.mark.parametrize(
+    ("answer", "reusable"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+    ],
+)
+async def test_keep_alive_follows_the_answer(answer: bytes, reusable: bool) -> None:
+    """A pooled connection is what makes the hop cheap: reused unless the peer says otherwise."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(answer)
+    conn = Connection(reader, _Sink(), max_body=10)  # type: ignore[arg-type]
+    await conn.exchange(b"", b"")
+    assert conn.reusable is reusable
+
+
 async def test_extra_bytes_after_the_answer_make_the_connection_unusable() -> None:
     reader = asyncio.StreamReader()
     reader.feed_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n")
