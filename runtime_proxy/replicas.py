@@ -1,9 +1,14 @@
-"""The replica manager: one proxy's replicas, their lifecycle, and running chunks on them.
+"""The replica manager: one proxy's replicas of each version, their lifecycle, and chunks on them.
 
 Guarantees: a chunk either gets outputs or a clear ``ApiError`` before its
-deadline; a replica that dies fails its in-flight chunks at once (the
-socket closes) and the next chunk gets a fresh replica; a version whose
-replicas fail to start is not restarted in a tight loop (backoff).
+deadline; a version runs on as many replicas here as its load asks, up to its
+``capacity.max`` and the host's budgets (a chunk that finds every replica busy
+starts another in the background and takes whichever slot frees first: a
+paused or stopped replica is resumed before a cold one is started); a replica
+that dies fails its in-flight chunks at once (the socket closes) and the next
+chunk gets a fresh replica; a version whose replicas fail to start is not
+restarted in a tight loop (backoff). Lifecycle moves go through
+``lifecycle.transition`` only.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from runtime_proxy import policy
 from runtime_proxy.cgroups import container_usage
 from runtime_proxy.gpu import GpuCoordinator, NoGpuAvailable
 from runtime_proxy.harness_client import HarnessClient, HarnessMisbehaved, HarnessUnavailable
+from runtime_proxy.lifecycle import ADOPTABLE, State
+from runtime_proxy.replica import Replica, VersionPool
 from runtime_proxy.rundirs import RunDirError, RunDirs
 from runtime_proxy.runtime import SOCKET_NAME, ExitInfo, LaunchSpec, Runtime, RuntimeFailure
 from shared.errors import ApiError, deadline_exceeded, unavailable
@@ -30,36 +37,7 @@ from shared.settings import ProxySettings
 log = logging.getLogger("lukewarm.proxy")
 
 CONTAINER_UID = 65534
-# Container states a restarted proxy takes over, as replica states. An exited one is a stopped
-# replica (lukewarm): started again on demand, and retired if it fails to come up.
-ADOPTABLE = {"running": "running", "paused": "paused", "exited": "stopped"}
 STOP_TIMEOUT_S = 5.0
-
-
-@dataclasses.dataclass(eq=False)
-class Replica:
-    """One container (or process) of one version on this host."""
-
-    replica_id: str
-    spec: VersionSpec
-    handle: str
-    run_dir: Path
-    client: HarnessClient
-    slots: asyncio.Semaphore
-    state: str = "starting"  # starting | running | paused | stopped | dead
-    last_used: float = 0.0
-    in_flight: int = 0
-    started_at: float = 0.0
-    gpu_uuid: str | None = None
-    resuming: asyncio.Task[None] | None = None  # an unpause in flight
-
-    def view(self) -> policy.ReplicaView:
-        return policy.ReplicaView(
-            replica_id=self.replica_id, version_key=self.spec.key, state=self.state,
-            in_flight=self.in_flight, last_used=self.last_used,
-            idle_timeout_s=self.spec.idle_timeout_s, keep_warm=self.spec.keep_warm,
-            memory_mb=self.spec.memory_mb,
-        )
 
 
 @dataclasses.dataclass
@@ -121,10 +99,9 @@ class ReplicaManager:
         self.harness_path = harness_path
         self.clock = clock
         self.replicas: dict[str, Replica] = {}
-        self._by_version: dict[str, Replica] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._pools: dict[str, VersionPool] = {}
         self._failures: dict[str, _Failure] = {}
-        self._cleanup_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # starts and removals in the background, owned here
         self.run_dirs = RunDirs(Path(settings.state_dir) / "run", CONTAINER_UID, settings.run_dir_kb)
         self.gpu = gpu
         self.image_last_used: dict[str, float] = {}  # images this proxy ran (pruned by the reaper)
@@ -133,30 +110,39 @@ class ReplicaManager:
 
     # ---- public API -------------------------------------------------------
 
-    async def warm(self, spec: VersionSpec, timeout_s: float) -> tuple[str, dict[str, float]]:
-        """Make sure a ready replica of ``spec`` runs here (a deploy's pre-warm); what it was, and phase times."""
-        replica, kind, timings = await self._acquire(spec, self.clock() + timeout_s)
-        replica.slots.release()
+    async def warm(self, spec: VersionSpec, timeout_s: float, replicas: int = 1) -> tuple[str, dict[str, float]]:
+        """Make sure ``replicas`` ready replicas of ``spec`` run here (a pre-warm, or the reconciler's
+        floor); what the first was when we came, and its phase times."""
+        deadline = self.clock() + timeout_s
+        held: list[Replica] = []
+        kind, timings = "warm", {}
+        try:
+            # Holding a slot of each keeps the next acquire from reusing it: each round adds a replica.
+            for i in range(max(1, min(replicas, self._local_cap(spec)))):
+                replica, got, phases = await self._acquire(spec, deadline, may_start=True, fresh=i > 0)
+                held.append(replica)
+                if i == 0:
+                    kind, timings = got, phases
+        finally:
+            for replica in held:
+                self._release(replica)
         return kind, timings
 
-    async def run_chunk(self, req: ChunkRequest) -> ChunkResult:
-        """Run one chunk on a ready replica of its version; start one if needed."""
+    async def run_chunk(self, req: ChunkRequest, may_start: bool = True) -> ChunkResult:
+        """Run one chunk on a ready replica of its version; start one (in the background) if all are busy."""
         t0 = self.clock()
         deadline = t0 + req.timeout_s
-        replica, start_kind, timings = await self._acquire(req.spec, deadline)
-        replica.in_flight += 1
+        replica, start_kind, timings = await self._acquire(req.spec, deadline, may_start)
         t_infer = self.clock()
         try:
             status, body = await self._predict(replica, req.inputs, deadline)
         finally:
-            replica.in_flight -= 1
-            replica.last_used = self.clock()
-            replica.slots.release()
+            self._release(replica)
         timings["infer_ms"] = (self.clock() - t_infer) * 1000
         timings["total_ms"] = (self.clock() - t0) * 1000
         if status != 200 or not isinstance(body, dict):
             message = body.get("error") if isinstance(body, dict) else None
-            raise ApiError(502, "harness_error", message or f"the harness answered status {status}")
+            raise ApiError(502, "harness_error", str(message or f"the harness answered status {status}")[:500])
         return ChunkResult(
             outputs=body.get("outputs"), stdout=body.get("stdout") or "", stderr=body.get("stderr") or "",
             error=body.get("error"), traceback=body.get("traceback"), start=start_kind, timings=timings,
@@ -169,8 +155,8 @@ class ReplicaManager:
         out = []
         for r in self.replicas.values():
             entry: dict[str, Any] = {
-                "replica_id": r.replica_id, "version": r.spec.key, "state": r.state, "in_flight": r.in_flight,
-                "idle_s": round(now - r.last_used, 3), "concurrency": self.settings.replica_concurrency,
+                "replica_id": r.replica_id, "version": r.spec.key, "state": r.state.reported,
+                "in_flight": r.in_flight, "idle_s": round(now - r.last_used, 3), "concurrency": r.concurrency,
                 "memory_mb": r.spec.memory_mb, "gpu": r.spec.gpu, "gpu_uuid": r.gpu_uuid,
             }
             usage = container_usage(r.handle)
@@ -186,11 +172,12 @@ class ReplicaManager:
         adopted = 0
         for f in found:
             state = ADOPTABLE.get(f.state)
-            if state is None or f.spec.key in self._by_version:
+            gpu_taken = f.spec.gpu and bool(self._pool(f.spec.key).replicas)
+            if state is None or gpu_taken:
                 await self._discard_handle(f.handle, f.run_dir)
                 continue
             replica = self._new_replica(f.replica_id, f.spec, f.handle, f.run_dir)
-            replica.state = state
+            replica.state = state  # taken over as the engine reports it: not a move of ours
             replica.gpu_uuid = f.gpu_uuid
             self._register(replica)
             if f.gpu_uuid and self.gpu is not None:
@@ -208,10 +195,10 @@ class ReplicaManager:
         done: dict[str, list[str]] = {"paused": [], "stopped": [], "evicted": [], "dead": await self.check_alive(),
                                       "images": []}
         for rid in policy.replicas_to_pause(views, now):
-            if await self._transition(rid, "pause"):
+            if await self._freeze(rid, State.PAUSING, State.PAUSED):
                 done["paused"].append(rid)
         for rid in policy.replicas_to_stop(views, now, self.settings.pause_stop_after_s):
-            if await self._transition(rid, "stop"):
+            if await self._freeze(rid, State.STOPPING, State.STOPPED):
                 done["stopped"].append(rid)
         views = [r.view() for r in self.replicas.values()]
         for rid in policy.replicas_to_evict(views, self.memory_budget_mb, self.settings.max_replicas):
@@ -242,8 +229,11 @@ class ReplicaManager:
 
     async def close(self, stop_replicas: bool) -> None:
         """Forget replicas; stop and remove them only when asked (an upgrade keeps them)."""
-        if self._cleanup_tasks:
-            await asyncio.gather(*self._cleanup_tasks, return_exceptions=True)
+        for task in list(self._tasks):
+            if not task.done() and task.get_name().startswith("start-"):
+                task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for replica in list(self.replicas.values()):
             replica.client.close()
             if stop_replicas:
@@ -251,80 +241,168 @@ class ReplicaManager:
 
     # ---- acquiring a ready replica ---------------------------------------------
 
-    async def _acquire(self, spec: VersionSpec, deadline: float) -> tuple[Replica, str, dict[str, float]]:
-        """A ready replica with a free slot (taken), what it was when we came, and phase times."""
-        timings: dict[str, float] = {}
-        lock = self._locks.setdefault(spec.key, asyncio.Lock())
+    def _pool(self, key: str) -> VersionPool:
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = VersionPool()
+        return pool
+
+    def _local_cap(self, spec: VersionSpec) -> int:
+        """Replicas of one version this host runs at most: one per GPU model (the coordinator holds one)."""
+        return 1 if spec.gpu else max(1, min(spec.capacity.max, self.settings.max_replicas))
+
+    async def _acquire(self, spec: VersionSpec, deadline: float, may_start: bool,
+                       fresh: bool = False) -> tuple[Replica, str, dict[str, float]]:
+        """A replica of ``spec`` with a slot taken for the caller, what the caller met, and start phases.
+
+        ``may_start``: another replica may be started (resumed first) when none has room;
+        ``fresh``: one more replica is wanted even if a present one has room (``warm``'s count).
+        """
         t0 = self.clock()
+        pool = self._pool(spec.key)
+        await self._forget_other_code(pool, spec)
+        pool.waiting += 1
+        seen_failure = pool.failure  # only a start that fails while we wait is ours to report
         try:
             async with asyncio.timeout(_remaining(deadline, t0)):
-                async with lock:
-                    replica, kind = await self._ensure_ready(spec, deadline, timings)
-                await replica.slots.acquire()
+                while True:
+                    replica = None if fresh else pool.pick()
+                    if replica is not None:
+                        return self._take(replica, t0)
+                    resumed = self._resume_one(pool, deadline)
+                    if resumed is not None and resumed.has_room:
+                        return self._take(resumed, t0)
+                    starting = pool.having(State.STARTING, State.RESUMING)
+                    if pool.failure is not None and pool.failure is not seen_failure and not starting:
+                        raise pool.failure
+                    if resumed is None and (may_start or not pool.replicas) and pool.waiting > pool.coming:
+                        self._start_more(pool, spec, deadline)
+                    fresh = fresh and not any(r.start_kind for r in pool.replicas if r.has_room)
+                    await pool.wait_change()
         except TimeoutError:
-            # Queued behind others' starts or chunks: no capacity in time, come back soon.
+            # Queued behind others' chunks or starts: no capacity in time, come back soon.
             raise unavailable("no replica had capacity for this chunk before its deadline", retry_after_s=1) from None
-        timings["queue_ms"] = (self.clock() - t0) * 1000 - sum(timings.values())
+        finally:
+            pool.waiting -= 1
+
+    def _take(self, replica: Replica, t0: float) -> tuple[Replica, str, dict[str, float]]:
+        replica.in_flight += 1
+        replica.last_used = self.clock()  # not idle: the reaper must not pause it under us
+        kind, timings = replica.take_start()
+        if kind == "warm" and replica.state is State.RESUMING:
+            kind = "lukewarm"
+        timings["queue_ms"] = max(0.0, (self.clock() - t0) * 1000 - sum(timings.values()))
         return replica, kind, timings
 
-    async def _ensure_ready(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> tuple[Replica, str]:
-        replica = self._by_version.get(spec.key)
-        if replica is not None and not same_image(replica.spec, spec):
-            # A version number withdrawn after a failed pre-warm was reused for other code.
-            await self._retire(replica)
-            replica = None
-        if replica is not None:
-            replica.last_used = self.clock()  # not idle: the reaper must not pause it under us
-        if replica is not None and replica.state == "running":
-            return replica, "warm"
-        if replica is not None and replica.state == "paused":
-            # The request is sent while the unpause is in flight: it waits in the
-            # socket's buffer and is answered the moment the process thaws.
-            replica.resuming = asyncio.create_task(self._resume(replica, timings))
-            replica.state = "running"
-            return replica, "lukewarm"
-        if replica is not None and replica.state == "stopped":
-            try:
-                await self._boot(replica, deadline, timings)
-                return replica, "lukewarm"
-            except ApiError:
-                pass  # a stopped replica that will not come back: start afresh below
-        if replica is not None:
-            await self._retire(replica)
-        self._check_backoff(spec)
-        try:
-            replica = await self._start(spec, deadline, timings)
-        except ApiError as exc:
-            if exc.status != 504:
-                self._record_failure(spec, exc)
-            raise
-        self._failures.pop(spec.key, None)
-        return replica, "cold"
+    def _release(self, replica: Replica) -> None:
+        replica.in_flight -= 1
+        replica.last_used = self.clock()
+        self._pool(replica.spec.key).changed()
 
-    async def _resume(self, replica: Replica, timings: dict[str, float]) -> None:
-        t = self.clock()
-        await self.runtime.unpause(replica.handle)
-        timings["unpause_ms"] = (self.clock() - t) * 1000
-
-    def _check_backoff(self, spec: VersionSpec) -> None:
+    async def _forget_other_code(self, pool: VersionPool, spec: VersionSpec) -> None:
+        """A version number withdrawn after a failed pre-warm and reused names other code: its old
+        replicas and its backoff go."""
+        for replica in [r for r in pool.replicas if not same_image(r.spec, spec)]:
+            await self._retire(replica)
         failure = self._failures.get(spec.key)
         if failure is not None and not same_image(failure.spec, spec):
-            del self._failures[spec.key]  # the number now names other code: a clean slate
-            failure = None
+            del self._failures[spec.key]
+            pool.failure = None
+
+    def _resume_one(self, pool: VersionPool, deadline: float) -> Replica | None:
+        """Thaw a paused replica (the chunk is sent while the unpause is in flight: it waits in the
+        socket and is answered the moment the process thaws), else boot a stopped one in the background."""
+        paused = pool.having(State.PAUSED)
+        if paused:
+            replica = max(paused, key=lambda r: r.last_used)
+            replica.move(State.RESUMING)
+            # The first request's own timings: the thaw fills in its phase while that request waits on it.
+            timings: dict[str, float] = {}
+            replica.start_kind, replica.start_timings = "lukewarm", timings
+            replica.resuming = asyncio.create_task(self._thaw(replica, timings), name=f"thaw-{replica.replica_id}")
+            return replica
+        stopped = pool.having(State.STOPPED)
+        if stopped and not pool.having(State.STARTING):
+            replica = max(stopped, key=lambda r: r.last_used)
+            replica.move(State.STARTING)
+            self._own(self._boot_stopped(replica, deadline), f"start-{replica.replica_id}")
+        return None
+
+    async def _thaw(self, replica: Replica, timings: dict[str, float]) -> None:
+        t = self.clock()
+        try:
+            await self.runtime.unpause(replica.handle)
+        except RuntimeFailure:
+            replica.move(State.DEAD)
+            self._pool(replica.spec.key).changed()
+            raise
+        timings["unpause_ms"] = (self.clock() - t) * 1000
+        if replica.state is State.RESUMING:
+            replica.move(State.RUNNING)
+        self._pool(replica.spec.key).changed()
+
+    async def _boot_stopped(self, replica: Replica, deadline: float) -> None:
+        """A stopped replica started again (lukewarm); one that will not come back is retired."""
+        pool = self._pool(replica.spec.key)
+        try:
+            await self._boot(replica, deadline, replica.start_timings)
+            replica.start_kind = "lukewarm"
+        except ApiError as exc:
+            log.info("stopped replica %s of %s did not come back: %s", replica.replica_id, replica.spec.key, exc)
+        finally:
+            pool.changed()
+
+    def _start_more(self, pool: VersionPool, spec: VersionSpec, deadline: float) -> None:
+        """Start one more replica in the background when the version and the host allow it.
+
+        Within a failed version's backoff nothing starts: the caller gets the failure at once when
+        no replica here could serve it, else it waits for a busy one.
+        """
+        live = [r for r in pool.replicas if r.state is not State.DEAD]
+        if len(live) >= self._local_cap(spec):
+            return
+        failure = self._failures.get(spec.key)
         if failure is not None and self.clock() < failure.until:
-            wait_s = failure.until - self.clock()
-            raise ApiError(
-                failure.error.status, failure.error.type,
-                f"{failure.error.message} (not retried for {wait_s:.0f} s)",
-                {"Retry-After": str(max(1, round(wait_s)))},
-            )
+            if not live:
+                raise self._backoff_error(failure)
+            return
+        replica_id = uuid.uuid4().hex[:12]
+        self._own(self._start_for(pool, spec, replica_id, deadline), f"start-{replica_id}")
+        # Count it as coming at once, so that concurrent waiters do not each start one.
+        pool.replicas.append(_placeholder(replica_id, spec, self.settings, self.clock()))
+
+    async def _start_for(self, pool: VersionPool, spec: VersionSpec, replica_id: str, deadline: float) -> None:
+        placeholder = next(r for r in pool.replicas if r.replica_id == replica_id)
+        try:
+            replica = await self._start(spec, deadline, replica_id)
+        except ApiError as exc:
+            if exc.status not in (503, 504):
+                self._record_failure(spec, exc)
+            pool.failure = exc
+        except asyncio.CancelledError:
+            raise
+        else:
+            self._failures.pop(spec.key, None)
+            pool.failure = None
+            replica.start_kind = "cold"
+        finally:
+            if placeholder in pool.replicas:
+                pool.replicas.remove(placeholder)
+            pool.changed()
+
+    def _backoff_error(self, failure: "_Failure") -> ApiError:
+        wait_s = failure.until - self.clock()
+        return ApiError(failure.error.status, failure.error.type,
+                        f"{failure.error.message} (not retried for {wait_s:.0f} s)",
+                        {"Retry-After": str(max(1, round(wait_s)))})
 
     def _record_failure(self, spec: VersionSpec, error: ApiError) -> None:
         count = self._failures[spec.key].count + 1 if spec.key in self._failures else 1
         until = self.clock() + policy.backoff_s(count, self.settings.start_backoff_s)
         self._failures[spec.key] = _Failure(count=count, until=until, error=error, spec=spec)
 
-    async def _start(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> Replica:
+    async def _start(self, spec: VersionSpec, deadline: float, replica_id: str) -> Replica:
+        timings: dict[str, float] = {}
         await self._make_room(spec)
         t = self.clock()
         try:
@@ -336,7 +414,6 @@ class ReplicaManager:
         except RuntimeFailure as exc:
             raise runtime_error(exc, spec) from None
         gpu_uuid = await self._acquire_gpu(spec, deadline, timings) if spec.gpu else None
-        replica_id = uuid.uuid4().hex[:12]
         try:
             run_dir = self.run_dirs.make(replica_id)
         except RunDirError as exc:
@@ -360,11 +437,11 @@ class ReplicaManager:
         if self.gpu is not None and gpu_uuid:
             self.gpu.note_container(spec.key, handle)
         await self._boot(replica, deadline, timings)
+        replica.start_timings = timings
         return replica
 
     async def _boot(self, replica: Replica, deadline: float, timings: dict[str, float]) -> None:
         """Start a created or stopped replica and wait until its harness is ready; retire it on failure."""
-        replica.state = "starting"
         try:
             t = self.clock()
             await self.runtime.start(replica.handle)
@@ -378,7 +455,7 @@ class ReplicaManager:
         except BaseException:
             await self._retire(replica)
             raise
-        replica.state = "running"
+        replica.move(State.RUNNING)
         replica.started_at = replica.last_used = self.clock()
 
     async def _acquire_gpu(self, spec: VersionSpec, deadline: float, timings: dict[str, float]) -> str:
@@ -405,7 +482,7 @@ class ReplicaManager:
             until = self.clock() + max(0.0, replica.spec.timeout_s)
             while replica.in_flight and self.clock() < until:
                 await asyncio.sleep(0.01)
-            replica.state = "dead"
+            replica.move(State.DEAD)
         await self.runtime.stop(handle, STOP_TIMEOUT_S)
         if await self.runtime.exit_info(handle) is not None:
             await self._discard_handle(handle, replica.run_dir if replica else Path(""))
@@ -416,12 +493,12 @@ class ReplicaManager:
         await self._discard_handle(handle, Path(""))
 
     def gpu_usage(self, version_key: str) -> tuple[int, float | None]:
-        """(in flight, last used) of a version's replica here, for the GPU coordinator's choice."""
-        replica = self._by_version.get(version_key)
-        if replica is None:
+        """(in flight, last used) of a version's replicas here, for the GPU coordinator's choice."""
+        replicas = self._pool(version_key).replicas
+        if not replicas:
             return 0, None
-        busy = replica.in_flight + (1 if replica.state == "starting" else 0)
-        return busy, replica.last_used
+        busy = sum(r.in_flight + (1 if r.state is State.STARTING else 0) for r in replicas)
+        return busy, max(r.last_used for r in replicas)
 
     async def _make_room(self, spec: VersionSpec) -> None:
         """Fit one more replica of ``spec``: the customer's quota first, then the host's memory and count."""
@@ -437,18 +514,17 @@ class ReplicaManager:
                                          incoming_mb=spec.memory_mb, evict_running=True)
         for rid in evict:
             await self._retire(self.replicas[rid])
-        live = [r for r in self.replicas.values() if r.state in {"starting", "running", "paused"}]
+        live = [r for r in self.replicas.values() if r.state.live]
         if len(live) >= self.settings.max_replicas or \
                 sum(r.spec.memory_mb for r in live) + spec.memory_mb > self.memory_budget_mb:
             raise unavailable("this host is full and every replica on it is busy", retry_after_s=2)
 
     def _eviction_views(self) -> list[policy.ReplicaView]:
-        """Replica views where one a request is acquiring right now counts as busy (not evictable)."""
+        """Replica views where one that requests are waiting on counts as busy (not evictable)."""
         views = []
         for r in self.replicas.values():
             view = r.view()
-            lock = self._locks.get(r.spec.key)
-            if view.in_flight == 0 and ((lock is not None and lock.locked()) or r.slots.locked()):
+            if view.in_flight == 0 and (self._pool(r.spec.key).waiting or r.state in (State.PAUSING, State.RESUMING)):
                 view = dataclasses.replace(view, in_flight=1)
             views.append(view)
         return views
@@ -495,7 +571,7 @@ class ReplicaManager:
                 self._retire_later(replica)  # what answers there is not an honest harness any more
             raise ApiError(502, exc.type, str(exc)) from None
         except HarnessUnavailable:
-            replica.state = "dead"
+            replica.move(State.DEAD)
             info = await self._wait_exit(replica)
             self._retire_later(replica)
             if info is None:
@@ -510,7 +586,8 @@ class ReplicaManager:
         except RuntimeFailure as exc:
             call.cancel()
             self._retire_later(replica)
-            raise ApiError(502, "model_crashed", f"the paused replica could not be resumed: {exc}") from None
+            log.warning("could not resume replica %s: %s", replica.replica_id, exc)
+            raise ApiError(502, "model_crashed", "the paused replica could not be resumed") from None
         except BaseException:
             call.cancel()
             raise
@@ -542,48 +619,54 @@ class ReplicaManager:
 
     def _new_replica(self, replica_id: str, spec: VersionSpec, handle: str, run_dir: Path) -> Replica:
         now = self.clock()
+        concurrency = spec.max_concurrency or self.settings.replica_concurrency
         return Replica(
-            replica_id=replica_id, spec=spec, handle=handle, run_dir=run_dir,
-            client=HarnessClient(str(run_dir / SOCKET_NAME), max_idle=self.settings.replica_concurrency,
+            replica_id=replica_id, spec=spec, handle=handle, run_dir=run_dir, concurrency=concurrency,
+            client=HarnessClient(str(run_dir / SOCKET_NAME), max_idle=concurrency,
                                  max_response_bytes=self.settings.max_response_mb * 2**20,
                                  peer_ok=functools.partial(self.runtime.owns_peer, handle)),
-            slots=asyncio.Semaphore(self.settings.replica_concurrency), last_used=now, started_at=now,
+            last_used=now, started_at=now,
         )
 
     def _register(self, replica: Replica) -> None:
         self.replicas[replica.replica_id] = replica
-        self._by_version[replica.spec.key] = replica
+        pool = self._pool(replica.spec.key)
+        pool.replicas = [r for r in pool.replicas if r.replica_id != replica.replica_id] + [replica]
 
-    async def _transition(self, replica_id: str, action: str) -> bool:
-        """Pause or stop an idle replica, holding its version's lock so no request slips in meanwhile."""
+    def _own(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _freeze(self, replica_id: str, during: State, after: State) -> bool:
+        """Pause (or stop) an idle replica; the ``…ING`` state keeps requests off it meanwhile."""
         replica = self.replicas.get(replica_id)
-        if replica is None:
+        wanted_from = State.RUNNING if after is State.PAUSED else State.PAUSED
+        if replica is None or replica.in_flight or replica.state is not wanted_from:
             return False
-        lock = self._locks.setdefault(replica.spec.key, asyncio.Lock())
-        if lock.locked():
-            return False  # a request is acquiring this version right now: not idle
-        async with lock:
-            if replica.in_flight or replica.state != ("running" if action == "pause" else "paused"):
-                return False
-            try:
-                if action == "pause":
-                    await self.runtime.pause(replica.handle)
-                    replica.state = "paused"
-                else:
-                    await self.runtime.stop(replica.handle, STOP_TIMEOUT_S)
-                    replica.client.close()
-                    replica.state = "stopped"
-            except RuntimeFailure as exc:
-                log.warning("could not %s replica %s: %s", action, replica_id, exc)
-                await self._retire(replica)
-                return False
+        if self._pool(replica.spec.key).waiting:
+            return False  # requests are waiting for this version: not idle
+        replica.move(during)
+        try:
+            if after is State.PAUSED:
+                await self.runtime.pause(replica.handle)
+            else:
+                await self.runtime.stop(replica.handle, STOP_TIMEOUT_S)
+                replica.client.close()
+        except RuntimeFailure as exc:
+            log.warning("could not %s replica %s: %s", after.value, replica_id, exc)
+            await self._retire(replica)
+            return False
+        if replica.state is during:
+            replica.move(after)
+        self._pool(replica.spec.key).changed()
         return True
 
     async def check_alive(self) -> list[str]:
         """Retire idle replicas whose process died while nobody was talking to them."""
         dead = []
         for replica in list(self.replicas.values()):
-            if replica.in_flight or replica.state not in {"running", "paused"}:
+            if replica.in_flight or replica.state not in (State.RUNNING, State.PAUSED):
                 continue
             try:
                 info = await self.runtime.exit_info(replica.handle)
@@ -600,24 +683,24 @@ class ReplicaManager:
         image = replica.spec.image
         self.image_last_used[image] = max(self.image_last_used.get(image, 0.0), replica.last_used)
         self.replicas.pop(replica.replica_id, None)
-        if self._by_version.get(replica.spec.key) is replica:
-            del self._by_version[replica.spec.key]
+        pool = self._pool(replica.spec.key)
+        if replica in pool.replicas:
+            pool.replicas.remove(replica)
             if replica.gpu_uuid and self.gpu is not None:
                 self.gpu.release(replica.spec.key)
         replica.client.close()
+        pool.changed()
 
     async def _retire(self, replica: Replica) -> None:
         """Forget a replica and remove its container; never raises."""
-        replica.state = "dead"
+        replica.move(State.DEAD)
         self._forget(replica)
         await self._discard_handle(replica.handle, replica.run_dir)
 
     def _retire_later(self, replica: Replica) -> None:
-        replica.state = "dead"
+        replica.move(State.DEAD)
         self._forget(replica)
-        task = asyncio.create_task(self._discard_handle(replica.handle, replica.run_dir))
-        self._cleanup_tasks.add(task)
-        task.add_done_callback(self._cleanup_tasks.discard)
+        self._own(self._discard_handle(replica.handle, replica.run_dir), f"remove-{replica.replica_id}")
 
     async def _discard_handle(self, handle: str, run_dir: Path) -> None:
         try:
@@ -626,3 +709,10 @@ class ReplicaManager:
             log.warning("could not remove replica %s: %s", handle, exc)
         if run_dir and str(run_dir):
             self.run_dirs.remove(run_dir)
+
+
+def _placeholder(replica_id: str, spec: VersionSpec, settings: ProxySettings, now: float) -> Replica:
+    """A replica being started, before it has a container: it counts as coming, takes no requests."""
+    return Replica(replica_id=replica_id, spec=spec, handle="", run_dir=Path(""),
+                   client=HarnessClient("", max_idle=0),
+                   concurrency=spec.max_concurrency or settings.replica_concurrency, last_used=now, started_at=now)

@@ -58,7 +58,7 @@ async def run_chunk(request: web.Request) -> web.Response:
     call = await _call(request, needs_inputs=True)
     spec = await request.app[VERSIONS].get(call.version, call.created_at)
     chunk = ChunkRequest(spec=spec, inputs=call.inputs, timeout_s=call.timeout_s, request_id=call.request_id)
-    result = await request.app[MANAGER].run_chunk(chunk)
+    result = await request.app[MANAGER].run_chunk(chunk, may_start=call.may_start)
     return json_response(result.to_dict())
 
 
@@ -66,7 +66,7 @@ async def warm(request: web.Request) -> web.Response:
     """Pre-warm: a ready replica of the version here, without running anything on it."""
     call = await _call(request, needs_inputs=False)
     spec = await request.app[VERSIONS].get(call.version, call.created_at)
-    kind, timings = await request.app[MANAGER].warm(spec, call.timeout_s)
+    kind, timings = await request.app[MANAGER].warm(spec, call.timeout_s, call.replicas)
     return json_response({"start": kind, "timings": timings, "proxy_id": request.app[SETTINGS].proxy_id})
 
 

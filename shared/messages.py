@@ -78,6 +78,8 @@ class VersionSpec:
     idle_timeout_s: float = 300.0
     keep_warm: bool = False
     timeout_s: float = 60.0
+    # Requests one replica takes at once (the autoscaler's target per replica); None: the host's setting.
+    max_concurrency: int | None = None
     created_at: float = 0.0
     retired: bool = False
     # The image's content id (sha256:…) resolved at deploy: the version runs exactly this, forever.
@@ -104,7 +106,7 @@ class VersionSpec:
 # The settings a client may give at deploy time, and which of them PATCH may change.
 DEPLOY_FIELDS = {
     "image", "entrypoint", "env", "batch_size", "gpu", "memory_mb", "cpus", "gpu_memory_mb",
-    "capacity", "idle_timeout_s", "keep_warm", "timeout_s",
+    "capacity", "idle_timeout_s", "keep_warm", "timeout_s", "max_concurrency",
 }
 PATCHABLE_FIELDS = {"capacity", "idle_timeout_s", "keep_warm", "timeout_s"}
 
@@ -187,7 +189,7 @@ def validate_settings(body: Any, allowed: set[str], limits: DeployLimits = Deplo
     if body.get("env") is not None:
         out["env"] = _env(body["env"])
     for name, low, high in (("batch_size", 1, 100_000), ("memory_mb", 32, limits.max_memory_mb),
-                            ("gpu_memory_mb", 0, 1_048_576)):
+                            ("gpu_memory_mb", 0, 1_048_576), ("max_concurrency", 1, 256)):
         value = _positive_int(body, name, low, high)
         if value is not None:
             out[name] = value
@@ -235,11 +237,14 @@ class ChunkRequest:
     inputs: list[Any]
     timeout_s: float
     request_id: str
+    # Whether the proxy may start another replica for it when its replicas are all busy
+    # (the ingress says no once the version runs capacity.max replicas across the fleet).
+    may_start: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form names the version; the proxy reads what it runs from the registry, not from us."""
         return {"version": self.spec.key, "created_at": self.spec.created_at, "inputs": self.inputs,
-                "timeout_s": self.timeout_s, "request_id": self.request_id}
+                "timeout_s": self.timeout_s, "request_id": self.request_id, "may_start": self.may_start}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +256,8 @@ class ChunkCall:
     inputs: list[Any]
     timeout_s: float
     request_id: str
+    may_start: bool = True
+    replicas: int = 1  # for a warm-up: how many ready replicas of the version this host should run
 
     @classmethod
     def from_dict(cls, data: Any, needs_inputs: bool = True) -> "ChunkCall":
@@ -265,8 +272,12 @@ class ChunkCall:
         if not timeout_s > 0:
             raise ApiError(504, "timeout", "deadline passed before the chunk reached the proxy")
         request_id = data.get("request_id", "")
+        replicas = data.get("replicas", 1)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 256:
+            raise bad_request("replicas must be an integer from 1 to 256")
         return cls(version=data["version"], created_at=created_at, inputs=data.get("inputs") or [],
-                   timeout_s=min(timeout_s, 86400.0), request_id=str(request_id)[:128])
+                   timeout_s=min(timeout_s, 86400.0), request_id=str(request_id)[:128],
+                   may_start=data.get("may_start") is not False, replicas=replicas)
 
 
 # The phases of a replica start a proxy times (``<phase>_ms`` in ChunkResult.timings).

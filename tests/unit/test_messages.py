@@ -186,11 +186,12 @@ def chunk_body(**changes: Any) -> dict[str, Any]:
 
 def test_chunk_wire_form_names_the_version_and_carries_no_spec() -> None:
     spec = VersionSpec("c", "m", "feat/x", 3, "img", env={"A": "1"}, created_at=7.0)
-    wire = ChunkRequest(spec=spec, inputs=[1], timeout_s=2.0, request_id="r").to_dict()
-    assert wire == {"version": "c/m/feat/x/3", "created_at": 7.0, "inputs": [1], "timeout_s": 2.0, "request_id": "r"}
+    wire = ChunkRequest(spec=spec, inputs=[1], timeout_s=2.0, request_id="r", may_start=False).to_dict()
+    assert wire == {"version": "c/m/feat/x/3", "created_at": 7.0, "inputs": [1], "timeout_s": 2.0, "request_id": "r",
+                    "may_start": False}
     call = ChunkCall.from_dict(orjson.loads(orjson.dumps(wire)))
-    assert (call.version, call.created_at, call.inputs, call.timeout_s, call.request_id) == \
-        ("c/m/feat/x/3", 7.0, [1], 2.0, "r")
+    assert (call.version, call.created_at, call.inputs, call.timeout_s, call.request_id, call.may_start) == \
+        ("c/m/feat/x/3", 7.0, [1], 2.0, "r", False)
 
 
 @pytest.mark.parametrize(
@@ -214,6 +215,9 @@ def test_chunk_wire_form_names_the_version_and_carries_no_spec() -> None:
         (chunk_body(timeout_s=0), 504),
         (chunk_body(timeout_s=-0.5), 504),
         (chunk_body(timeout_s=float("nan")), 504),
+        (chunk_body(replicas=0), 400),
+        (chunk_body(replicas=True), 400),
+        (chunk_body(replicas=1000), 400),
     ],
 )
 def test_chunk_call_errors(body: Any, status: int) -> None:

@@ -12,6 +12,7 @@ from ingress.router import (
     COLD, LUKEWARM, WARM, ProxyState, ReplicaState, StartCosts, alive, choose_proxies, tier_and_wait,
 )
 from runtime_proxy.heartbeat import Heartbeat
+from runtime_proxy.lifecycle import State
 from runtime_proxy.replicas import ReplicaManager
 from shared.messages import VersionSpec
 from shared.settings import ProxySettings
@@ -212,7 +213,7 @@ async def test_from_heartbeat_reads_the_proxys_real_payload(tmp_path: Path) -> N
     specs = [VersionSpec("acme", "churn", "main", n, "img") for n in (1, 2)]
     for rid, spec, state, in_flight in (("r1", specs[0], "running", 1), ("r2", specs[1], "paused", 0)):
         replica = manager._new_replica(rid, spec, f"handle-{rid}", tmp_path / rid)
-        replica.state, replica.in_flight = state, in_flight
+        replica.state, replica.in_flight = State(state), in_flight
         manager._register(replica)
     async def state() -> dict[str, object]:
         return {"replicas": manager.snapshot()}
