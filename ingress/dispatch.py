@@ -61,6 +61,13 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.clock = clock
 
+    def _may_start(self, spec: VersionSpec) -> bool:
+        """Whether a proxy may add a replica of ``spec``: fewer than ``capacity.max`` run across the fleet
+        (as of the last heartbeats; two ingresses may overshoot by a beat, and idle replicas pause soon)."""
+        running = sum(1 for proxy in self.view.live_proxies() for r in proxy.replicas
+                      if r.version == spec.key and r.state in ("running", "starting"))
+        return running < spec.capacity.max
+
     def _choices(self, spec: VersionSpec, exclude: frozenset[str] = frozenset()) -> list[Choice]:
         return choose_proxies(self.view.live_proxies(), spec.key, self.view.routing_now(), self.rng,
                               self.costs.costs(spec.key), self.max_age_s, exclude)
@@ -110,7 +117,8 @@ class Dispatcher:
             if remaining <= 0:
                 raise deadline_exceeded()
             tried.add(choice.proxy.proxy_id)
-            chunk = ChunkRequest(spec=spec, inputs=inputs, timeout_s=remaining, request_id=request_id)
+            chunk = ChunkRequest(spec=spec, inputs=inputs, timeout_s=remaining, request_id=request_id,
+                                 may_start=self._may_start(spec))
             try:
                 result = await self._send(spec, choice, chunk, frozenset(tried))
             except ProxyUnreachable as exc:

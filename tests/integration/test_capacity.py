@@ -1,0 +1,76 @@
+"""N replicas of a version on the real stack: out under concurrent load up to capacity.max, and back."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.stack import REPO_ROOT, Stack, running_stack, wait_until
+
+pytestmark = [pytest.mark.timeout(240)]
+
+MODELS = f"dir:{REPO_ROOT / 'tests' / 'support' / 'models'}"
+
+
+@pytest.fixture
+async def stack(redis_url: str, state_dir: Path) -> AsyncIterator[Stack]:
+    async with running_stack(redis_url, state_dir, "process", reaper_interval_s=0.1,
+                             pause_stop_after_s=0.5) as s:
+        await s.customer("acme")
+        yield s
+
+
+async def replicas_of(stack: Stack, model: str) -> list[dict[str, Any]]:
+    assert stack.session is not None
+    out = []
+    for proxy in stack.proxies:
+        out += [r for r in (await proxy.state(stack.session))["replicas"] if r["version"].startswith(f"acme/{model}/")]
+    return out
+
+
+async def burst(stack: Stack, model: str, callers: int, seconds: float) -> list[tuple[int, Any, Any]]:
+    return list(await asyncio.gather(*(stack.call(model, seconds, timeout_s=60) for _ in range(callers))))
+
+
+async def test_concurrent_callers_get_their_own_replicas_up_to_max(stack: Stack) -> None:
+    """3 concurrent callers of a 0.4 s model with max 3 → 3 replicas on one proxy, all answered."""
+    await stack.deploy("slow", MODELS, "models:slow", capacity={"min": 0, "desired": 1, "max": 3})
+    assert (await stack.call("slow", 0))[0] == 200
+    answers = await burst(stack, "slow", 3, 0.4)
+    assert [a[0] for a in answers] == [200, 200, 200], answers
+    await wait_until(lambda: _count(stack, "slow", {"running", "paused"}, 3), 10, "3 replicas")
+    # A second burst finds them warm: every call is served without a start.
+    answers = await burst(stack, "slow", 3, 0.4)
+    assert [a[0] for a in answers] == [200, 200, 200]
+    assert len(await replicas_of(stack, "slow")) == 3
+
+
+async def test_never_more_than_max_replicas(stack: Stack) -> None:
+    """6 callers, max 2: two replicas, the rest wait their turn (none is refused within the deadline)."""
+    await stack.deploy("slow", MODELS, "models:slow", capacity={"min": 0, "desired": 1, "max": 2})
+    answers = await burst(stack, "slow", 6, 0.3)
+    assert [a[0] for a in answers] == [200] * 6, answers
+    assert len(await replicas_of(stack, "slow")) == 2
+
+
+async def test_idle_replicas_go_lukewarm_then_zero_running(redis_url: str, state_dir: Path) -> None:
+    async with running_stack(redis_url, state_dir, "process", reaper_interval_s=0.1, pause_stop_after_s=0.5) as stack:
+        await stack.customer("acme")
+        await stack.deploy("slow", MODELS, "models:slow", idle_timeout_s=0.5,
+                           capacity={"min": 0, "desired": 1, "max": 3})
+        await burst(stack, "slow", 3, 0.3)
+        await wait_until(lambda: _count(stack, "slow", {"running"}, 0, at_least=False), 20,
+                         "no replica running once idle")
+        states = {r["state"] for r in await replicas_of(stack, "slow")}
+        assert states <= {"paused", "stopped"}, states
+        # Lukewarm, not gone: the next call is not a cold start.
+        status, _, headers = await stack.call("slow", 0)
+        assert status == 200 and 'start;desc="lukewarm"' in headers["Server-Timing"], headers["Server-Timing"]
+
+
+async def _count(stack: Stack, model: str, states: set[str], n: int, at_least: bool = True) -> bool:
+    found = sum(1 for r in await replicas_of(stack, model) if r["state"] in states)
+    return found >= n if at_least else found == n
