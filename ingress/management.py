@@ -12,6 +12,7 @@ from aiohttp import web
 from ingress import state
 from ingress.auth import is_admin, key_record
 from ingress.proxy_client import ProxyUnreachable
+from ingress.usage import USAGE_PATH, usage_handler
 from shared.errors import ApiError, bad_request, not_found, unavailable
 from shared.http import json_response, read_json
 from shared.images import check_customer_image, parse_image, shared_repositories
@@ -22,7 +23,6 @@ from shared.messages import (
 
 BRANCH_PATH = "/api/v1/customers/{customer}/models/{model}/branches/{branch}"
 SCOPES = {"predict", "deploy"}
-PREWARM_TIMEOUT_S = 120.0
 RESOLVE_TIMEOUT_S = 300.0
 RESOLVE_TRIES = 3
 MAX_KEY_LIFETIME_S = 10 * 365 * 86400
@@ -163,20 +163,22 @@ async def create_version(request: web.Request) -> web.Response:
     spec = await registry.create_version(customer, model, branch, fields, move_latest=warm_count == 0)
     if warm_count:
         await _prewarm_or_withdraw(request, spec, warm_count)
-        await registry.set_pointer(customer, model, branch, "latest", spec.version)
+        await registry.advance_latest(customer, model, branch, spec.version)
     request.app[state.VIEW].note_pointers(customer, model, branch,
                                           await registry.get_pointers(customer, model, branch))
     return json_response(_version_body(spec), status=201)
 
 
 async def _prewarm_or_withdraw(request: web.Request, spec: VersionSpec, count: int) -> None:
-    """``capacity.min`` ready replicas before ``latest`` moves; a version that never gets ready is withdrawn."""
-    deadline = time.time() + PREWARM_TIMEOUT_S
+    """``capacity.min`` ready replicas before ``latest`` moves; a version that never gets ready is withdrawn,
+    ``latest`` stays, and the version (when its number cannot be given back) records why."""
+    deadline = time.time() + request.app[state.SETTINGS].rollout_timeout_s
     try:
         await request.app[state.DISPATCHER].prewarm(spec, count, deadline)
     except ApiError as exc:
-        await request.app[state.REGISTRY].withdraw_version(spec)
-        raise ApiError(422, "prewarm_failed", f"version never got ready ({exc.type}): {exc.message}") from None
+        why = f"version never got ready ({exc.type}): {exc.message}"
+        await request.app[state.REGISTRY].withdraw_version(spec, why)
+        raise ApiError(422, "prewarm_failed", why) from None
 
 
 async def get_version(request: web.Request) -> web.Response:
@@ -207,6 +209,31 @@ async def retire_version(request: web.Request) -> web.Response:
     await registry.save_version(dataclasses.replace(spec, retired=True))
     request.app[state.VIEW].forget_version(spec.key)
     return web.Response(status=204)
+
+
+async def rollback(request: web.Request) -> web.Response:
+    """``latest`` back to the given version, or to the newest live one below it: one call."""
+    customer, model, branch = await _branch(request)
+    registry = request.app[state.REGISTRY]
+    body: Any = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict) or set(body) - {"version"}:
+        raise bad_request('body must be {} or {"version": <positive integer>}')
+    current = (await registry.get_pointers(customer, model, branch)).get("latest")
+    if current is None:
+        raise not_found(f"no model {model!r} with branch {branch!r}")
+    number = body.get("version")
+    if number is None:
+        older = [n for n in await registry.live_versions(customer, model, branch) if n < current]
+        if not older:
+            raise ApiError(409, "conflict", f"no live version before {current} to roll back to")
+        number = older[-1]
+    elif isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise bad_request('body must be {} or {"version": <positive integer>}')
+    await registry.require_version(customer, model, branch, number)
+    await registry.set_pointer(customer, model, branch, "latest", number)
+    request.app[state.VIEW].note_pointers(customer, model, branch,
+                                          await registry.get_pointers(customer, model, branch))
+    return json_response({"latest": number, "previous": current})
 
 
 async def put_alias(request: web.Request) -> web.Response:
@@ -297,9 +324,11 @@ def add_routes(app: web.Application) -> None:
     r.add_get(BRANCH_PATH + "/versions/{number}", get_version)
     r.add_patch(BRANCH_PATH + "/versions/{number}", patch_version)
     r.add_delete(BRANCH_PATH + "/versions/{number}", retire_version)
+    r.add_post(BRANCH_PATH + "/rollback", rollback)
     r.add_put(BRANCH_PATH + "/aliases/{alias}", put_alias)
     r.add_delete(BRANCH_PATH + "/aliases/{alias}", delete_alias)
     r.add_get(BRANCH_PATH + "/logs", read_logs)
+    r.add_get(USAGE_PATH, usage_handler(_customer))
     r.add_get("/api/v1/status", fleet_status)
     r.add_get("/status", status_page)
     r.add_get("/healthz", healthz)

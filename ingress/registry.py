@@ -116,15 +116,18 @@ class Registry:
             pipe.set(keys.version(customer, model, branch, number), orjson.dumps(spec.to_dict()))
             pipe.sadd(keys.versions_index(customer, model, branch), number)
             pipe.sadd(keys.branches_index(), f"{customer}/{model}/{branch}")
-            if move_latest:
-                pipe.hset(keys.pointers(customer, model, branch), "latest", number)
-            pipe.publish(keys.EVENTS_CHANNEL, event("pointers", branch=f"{customer}/{model}/{branch}"))
+            if spec.capacity.min > 0:
+                pipe.hset(keys.CAPACITY_FLOOR, spec.key, spec.capacity.min)  # kept ready from now on
+            if not move_latest:  # else advance_latest tells the ingresses, once latest has moved
+                pipe.publish(keys.EVENTS_CHANNEL, event("pointers", branch=f"{customer}/{model}/{branch}"))
             await pipe.execute()
+        if move_latest:
+            await self.advance_latest(customer, model, branch, number)
         return spec
 
-    async def withdraw_version(self, spec: VersionSpec) -> None:
+    async def withdraw_version(self, spec: VersionSpec, why: str = "") -> None:
         """Undo a version that never got ready: its number is given back when no later one was taken
-        (a refused deploy uses no version number); otherwise it stays, retired."""
+        (a refused deploy uses no version number); otherwise it stays, retired, with ``why``."""
         counter = keys.version_counter(spec.customer, spec.model, spec.branch)
         async with self.redis.pipeline(transaction=True) as pipe:
             try:
@@ -133,12 +136,13 @@ class Registry:
                     pipe.multi()
                     pipe.delete(keys.version(spec.customer, spec.model, spec.branch, spec.version))
                     pipe.srem(keys.versions_index(spec.customer, spec.model, spec.branch), spec.version)
+                    pipe.hdel(keys.CAPACITY_FLOOR, spec.key)
                     pipe.decr(counter)
                     await pipe.execute()
                     return
             except redis.WatchError:
                 pass  # a later deploy took the next number meanwhile
-        await self.save_version(dataclasses.replace(spec, retired=True))
+        await self.save_version(dataclasses.replace(spec, retired=True, rollout_error=why))
 
     async def get_version(self, customer: str, model: str, branch: str, number: int) -> VersionSpec | None:
         raw = await self.redis.get(keys.version(customer, model, branch, number))
@@ -147,8 +151,43 @@ class Registry:
     async def save_version(self, spec: VersionSpec) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.version(spec.customer, spec.model, spec.branch, spec.version), orjson.dumps(spec.to_dict()))
+            # The capacity loop's index follows a PATCHed capacity.min and a retirement.
+            if spec.capacity.min > 0 and not spec.retired:
+                pipe.hset(keys.CAPACITY_FLOOR, spec.key, spec.capacity.min)
+            else:
+                pipe.hdel(keys.CAPACITY_FLOOR, spec.key)
             pipe.publish(keys.EVENTS_CHANNEL, event("version", key=spec.key))
             await pipe.execute()
+
+    async def advance_latest(self, customer: str, model: str, branch: str, number: int) -> bool:
+        """Move ``latest`` to ``number`` unless a newer version already holds it; whether it moved.
+
+        Two deploys racing (one pre-warming) never move it backwards: compare-and-set under WATCH.
+        """
+        pointers = keys.pointers(customer, model, branch)
+        for _ in range(100):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(pointers)
+                    current = await pipe.hget(pointers, "latest")
+                    if current is not None and int(current) >= number:
+                        return False
+                    pipe.multi()
+                    pipe.hset(pointers, "latest", number)
+                    pipe.publish(keys.EVENTS_CHANNEL, event("pointers", branch=f"{customer}/{model}/{branch}"))
+                    await pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue  # another writer moved a pointer meanwhile: look again
+        raise RuntimeError(f"latest of {customer}/{model}/{branch} kept changing")
+
+    async def live_versions(self, customer: str, model: str, branch: str) -> list[int]:
+        """The branch's version numbers that are not retired, ascending."""
+        numbers = sorted(int(n) for n in await self.redis.smembers(keys.versions_index(customer, model, branch)))
+        if not numbers:
+            return []
+        raws = await self.redis.mget([keys.version(customer, model, branch, n) for n in numbers])
+        return [n for n, raw in zip(numbers, raws) if raw is not None and not orjson.loads(raw).get("retired")]
 
     async def get_pointers(self, customer: str, model: str, branch: str) -> dict[str, int]:
         raw = await self.redis.hgetall(keys.pointers(customer, model, branch))

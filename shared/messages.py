@@ -84,6 +84,8 @@ class VersionSpec:
     retired: bool = False
     # The image's content id (sha256:…) resolved at deploy: the version runs exactly this, forever.
     image_id: str = ""
+    # Why the rollout of this version failed (it never got ready; latest stayed where it was).
+    rollout_error: str = ""
 
     @property
     def key(self) -> str:

@@ -76,6 +76,33 @@ class IngressSettings:
     shared_images: str = ""
     # Largest answer a model may give (the proxies' setting too): caps what a proxy's answer may hold.
     max_response_mb: int = 64
+    # How long a deploy with capacity.min > 0 may take to get its replicas ready before it is refused.
+    rollout_timeout_s: float = 120.0
+
+    # usage
+    # Request and error counts (GET …/usage) are written to Redis in batches this often, off the
+    # request path; a stopping ingress writes what is left.
+    usage_flush_s: float = 2.0
+
+    # capacity
+    # The fleet's capacity loop (ingress/reconciler.py) runs on the one ingress holding its lease:
+    # it keeps capacity.min replicas ready and adds replicas under load. 0: this ingress never runs it.
+    reconcile_interval_s: float = 1.0
+    # A holder that stops renewing (dies, hangs, loses Redis) is replaced within about this plus an interval.
+    lease_ttl_s: float = 5.0
+    # A version's target replicas falls only once its load has stayed lower for this long (capped by
+    # its idle_timeout_s, so the loop never wakes what the proxies' idle policy just paused).
+    downscale_delay_s: float = 30.0
+    # ... and from 1 to 0 (capacity.min 0) only once it has had no request at all for this long.
+    downscale_to_zero_delay_s: float = 300.0
+    # A new replica that must start cold is added once the overload has lasted this many cold starts
+    # (measured per version), or at once when the queue would take longer than a cold start to drain.
+    cold_start_patience: float = 1.0
+    # How long the loop's call for new replicas may take on a proxy (a cold start, an image pull).
+    warm_timeout_s: float = 120.0
+    # A version this young is left to its deploy's own pre-warm (which has as long to get capacity.min
+    # ready before `latest` moves), so that the two do not both start replicas on different hosts.
+    new_version_grace_s: float = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +158,12 @@ class ProxySettings:
     log_max_mb: int = 10
     # How long a version spec read from Redis is trusted before it is read again.
     spec_cache_s: float = 5.0
+
+    # usage
+    # Replica-seconds are accrued from the replicas' states this often (by the clock: a transition
+    # between two ticks costs at most half a tick of accuracy) and written to Redis this often.
+    usage_tick_s: float = 2.0
+    usage_flush_s: float = 10.0
 
 
 def _coerce(kind: Any, raw: str) -> Any:

@@ -74,3 +74,28 @@ async def test_idle_replicas_go_lukewarm_then_zero_running(redis_url: str, state
 async def _count(stack: Stack, model: str, states: set[str], n: int, at_least: bool = True) -> bool:
     found = sum(1 for r in await replicas_of(stack, model) if r["state"] in states)
     return found >= n if at_least else found == n
+
+
+async def test_rollback_is_one_call(stack: Stack) -> None:
+    path = "/api/v1/customers/acme/models/echo/branches/main/rollback"
+    for _ in range(3):
+        await stack.deploy("echo", MODELS, "models:echo")
+    assert await stack.admin("POST", path, {}) == (200, {"latest": 2, "previous": 3})
+    assert (await stack.call("echo", "x"))[2]["X-Model-Version"] == "2"
+    assert await stack.admin("POST", path, {"version": 3}) == (200, {"latest": 3, "previous": 2})
+    status, body = await stack.admin("POST", path, {"version": 9})
+    assert (status, body["type"]) == (404, "not_found")
+    assert (await stack.admin("DELETE", "/api/v1/customers/acme/models/echo/branches/main/versions/1"))[0] == 204
+    assert (await stack.admin("POST", path, {}))[0] == 200  # 3 → 2
+    status, body = await stack.admin("POST", path, {})
+    assert (status, body["type"]) == (409, "conflict")  # nothing live before 2
+
+
+async def test_a_failed_rollout_leaves_latest_and_says_why(stack: Stack) -> None:
+    await stack.deploy("echo", MODELS, "models:echo")
+    status, body = await stack.admin("POST", "/api/v1/customers/acme/models/echo/branches/main/versions",
+                                     {"image": MODELS, "entrypoint": "broken:predict", "capacity": {"min": 1}})
+    assert (status, body["type"]) == (422, "prewarm_failed"), body
+    assert "model_load_failed" in body["error"] and "nope_this_module_does_not_exist" in body["error"]
+    status, _, headers = await stack.call("echo", "x")
+    assert status == 200 and headers["X-Model-Version"] == "1"

@@ -197,3 +197,21 @@ async def test_list_proxies_skips_expired_heartbeats(registry: Registry, client:
     await client.set(keys.proxy_heartbeat("p1"), orjson.dumps(beat))
     await client.zadd(keys.PROXIES, {"p1": 5.0, "p2": 4.0})  # p2's heartbeat key has expired
     assert await registry.list_proxies() == [beat]
+
+
+async def test_latest_never_moves_backwards_when_deploys_race(registry: Registry) -> None:
+    """v1 pre-warms (latest not moved yet) while v2 deploys and moves it; v1 ready later must not win."""
+    slow = await registry.create_version("acme", "churn", "main", {"image": "a"}, move_latest=False)
+    fast = await registry.create_version("acme", "churn", "main", {"image": "b"})
+    assert (await registry.get_pointers("acme", "churn", "main"))["latest"] == fast.version
+    assert await registry.advance_latest("acme", "churn", "main", slow.version) is False
+    assert (await registry.get_pointers("acme", "churn", "main"))["latest"] == fast.version
+
+
+async def test_a_failed_rollout_that_keeps_its_number_records_why(registry: Registry) -> None:
+    failed = await registry.create_version("acme", "churn", "main", {"image": "a"}, move_latest=False)
+    await registry.create_version("acme", "churn", "main", {"image": "b"})  # takes the next number
+    await registry.withdraw_version(failed, "version never got ready (model_load_failed): boom")
+    kept = await registry.get_version("acme", "churn", "main", failed.version)
+    assert kept is not None and kept.retired and kept.rollout_error.endswith("boom")
+    assert await registry.live_versions("acme", "churn", "main") == [2]
