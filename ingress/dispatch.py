@@ -72,19 +72,23 @@ class Dispatcher:
         return choose_proxies(self.view.live_proxies(), spec.key, self.view.routing_now(), self.rng,
                               self.costs.costs(spec.key), self.max_age_s, exclude)
 
-    async def run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str) -> Outcome:
-        """Bounded per version: past ``max_pending`` requests in flight, new ones get 503 at once."""
-        if self._pending[spec.key] >= self.max_pending:
+    async def run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str,
+                  batch: bool = False) -> Outcome:
+        """Bounded per version: past ``max_pending`` requests in flight, new ones get 503 at once; batch
+        work yields (it is refused past half of that), so that on-demand requests always find room."""
+        limit = self.max_pending // 2 if batch else self.max_pending
+        if self._pending[spec.key] >= limit:
             raise unavailable(f"{self._pending[spec.key]} requests for this version are already waiting", 1)
         self._pending[spec.key] += 1
         try:
-            return await self._run(spec, inputs, deadline, request_id)
+            return await self._run(spec, inputs, deadline, request_id, batch)
         finally:
             self._pending[spec.key] -= 1
             if not self._pending[spec.key]:
                 del self._pending[spec.key]
 
-    async def _run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str) -> Outcome:
+    async def _run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str,
+                   batch: bool) -> Outcome:
         choices = self._choices(spec) or await self._fresh_choices(spec, frozenset())
         if not choices:
             raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)
@@ -96,7 +100,7 @@ class Dispatcher:
             used = [(c, s) for c, s in zip(choices, sizes) if s > 0]
             plan = list(zip([c for c, _ in used], chunk_ranges([s for _, s in used])))
         tasks = [
-            asyncio.create_task(self._run_chunk(spec, inputs[a:b], choice, deadline, request_id))
+            asyncio.create_task(self._run_chunk(spec, inputs[a:b], choice, deadline, request_id, batch=batch))
             for choice, (a, b) in plan
         ]
         try:
@@ -109,7 +113,7 @@ class Dispatcher:
         return self._stitch(results)
 
     async def _run_chunk(self, spec: VersionSpec, inputs: list[Any], choice: Choice, deadline: float,
-                         request_id: str) -> ChunkResult:
+                         request_id: str, batch: bool = False) -> ChunkResult:
         tried: set[str] = set()
         last_error = ""
         for _ in range(self.retries + 1):
@@ -118,7 +122,7 @@ class Dispatcher:
                 raise deadline_exceeded()
             tried.add(choice.proxy.proxy_id)
             chunk = ChunkRequest(spec=spec, inputs=inputs, timeout_s=remaining, request_id=request_id,
-                                 may_start=self._may_start(spec))
+                                 may_start=self._may_start(spec), batch=batch)
             try:
                 result = await self._send(spec, choice, chunk, frozenset(tried))
             except ProxyUnreachable as exc:

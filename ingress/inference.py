@@ -9,9 +9,10 @@ from aiohttp import web
 
 from ingress import state
 from ingress.auth import require_customer_scope
-from ingress.batching import parse_body, stitch
+from ingress.batching import InferenceInput, parse_body, stitch
 from ingress.dispatch import Outcome
 from ingress.hosts import customer_from_host
+from ingress.usage import USAGE
 from shared.errors import ApiError, bad_request
 from shared.http import error_response, json_response, read_json
 from shared.messages import START_PHASES, VersionSpec, check_branch, check_name, start_ms
@@ -38,6 +39,17 @@ def _request_id(request: web.Request) -> str:
     if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
         return given
     return uuid.uuid4().hex
+
+
+PRIORITY_HEADER = "X-Lukewarm-Priority"
+
+
+def _is_batch_work(request: web.Request) -> bool:
+    """``X-Lukewarm-Priority: batch`` marks work that yields to on-demand requests (the default)."""
+    value = request.headers.get(PRIORITY_HEADER, "on-demand").strip().lower()
+    if value not in ("batch", "on-demand"):
+        raise bad_request(f"{PRIORITY_HEADER} must be batch or on-demand")
+    return value == "batch"
 
 
 def _version_pointer(raw: str) -> str:
@@ -85,10 +97,19 @@ async def _admitted(request: web.Request, customer: str, request_id: str, header
     pointer = _version_pointer(request.match_info["version"])
     body = parse_body(await read_json(request), settings.max_batch_items)
     spec = await view.resolve(customer, model, branch, pointer)
+    # Usage: from here on the request is the version's (ingress/usage.py says what counts); in memory only.
+    with app[USAGE].counting(spec):
+        return await _resolved(request, spec, body, request_id, headers, t0)
+
+
+async def _resolved(request: web.Request, spec: VersionSpec, body: InferenceInput, request_id: str,
+                    headers: dict[str, str], t0: float) -> web.Response:
+    app = request.app
     headers["X-Model-Version"] = str(spec.version)
     timeout_s = min(spec.timeout_s, body.timeout_s or spec.timeout_s)
     route_ms = (time.perf_counter() - t0) * 1000
-    outcome = await app[state.DISPATCHER].run(spec, body.inputs, time.time() + timeout_s, request_id)
+    outcome = await app[state.DISPATCHER].run(spec, body.inputs, time.time() + timeout_s, request_id,
+                                              batch=_is_batch_work(request))
     total_s = time.perf_counter() - t0
     headers["Server-Timing"] = server_timing(route_ms, outcome.timings, outcome.start)
     _log_request(request, spec, request_id, outcome, total_s)

@@ -48,10 +48,11 @@ class ChunkRecorder:
         self.chunks: list[dict[str, Any]] = []
         inner = self.dispatcher._run_chunk
 
-        async def recorded(spec: Any, inputs: list[Any], choice: Any, deadline: float, request_id: str) -> Any:
+        async def recorded(spec: Any, inputs: list[Any], choice: Any, deadline: float, request_id: str,
+                           **options: Any) -> Any:
             t = time.perf_counter()
             planned = {"proxy": choice.proxy.proxy_id, "tier": choice.tier, "expected_ms": choice.expected_ms}
-            result = await inner(spec, inputs, choice, deadline, request_id)
+            result = await inner(spec, inputs, choice, deadline, request_id, **options)
             self.chunks.append({**planned, "request_id": request_id, "items": len(inputs),
                                 "ran_on": result.proxy_id, "s": time.perf_counter() - t,
                                 "infer_s": result.timings.get("infer_ms", 0.0) / 1000, "start": result.start})

@@ -65,6 +65,7 @@ class VersionPool:
     def __init__(self) -> None:
         self.replicas: list[Replica] = []
         self.waiting = 0
+        self.waiting_on_demand = 0  # batch waiters let these go first
         self.failure: ApiError | None = None  # the last start's failure, for waiters
         self._pulse = asyncio.Event()
 

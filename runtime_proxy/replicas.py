@@ -129,10 +129,11 @@ class ReplicaManager:
         return kind, timings
 
     async def run_chunk(self, req: ChunkRequest, may_start: bool = True) -> ChunkResult:
-        """Run one chunk on a ready replica of its version; start one (in the background) if all are busy."""
+        """Run one chunk on a ready replica of its version; start one (in the background) if all are busy.
+        A batch chunk takes a free slot only when no on-demand chunk of the version is waiting for one."""
         t0 = self.clock()
         deadline = t0 + req.timeout_s
-        replica, start_kind, timings = await self._acquire(req.spec, deadline, may_start)
+        replica, start_kind, timings = await self._acquire(req.spec, deadline, may_start, batch=req.batch)
         t_infer = self.clock()
         try:
             status, body = await self._predict(replica, req.inputs, deadline)
@@ -148,6 +149,10 @@ class ReplicaManager:
             error=body.get("error"), traceback=body.get("traceback"), start=start_kind, timings=timings,
             proxy_id=self.settings.proxy_id,
         )
+
+    def waiting(self) -> dict[str, int]:
+        """Chunks waiting for a slot, per version: demand the replicas here do not meet yet."""
+        return {key: pool.waiting for key, pool in self._pools.items() if pool.waiting}
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Replica states for the heartbeat, with each container's memory and CPU time when its cgroup shows."""
@@ -252,7 +257,7 @@ class ReplicaManager:
         return 1 if spec.gpu else max(1, min(spec.capacity.max, self.settings.max_replicas))
 
     async def _acquire(self, spec: VersionSpec, deadline: float, may_start: bool,
-                       fresh: bool = False) -> tuple[Replica, str, dict[str, float]]:
+                       fresh: bool = False, batch: bool = False) -> tuple[Replica, str, dict[str, float]]:
         """A replica of ``spec`` with a slot taken for the caller, what the caller met, and start phases.
 
         ``may_start``: another replica may be started (resumed first) when none has room;
@@ -262,14 +267,16 @@ class ReplicaManager:
         pool = self._pool(spec.key)
         await self._forget_other_code(pool, spec)
         pool.waiting += 1
+        pool.waiting_on_demand += 0 if batch else 1
         seen_failure = pool.failure  # only a start that fails while we wait is ours to report
         try:
             async with asyncio.timeout(_remaining(deadline, t0)):
                 while True:
-                    replica = None if fresh else pool.pick()
+                    yields = batch and pool.waiting_on_demand > 0
+                    replica = None if fresh or yields else pool.pick()
                     if replica is not None:
                         return self._take(replica, t0)
-                    resumed = self._resume_one(pool, deadline)
+                    resumed = None if yields else self._resume_one(pool, deadline)
                     if resumed is not None and resumed.has_room:
                         return self._take(resumed, t0)
                     starting = pool.having(State.STARTING, State.RESUMING)
@@ -284,6 +291,9 @@ class ReplicaManager:
             raise unavailable("no replica had capacity for this chunk before its deadline", retry_after_s=1) from None
         finally:
             pool.waiting -= 1
+            pool.waiting_on_demand -= 0 if batch else 1
+            if batch is False and pool.waiting:
+                pool.changed()  # a batch waiter that yielded to us may go now
 
     def _take(self, replica: Replica, t0: float) -> tuple[Replica, str, dict[str, float]]:
         replica.in_flight += 1

@@ -57,7 +57,8 @@ async def _call(request: web.Request, needs_inputs: bool) -> ChunkCall:
 async def run_chunk(request: web.Request) -> web.Response:
     call = await _call(request, needs_inputs=True)
     spec = await request.app[VERSIONS].get(call.version, call.created_at)
-    chunk = ChunkRequest(spec=spec, inputs=call.inputs, timeout_s=call.timeout_s, request_id=call.request_id)
+    chunk = ChunkRequest(spec=spec, inputs=call.inputs, timeout_s=call.timeout_s, request_id=call.request_id,
+                         batch=call.batch)
     result = await request.app[MANAGER].run_chunk(chunk, may_start=call.may_start)
     return json_response(result.to_dict())
 
@@ -92,7 +93,9 @@ async def resolve_image(request: web.Request) -> web.Response:
 
 async def state(request: web.Request) -> web.Response:
     await _authorized_body(request)
-    return json_response({"proxy_id": request.app[SETTINGS].proxy_id, "replicas": request.app[MANAGER].snapshot()})
+    manager = request.app[MANAGER]
+    return json_response({"proxy_id": request.app[SETTINGS].proxy_id, "replicas": manager.snapshot(),
+                          "waiting": manager.waiting()})
 
 
 async def healthz(request: web.Request) -> web.Response:

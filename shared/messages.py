@@ -242,11 +242,13 @@ class ChunkRequest:
     # Whether the proxy may start another replica for it when its replicas are all busy
     # (the ingress says no once the version runs capacity.max replicas across the fleet).
     may_start: bool = True
+    batch: bool = False  # batch work (X-Lukewarm-Priority: batch) yields to on-demand requests in every queue
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form names the version; the proxy reads what it runs from the registry, not from us."""
         return {"version": self.spec.key, "created_at": self.spec.created_at, "inputs": self.inputs,
-                "timeout_s": self.timeout_s, "request_id": self.request_id, "may_start": self.may_start}
+                "timeout_s": self.timeout_s, "request_id": self.request_id, "may_start": self.may_start,
+                "batch": self.batch}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +261,7 @@ class ChunkCall:
     timeout_s: float
     request_id: str
     may_start: bool = True
+    batch: bool = False
     replicas: int = 1  # for a warm-up: how many ready replicas of the version this host should run
 
     @classmethod
@@ -279,7 +282,8 @@ class ChunkCall:
             raise bad_request("replicas must be an integer from 1 to 256")
         return cls(version=data["version"], created_at=created_at, inputs=data.get("inputs") or [],
                    timeout_s=min(timeout_s, 86400.0), request_id=str(request_id)[:128],
-                   may_start=data.get("may_start") is not False, replicas=replicas)
+                   may_start=data.get("may_start") is not False, batch=data.get("batch") is True,
+                   replicas=replicas)
 
 
 # The phases of a replica start a proxy times (``<phase>_ms`` in ChunkResult.timings).

@@ -99,3 +99,40 @@ async def test_a_failed_rollout_leaves_latest_and_says_why(stack: Stack) -> None
     assert "model_load_failed" in body["error"] and "nope_this_module_does_not_exist" in body["error"]
     status, _, headers = await stack.call("echo", "x")
     assert status == 200 and headers["X-Model-Version"] == "1"
+
+
+async def test_batch_work_yields_to_on_demand_requests(stack: Stack) -> None:
+    """One replica, busy: a batch request queued first still lets a later on-demand one go first."""
+    await stack.deploy("slow", MODELS, "models:slow", capacity={"min": 0, "desired": 1, "max": 1})
+    assert (await stack.call("slow", 0))[0] == 200
+    assert stack.session is not None
+    proxy = stack.proxies[0]
+
+    async def waiting(n: int) -> bool:
+        state = await proxy.state(stack.session)  # type: ignore[arg-type]
+        return sum(state["waiting"].values()) == n
+
+    finished: list[str] = []
+
+    async def call(name: str, seconds: float, priority: str) -> None:
+        headers = {"Authorization": stack.key, "Host": "acme.localhost", "X-Lukewarm-Priority": priority}
+        status, body, _ = await stack.request("POST", "/v1/slow/latest", {"data": seconds}, headers, 60)
+        assert status == 200, body
+        finished.append(name)
+
+    busy = asyncio.ensure_future(call("busy", 1.5, "on-demand"))
+    await wait_until(lambda: _count_in_flight(stack, 1), 10, "the replica to be busy")
+    batch = asyncio.ensure_future(call("batch", 0.1, "batch"))
+    await wait_until(lambda: waiting(1), 10, "the batch request to wait")
+    on_demand = asyncio.ensure_future(call("on-demand", 0.1, "on-demand"))
+    await wait_until(lambda: waiting(2), 10, "both to wait")
+    await asyncio.gather(busy, batch, on_demand)
+    assert finished == ["busy", "on-demand", "batch"]
+    status, body, _ = await stack.request("POST", "/v1/slow/latest", {"data": 0},
+                                          {"Authorization": stack.key, "Host": "acme.localhost",
+                                           "X-Lukewarm-Priority": "urgent"})
+    assert (status, body["type"]) == (400, "bad_request")
+
+
+async def _count_in_flight(stack: Stack, n: int) -> bool:
+    return sum(r["in_flight"] for r in await replicas_of(stack, "slow")) == n

@@ -188,7 +188,7 @@ def test_chunk_wire_form_names_the_version_and_carries_no_spec() -> None:
     spec = VersionSpec("c", "m", "feat/x", 3, "img", env={"A": "1"}, created_at=7.0)
     wire = ChunkRequest(spec=spec, inputs=[1], timeout_s=2.0, request_id="r", may_start=False).to_dict()
     assert wire == {"version": "c/m/feat/x/3", "created_at": 7.0, "inputs": [1], "timeout_s": 2.0, "request_id": "r",
-                    "may_start": False}
+                    "may_start": False, "batch": False}
     call = ChunkCall.from_dict(orjson.loads(orjson.dumps(wire)))
     assert (call.version, call.created_at, call.inputs, call.timeout_s, call.request_id, call.may_start) == \
         ("c/m/feat/x/3", 7.0, [1], 2.0, "r", False)
