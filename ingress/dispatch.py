@@ -19,6 +19,7 @@ from ingress.batching import chunk_ranges, plan_split
 from ingress.costs import CostBook
 from ingress.proxy_client import ProxyClient, ProxyUnreachable
 from ingress.router import Choice, choose_proxies
+from ingress.spread import spread
 from ingress.view import StateView
 from shared.errors import ApiError, deadline_exceeded, unavailable
 from shared.messages import ChunkRequest, ChunkResult, VersionSpec, start_ms
@@ -53,6 +54,8 @@ class Dispatcher:
         self.hedge_min_ms = hedge_min_ms
         self.hedges = 0
         self._pending: collections.Counter[str] = collections.Counter()
+        # Chunks this ingress has in flight per (version, proxy): fresher than heartbeats during a burst.
+        self._sent: dict[str, collections.Counter[str]] = {}
         self.view = view
         self.client = client
         self.costs = costs
@@ -90,6 +93,7 @@ class Dispatcher:
     async def _run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str,
                    batch: bool) -> Outcome:
         choices = self._choices(spec) or await self._fresh_choices(spec, frozenset())
+        choices = spread(choices, spec.key, self._sent.get(spec.key, {}), self._may_start(spec))
         if not choices:
             raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)
         if len(inputs) < 2 * MIN_CHUNK:
@@ -145,7 +149,7 @@ class Dispatcher:
 
         First answer wins and the other call is cancelled; a failed copy waits for the other.
         """
-        primary = asyncio.ensure_future(self.client.run(choice.proxy.url, chunk))
+        primary = asyncio.ensure_future(self._counted(spec, choice, chunk))
         hedge_after_s = self._hedge_after_s(spec, choice, len(chunk.inputs))
         if hedge_after_s is None:
             return await primary
@@ -161,6 +165,18 @@ class Dispatcher:
             return await self._first_success(primary, backup)
         finally:
             primary.cancel()
+
+    async def _counted(self, spec: VersionSpec, choice: Choice, chunk: ChunkRequest) -> ChunkResult:
+        sent = self._sent.setdefault(spec.key, collections.Counter())
+        sent[choice.proxy.proxy_id] += 1
+        try:
+            return await self.client.run(choice.proxy.url, chunk)
+        finally:
+            sent[choice.proxy.proxy_id] -= 1
+            if not sent[choice.proxy.proxy_id]:
+                del sent[choice.proxy.proxy_id]
+                if not sent:
+                    del self._sent[spec.key]
 
     @staticmethod
     async def _first_success(primary: asyncio.Future[ChunkResult], backup: asyncio.Future[ChunkResult]) -> ChunkResult:

@@ -136,3 +136,15 @@ async def test_batch_work_yields_to_on_demand_requests(stack: Stack) -> None:
 
 async def _count_in_flight(stack: Stack, n: int) -> bool:
     return sum(r["in_flight"] for r in await replicas_of(stack, "slow")) == n
+
+
+async def test_with_two_proxies_the_replicas_go_to_both(redis_url: str, state_dir: Path) -> None:
+    async with running_stack(redis_url, state_dir, "process", proxies=2) as stack:
+        await stack.customer("acme")
+        await stack.deploy("slow", MODELS, "models:slow", capacity={"min": 0, "desired": 1, "max": 3})
+        assert (await stack.call("slow", 0))[0] == 200
+        answers = await burst(stack, "slow", 3, 0.4)
+        assert [a[0] for a in answers] == [200, 200, 200], answers
+        assert stack.session is not None
+        per_proxy = [sum(1 for r in (await p.state(stack.session))["replicas"]) for p in stack.proxies]
+        assert sum(per_proxy) == 3 and min(per_proxy) >= 1, per_proxy
