@@ -1,8 +1,9 @@
 """Wires the ingress: settings → Redis → local view → dispatcher → routes.
 
 Resources are owned by ``cleanup_ctx`` (set up in order, torn down in
-reverse); the view's poll, the events listener and the request-log flusher
-are owned background loops.
+reverse); the view's poll, the events listener, the request-log flusher,
+the usage flusher and the capacity loop (ingress/reconciler.py) are owned
+background loops.
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from ingress import inference, management, state
 from ingress.admission import CustomerLimiter
 from ingress.costs import CostBook
 from ingress.dispatch import Dispatcher
+from ingress.lease import Lease
 from ingress.proxy_client import ProxyClient
+from ingress.reconciler import LEASE_NAME, RECONCILER, Reconciler, new_holder_id
 from ingress.registry import Registry
 from ingress.requestlog import RequestLog
+from ingress.usage import USAGE, UsageCounter
 from ingress.view import StateView
 from shared.background import Periodic, cancel_and_wait
 from shared.http import LIMITS, BodyLimits, error_middleware
@@ -60,17 +64,25 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     proxy_client = ProxyClient(settings.proxy_secret, settings.proxy_connect_timeout_s,
                                max_answer_bytes=(2 * settings.max_response_mb + 1) * 2**20)
     request_log = RequestLog(registry)
+    usage = UsageCounter(client)
     app[state.REGISTRY] = registry
     app[state.VIEW] = view
     app[state.REQUEST_LOG] = request_log
+    app[USAGE] = usage
     app[state.DISPATCHER] = Dispatcher(
         view, proxy_client, CostBook(),
         retries=settings.chunk_retries, max_age_s=PROXY_MAX_AGE_S, rng=random.Random(),
         max_pending=settings.max_pending_per_version, hedge_factor=settings.hedge_factor,
         hedge_min_ms=settings.hedge_min_ms,
     )
+    # The capacity loop: every ingress contends, the lease holder reconciles (shares the measured costs).
+    lease = Lease(client, LEASE_NAME, new_holder_id(), settings.lease_ttl_s)
+    reconciler = Reconciler(view, registry, proxy_client, app[state.DISPATCHER].costs, lease, settings,
+                            max_age_s=PROXY_MAX_AGE_S)
+    app[RECONCILER] = reconciler
     poller = Periodic("view-refresh", settings.view_poll_interval_s, view.refresh)
     flusher = Periodic("request-log", 0.5, request_log.flush)
+    usage_flusher = Periodic("usage", settings.usage_flush_s, usage.flush)
     try:
         await view.refresh()
     except (redis.RedisError, OSError) as exc:
@@ -78,12 +90,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     listener = asyncio.create_task(view.listen(events_client, poller.wake), name="view-events")
     poller.start()
     flusher.start()
+    usage_flusher.start()
+    reconciler.start()
     yield
+    await reconciler.stop()  # first: its warm calls use the proxy client, its lease Redis
     view.stopping = True
     await cancel_and_wait(listener)
     await poller.stop()
     await flusher.stop()
     await request_log.flush()
+    await usage_flusher.stop()
+    await usage.flush()  # the counts since the last round: a stopping ingress loses none
     proxy_client.close()
     await events_client.aclose()
     await client.aclose()

@@ -21,6 +21,7 @@ from runtime_proxy.heartbeat import Heartbeat
 from runtime_proxy.nvml import NoGpu, Nvml, RealNvml
 from runtime_proxy.replicas import ReplicaManager
 from runtime_proxy.runtime import Runtime
+from runtime_proxy.usage import UsageMeter
 from runtime_proxy.versions import VersionSource
 from shared.background import Periodic
 from shared.http import LIMITS, BodyLimits, error_middleware
@@ -92,19 +93,26 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         client = connect(settings.redis_url, REDIS_TIMEOUT_S)
         app[routes.VERSIONS] = VersionSource(client, settings.spec_cache_s)
         async def state() -> dict[str, Any]:
-            return {"replicas": manager.snapshot(), "gpus": await gpu.snapshot(), "nvml": nvml.status()}
+            return {"replicas": manager.snapshot(), "waiting": manager.waiting(), "gpus": await gpu.snapshot(),
+                    "nvml": nvml.status()}
 
         heartbeat = Heartbeat(client, settings, state, rt.name)
         await heartbeat.take_epoch()
         await heartbeat.beat_once()  # routable from the moment it serves
         beats = Periodic("heartbeat", settings.heartbeat_interval_s, heartbeat.beat_once)
         reaper = Periodic("reaper", settings.reaper_interval_s, manager.reap_once)
+        meter = UsageMeter(client, manager.snapshot, settings.usage_flush_s)
+        metering = Periodic("usage", settings.usage_tick_s, meter.tick)
         beats.start()
         reaper.start()
+        metering.start()
         log.info("proxy %s up (runtime %s, epoch %d, %d replicas adopted)",
                  settings.proxy_id, rt.name, heartbeat.epoch, adopted)
         yield
         await reaper.stop()
+        await metering.stop()
+        # The seconds up to now, before the replicas are stopped (or left for the next start to adopt).
+        await meter.close()
         await beats.stop()
         try:
             await heartbeat.withdraw()

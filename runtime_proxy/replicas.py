@@ -24,12 +24,24 @@ from typing import Any
 
 from runtime_proxy import policy
 from runtime_proxy.cgroups import container_usage
+from runtime_proxy.failures import StartBackoff, exit_error, runtime_error
 from runtime_proxy.gpu import GpuCoordinator, NoGpuAvailable
-from runtime_proxy.harness_client import HarnessClient, HarnessMisbehaved, HarnessUnavailable
+from runtime_proxy.harness_client import (
+    HarnessClient,
+    HarnessMisbehaved,
+    HarnessUnavailable,
+)
+from runtime_proxy.images import ImageBook
 from runtime_proxy.lifecycle import ADOPTABLE, State
 from runtime_proxy.replica import Replica, VersionPool
 from runtime_proxy.rundirs import RunDirError, RunDirs
-from runtime_proxy.runtime import SOCKET_NAME, ExitInfo, LaunchSpec, Runtime, RuntimeFailure
+from runtime_proxy.runtime import (
+    SOCKET_NAME,
+    ExitInfo,
+    LaunchSpec,
+    Runtime,
+    RuntimeFailure,
+)
 from shared.errors import ApiError, deadline_exceeded, unavailable
 from shared.messages import ChunkRequest, ChunkResult, VersionSpec
 from shared.settings import ProxySettings
@@ -38,14 +50,6 @@ log = logging.getLogger("lukewarm.proxy")
 
 CONTAINER_UID = 65534
 STOP_TIMEOUT_S = 5.0
-
-
-@dataclasses.dataclass
-class _Failure:
-    count: int
-    until: float
-    error: ApiError
-    spec: VersionSpec
 
 
 def same_image(a: VersionSpec, b: VersionSpec) -> bool:
@@ -58,14 +62,6 @@ def _remaining(deadline: float, now: float) -> float:
     return max(0.0, deadline - now)
 
 
-# What a caller is told when the engine fails: one line, no host paths or engine text (those go to the log).
-RUNTIME_MESSAGES = {
-    "image_unavailable": "the model's image {image} is not available on this host",
-    "replica_gone": "the replica disappeared while it was being started",
-    "image_build_failed": "the model's image could not be built",
-}
-
-
 def default_memory_budget_mb() -> int:
     """Three quarters of the host's RAM: the rest is for the daemons, the engine and the kernel."""
     try:
@@ -76,15 +72,6 @@ def default_memory_budget_mb() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 8192
-
-
-def runtime_error(exc: RuntimeFailure, subject: VersionSpec | str) -> ApiError:
-    """The caller's one line for an engine failure about a version (or an image); the detail is logged."""
-    image = subject.image if isinstance(subject, VersionSpec) else subject
-    log.warning("runtime failure for %s: %s: %s", subject.key if isinstance(subject, VersionSpec) else image,
-                exc.type, exc)
-    message = RUNTIME_MESSAGES.get(exc.type, "the container engine could not run this replica")
-    return ApiError(502, exc.type, message.format(image=image))
 
 
 class ReplicaManager:
@@ -100,11 +87,11 @@ class ReplicaManager:
         self.clock = clock
         self.replicas: dict[str, Replica] = {}
         self._pools: dict[str, VersionPool] = {}
-        self._failures: dict[str, _Failure] = {}
+        self.backoff = StartBackoff(settings.start_backoff_s)
         self._tasks: set[asyncio.Task[Any]] = set()  # starts and removals in the background, owned here
         self.run_dirs = RunDirs(Path(settings.state_dir) / "run", CONTAINER_UID, settings.run_dir_kb)
         self.gpu = gpu
-        self.image_last_used: dict[str, float] = {}  # images this proxy ran (pruned by the reaper)
+        self.images = ImageBook(settings.image_idle_s, settings.max_images)  # what this proxy ran, pruned
         self.memory_budget_mb = settings.memory_budget_mb or default_memory_budget_mb()
         self.customer_quota = settings.max_replicas_per_customer or max(1, settings.max_replicas // 2)
 
@@ -215,22 +202,9 @@ class ReplicaManager:
         return done
 
     async def prune_images(self, now: float) -> list[str]:
-        """Remove model images no replica here uses, least recently used first (policy.images_to_prune)."""
-        for replica in self.replicas.values():
-            self.image_last_used[replica.spec.image] = max(self.image_last_used.get(replica.spec.image, 0.0),
-                                                           replica.last_used)
-        in_use = {r.spec.image for r in self.replicas.values()}
-        pruned = []
-        for image in policy.images_to_prune(self.image_last_used, in_use, now, self.settings.image_idle_s,
-                                            self.settings.max_images):
-            try:
-                await self.runtime.remove_image(image)
-            except RuntimeFailure as exc:
-                log.warning("could not remove image %s: %s", image, exc)
-                continue
-            del self.image_last_used[image]
-            pruned.append(image)
-        return pruned
+        """Remove model images no replica here uses, least recently used first (``ImageBook``)."""
+        return await self.images.prune(self.runtime, ((r.spec.image, r.last_used) for r in self.replicas.values()),
+                                       now)
 
     async def close(self, stop_replicas: bool) -> None:
         """Forget replicas; stop and remove them only when asked (an upgrade keeps them)."""
@@ -314,9 +288,9 @@ class ReplicaManager:
         replicas and its backoff go."""
         for replica in [r for r in pool.replicas if not same_image(r.spec, spec)]:
             await self._retire(replica)
-        failure = self._failures.get(spec.key)
-        if failure is not None and not same_image(failure.spec, spec):
-            del self._failures[spec.key]
+        failed = self.backoff.spec_of(spec.key)
+        if failed is not None and not same_image(failed, spec):
+            self.backoff.clear(spec.key)
             pool.failure = None
 
     def _resume_one(self, pool: VersionPool, deadline: float) -> Replica | None:
@@ -371,10 +345,10 @@ class ReplicaManager:
         live = [r for r in pool.replicas if r.state is not State.DEAD]
         if len(live) >= self._local_cap(spec):
             return
-        failure = self._failures.get(spec.key)
-        if failure is not None and self.clock() < failure.until:
+        refusal = self.backoff.refusal(spec.key, self.clock())
+        if refusal is not None:
             if not live:
-                raise self._backoff_error(failure)
+                raise refusal
             return
         replica_id = uuid.uuid4().hex[:12]
         self._own(self._start_for(pool, spec, replica_id, deadline), f"start-{replica_id}")
@@ -387,29 +361,18 @@ class ReplicaManager:
             replica = await self._start(spec, deadline, replica_id)
         except ApiError as exc:
             if exc.status not in (503, 504):
-                self._record_failure(spec, exc)
+                self.backoff.record(spec, exc, self.clock())
             pool.failure = exc
         except asyncio.CancelledError:
             raise
         else:
-            self._failures.pop(spec.key, None)
+            self.backoff.clear(spec.key)
             pool.failure = None
             replica.start_kind = "cold"
         finally:
             if placeholder in pool.replicas:
                 pool.replicas.remove(placeholder)
             pool.changed()
-
-    def _backoff_error(self, failure: "_Failure") -> ApiError:
-        wait_s = failure.until - self.clock()
-        return ApiError(failure.error.status, failure.error.type,
-                        f"{failure.error.message} (not retried for {wait_s:.0f} s)",
-                        {"Retry-After": str(max(1, round(wait_s)))})
-
-    def _record_failure(self, spec: VersionSpec, error: ApiError) -> None:
-        count = self._failures[spec.key].count + 1 if spec.key in self._failures else 1
-        until = self.clock() + policy.backoff_s(count, self.settings.start_backoff_s)
-        self._failures[spec.key] = _Failure(count=count, until=until, error=error, spec=spec)
 
     async def _start(self, spec: VersionSpec, deadline: float, replica_id: str) -> Replica:
         timings: dict[str, float] = {}
@@ -557,7 +520,7 @@ class ReplicaManager:
             if status is None:
                 info = await self.runtime.exit_info(replica.handle)
                 if info is not None:
-                    raise self._exit_error(info, "before it was ready")
+                    raise exit_error(info, "before it was ready")
             if self.clock() >= until:
                 raise ApiError(504, "timeout", "the replica did not get ready in time")
             await asyncio.sleep(delay_s)
@@ -586,7 +549,7 @@ class ReplicaManager:
             self._retire_later(replica)
             if info is None:
                 raise ApiError(502, "model_crashed", "the replica dropped the connection mid-request") from None
-            raise self._exit_error(info, "mid-request") from None
+            raise exit_error(info, "mid-request") from None
 
     async def _await_resume(self, replica: Replica, call: asyncio.Future[tuple[int, Any]]) -> None:
         resuming = replica.resuming
@@ -615,15 +578,6 @@ class ReplicaManager:
             if info is not None or self.clock() >= until:
                 return info
             await asyncio.sleep(0.02)
-
-    @staticmethod
-    def _exit_error(info: ExitInfo, when: str) -> ApiError:
-        if info.oom_killed:
-            return ApiError(502, "oom", f"the model ran out of memory {when} (killed by the OOM killer)")
-        code = "" if info.exit_code is None else f" with code {info.exit_code}"
-        if info.detail:
-            log.warning("replica exited%s %s: %s", code, when, info.detail)  # engine text: host paths stay here
-        return ApiError(502, "model_crashed", f"the replica exited{code} {when}")
 
     # ---- bookkeeping ---------------------------------------------------------
 
@@ -690,8 +644,7 @@ class ReplicaManager:
         return dead
 
     def _forget(self, replica: Replica) -> None:
-        image = replica.spec.image
-        self.image_last_used[image] = max(self.image_last_used.get(image, 0.0), replica.last_used)
+        self.images.note(replica.spec.image, replica.last_used)
         self.replicas.pop(replica.replica_id, None)
         pool = self._pool(replica.spec.key)
         if replica in pool.replicas:

@@ -12,7 +12,8 @@ import time
 import orjson
 from aiohttp import web
 
-from runtime_proxy.replicas import ReplicaManager, runtime_error
+from runtime_proxy.failures import runtime_error
+from runtime_proxy.replicas import ReplicaManager
 from runtime_proxy.runtime import RuntimeFailure
 from runtime_proxy.versions import VersionSource
 from shared.errors import ApiError, bad_request

@@ -1,10 +1,11 @@
-"""``lukewarm``: the command line for people (dev, deploy, call, image build-base)."""
+"""``lukewarm``: the command line for people (dev, deploy, call, usage, image build-base)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -83,6 +84,64 @@ def cmd_call(args: argparse.Namespace) -> int:
                                 host=f"{args.customer}.{args.base_domain}"))
 
 
+def _error_line(status: int, body: Any) -> str:
+    """A refused call as one line: ``403 forbidden: this key does not belong to customer 'acme'``."""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        text = f"{status} {body.get('type') or 'error'}: {body['error']}"
+    else:
+        text = f"{status}: unexpected answer"
+    return " ".join(text.split())[:300]
+
+
+USAGE_COLUMNS = ("requests", "errors", "replica_seconds", "paused_seconds")
+
+
+def usage_table(answer: dict[str, Any], hourly: bool = False) -> str:
+    """``GET …/usage`` as a text table: a row per version (per version and hour with ``hourly``), then totals."""
+    head = ["MODEL", "BRANCH", "VERSION", *(["HOUR"] if hourly else []), "REQUESTS", "ERRORS", "RUNNING_S", "PAUSED_S"]
+
+    def cells(values: dict[str, Any]) -> list[str]:
+        return [str(int(values.get("requests", 0))), str(int(values.get("errors", 0))),
+                f"{float(values.get('replica_seconds', 0)):.1f}", f"{float(values.get('paused_seconds', 0)):.1f}"]
+
+    rows: list[list[str]] = []
+    for v in answer.get("versions", []):
+        name = [str(v.get("model")), str(v.get("branch")), str(v.get("version"))]
+        if hourly:
+            rows.extend(name + [str(h.get("hour"))] + cells(h) for h in v.get("hours", []))
+        else:
+            rows.append(name + cells(v))
+    rows.append(["TOTAL", "", ""] + ([""] if hourly else []) + cells(answer.get("total", {})))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    numeric = len(head) - len(USAGE_COLUMNS)
+    lines = [(f"usage of {answer.get('customer')} from {answer.get('since')} to {answer.get('until')} "
+              f"(UTC, {int(answer.get('bucket_s', 3600)) // 60}-minute buckets)")]
+    for r in [head, *rows]:
+        lines.append("  ".join(c.ljust(w) if i < numeric else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     .rstrip())
+    if answer.get("truncated"):
+        lines.append(f"(more: run again with --since {answer.get('next_since')})")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    query = {name: value for name in ("since", "until") if (value := getattr(args, name))}
+    url = f"{args.url.rstrip('/')}/api/v1/customers/{urllib.parse.quote(args.customer, safe='')}/usage"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    try:
+        status, body = _http("GET", url, args.token)
+    except ValueError as exc:  # urllib's "unknown url type" and http.client.InvalidURL
+        raise SystemExit(f"bad --url {args.url!r}: {exc}") from None
+    if not 200 <= status < 300 or not isinstance(body, dict):
+        raise SystemExit(f"lukewarm usage: {_error_line(status, body)}")
+    if args.json:
+        sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(usage_table(body, hourly=args.hourly))
+    return 0
+
+
 def cmd_build_base(args: argparse.Namespace) -> int:
     from shared.baseimage import main as build_base_main
 
@@ -128,6 +187,18 @@ def parser() -> argparse.ArgumentParser:
     call.add_argument("--key", default=os.environ.get("LUKEWARM_API_KEY", ""))
     call.add_argument("--base-domain", default=os.environ.get("LUKEWARM_BASE_DOMAIN", "localhost"))
     call.set_defaults(fn=cmd_call)
+
+    usage = sub.add_parser("usage", help="requests, errors and replica-seconds per version, in hourly buckets")
+    usage.add_argument("--url", default=os.environ.get("LUKEWARM_URL", DEFAULT_URL))
+    usage.add_argument("--customer", default=os.environ.get("LUKEWARM_CUSTOMER", "demo"))
+    usage.add_argument("--since", default="", help="ISO 8601 or epoch seconds (default: 24 h before --until)")
+    usage.add_argument("--until", default="", help="ISO 8601 or epoch seconds (default: now)")
+    usage.add_argument("--token", default=os.environ.get("LUKEWARM_TOKEN") or os.environ.get("LUKEWARM_ADMIN_TOKEN")
+                       or os.environ.get("LUKEWARM_API_KEY", ""),
+                       help="the admin token or the customer's deploy key")
+    usage.add_argument("--hourly", action="store_true", help="a row per version and hour")
+    usage.add_argument("--json", action="store_true", help="the answer as JSON")
+    usage.set_defaults(fn=cmd_usage)
 
     image = sub.add_parser("image", help="images")
     image_sub = image.add_subparsers(dest="image_command", required=True)

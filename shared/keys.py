@@ -5,6 +5,8 @@ is a key with a TTL; ownership is an increasing epoch (fencing token).
 """
 from __future__ import annotations
 
+import time
+
 PREFIX = "lw"
 
 # Published whenever a pointer, version, key or customer changes, so that
@@ -73,6 +75,41 @@ def proxy_epoch(proxy_id: str) -> str:
     return f"{PREFIX}:proxy:{proxy_id}:epoch"
 
 
+# Hash: version key (``customer/model/branch/version``) → its capacity.min, for every version not
+# retired whose capacity.min is above 0: the capacity loop finds what it must keep ready here,
+# without a scan. (A hash, not a set: the ingress's Redis user reads hashes, deploy/redis-acl.conf.)
+CAPACITY_FLOOR = f"{PREFIX}:capacity:floor"
+
+
+def lease(name: str) -> str:
+    """A lease: ``<epoch>:<holder>`` under a TTL, held by one process at a time (e.g. the reconciler's)."""
+    return f"{PREFIX}:lease:{name}"
+
+
+def lease_epoch(name: str) -> str:
+    """Counter incremented at each acquisition of lease ``name``: its holders' fencing token."""
+    return f"{PREFIX}:lease:{name}:epoch"
+
+
 def usage(customer_name: str) -> str:
     """Hash of usage counters for a customer."""
     return f"{PREFIX}:usage:{customer_name}"
+
+
+# ---- usage (hourly buckets) ------------------------------------------------------------
+# Hash per customer and UTC hour; fields ``<model>/<branch>/<version>:<metric>`` (names hold
+# no ``/`` or ``:`` and a branch no ``:``, so a field splits back unambiguously). Ingresses add
+# ``requests`` and ``errors`` (HINCRBY), proxies ``replica_seconds`` and ``paused_seconds``
+# (HINCRBYFLOAT); every write also sets the TTL, so a bucket lives USAGE_TTL_S past its last write.
+USAGE_METRICS = ("requests", "errors", "replica_seconds", "paused_seconds")
+USAGE_TTL_S = 400 * 86400
+USAGE_BUCKET_S = 3600
+
+
+def usage_hour(customer_name: str, hour: int) -> str:
+    """The usage hash of ``customer_name`` for UTC hour ``hour`` (epoch seconds // 3600): ``…:YYYYMMDDHH``."""
+    return f"{PREFIX}:usage:{customer_name}:{time.strftime('%Y%m%d%H', time.gmtime(hour * USAGE_BUCKET_S))}"
+
+
+def usage_field(model: str, branch: str, version: int, metric: str) -> str:
+    return f"{model}/{branch}/{version}:{metric}"

@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -158,8 +159,10 @@ async def test_stack_serves_under_its_acl_users(acl_users: AclUsers, state_dir: 
     stack = Stack(acl_users.urls[PROXY], state_dir, "process")
     proxy: ProxyProcess | None = None
     try:
-        proxy = await stack.add_proxy()
-        await stack.start_ingress(redis_url=acl_users.urls[INGRESS])
+        # Usage written often, so the run writes and reads it under both users (ingress/usage.py,
+        # runtime_proxy/usage.py).
+        proxy = await stack.add_proxy(usage_tick_s=0.1, usage_flush_s=0.2)
+        await stack.start_ingress(redis_url=acl_users.urls[INGRESS], usage_flush_s=0.1)
         await stack.wait_for_proxies(1)
         await stack.customer("acme")
         version = await stack.deploy("echo", stack.model("echo", ECHO), entrypoint="model:predict")
@@ -196,6 +199,21 @@ async def exercise_management(stack: Stack, version: int) -> None:
     assert status == 200 and fleet["proxies"], fleet
     status, ready, _ = await stack.request("GET", "/readyz")
     assert status == 200, ready
+    await exercise_usage(stack)
+
+
+async def exercise_usage(stack: Stack) -> None:
+    """Requests counted by the ingress user, replica-seconds added by the proxy user, read by the ingress user."""
+    seen: dict[str, Any] = {}
+
+    async def billed() -> bool:
+        status, answer = await stack.admin("GET", "/api/v1/customers/acme/usage")
+        assert status == 200, answer
+        seen.update(answer)
+        return answer["total"]["requests"] >= 2 and answer["total"]["replica_seconds"] > 0
+
+    await wait_until(billed, 10, "requests and replica-seconds in GET …/usage")
+    assert seen["versions"][0]["model"] == "echo", seen
 
 
 async def test_every_registry_and_heartbeat_call_passes_its_acl(acl_users: AclUsers) -> None:
@@ -257,6 +275,7 @@ async def test_every_registry_and_heartbeat_call_passes_its_acl(acl_users: AclUs
         assert settings.proxy_id not in [p["proxy_id"] for p in await registry.list_proxies()]
         await registry.delete_key("acme", record.id)
         assert await registry.lookup_key(key) is None
+        await usage_calls(ingress, proxy, spec)
     finally:
         view.stopping = True
         listener.cancel()
@@ -265,6 +284,28 @@ async def test_every_registry_and_heartbeat_call_passes_its_acl(acl_users: AclUs
         for client in (ingress, proxy, events):
             await client.aclose()
     assert await acl_users.refusals() == []
+
+
+async def usage_calls(ingress: aredis.Redis, proxy: aredis.Redis, spec: Any) -> None:
+    """Usage: the ingress's counts (HINCRBY, EXPIRE) and reads (HGETALL), the proxy's seconds (HINCRBYFLOAT,
+    EXPIRE), each through its own user."""
+    from ingress.usage import UsageCounter, read_buckets, usage_window
+    from runtime_proxy.usage import UsageMeter
+
+    counter = UsageCounter(ingress)
+    with counter.counting(spec):
+        pass
+    assert await counter.flush() == 1
+    clock = [1000.0]
+    meter = UsageMeter(proxy, lambda: [{"replica_id": "r", "version": spec.key, "state": "running"}], 0.0,
+                       monotonic=lambda: clock[0])
+    await meter.tick()
+    clock[0] += 2.5
+    await meter.tick()
+    assert meter.pending == {}, "the proxy's flush failed"
+    buckets = await read_buckets(ingress, "acme", usage_window({}, time.time() + 60))
+    totals = {metric: value for _, rows in buckets for values in rows.values() for metric, value in values.items()}
+    assert totals["requests"] == 1 and totals["replica_seconds"] == pytest.approx(2.5), buckets
 
 
 async def proxy_reads_a_version(client: aredis.Redis, key: str, created_at: float) -> None:
@@ -300,6 +341,8 @@ async def seed_registry(acl_users: AclUsers) -> tuple[str, str]:
 
 async def test_proxy_user_reaches_only_its_heartbeat_and_version_records(acl_users: AclUsers) -> None:
     apikey, version = await seed_registry(acl_users)
+    usage = "lw:usage:acme:2024060110"
+    await acl_users.admin.hset(usage, "echo/main/1:replica_seconds", 100)
     client = acl_users.client(PROXY)
     try:
         assert await client.get(version) is not None  # the one registry read it has
@@ -320,12 +363,27 @@ async def test_proxy_user_reaches_only_its_heartbeat_and_version_records(acl_use
             await client.mget([version])
         with pytest.raises(NoPermissionError):
             await client.publish("lw:events", b'{"kind": "pointers", "branch": "acme/echo/main"}')
+        # Usage: it may add to a bucket (HINCRBYFLOAT, EXPIRE), and nothing else there or elsewhere.
+        assert float(await client.hincrbyfloat(usage, "echo/main/1:replica_seconds", 1.5)) == 101.5
+        assert await client.expire(usage, 3600)
+        with pytest.raises(NoPermissionError):
+            await client.hgetall(usage)
+        with pytest.raises(NoPermissionError):
+            await client.hincrby(usage, "echo/main/1:requests", 1)
+        for key in (apikey, version, "lw:m:acme:echo:main:pointers", "lw:customer:acme", "lw:usagex"):
+            with pytest.raises(NoPermissionError):
+                await client.hincrbyfloat(key, "f", 1.0)
+        with pytest.raises(NoPermissionError):
+            await client.expire(version, 1)
     finally:
         await client.aclose()
     for command in (("FLUSHDB",), ("FLUSHALL",), ("KEYS", "*"), ("SCAN", "0"), ("CONFIG", "GET", "*"),
                     ("EVAL", "return 1", "0"), ("CLIENT", "LIST"), ("ACL", "LIST"), ("PUBLISH", "lw:events", "x"),
-                    ("DEL", apikey), ("INCRBY", "lw:m:acme:echo:main:counter", "1")):
+                    ("DEL", apikey), ("INCRBY", "lw:m:acme:echo:main:counter", "1"),
+                    ("GET", usage), ("SET", usage, "x"), ("DEL", usage), ("HSET", usage, "f", "1"),
+                    ("HDEL", usage, "echo/main/1:replica_seconds"), ("PERSIST", usage)):
         await acl_users.assert_refused(PROXY, *command)
+    assert float(await acl_users.admin.hget(usage, "echo/main/1:replica_seconds") or 0) == 101.5
     for command in NOT_SENT + (("SUBSCRIBE", "lw:events"),):
         await acl_users.assert_refused(PROXY, *command, real=False)
     assert await acl_users.admin.get(version) is not None and await acl_users.admin.exists(apikey)
@@ -486,6 +544,12 @@ async def test_file_loads_into_redis(
         assert await proxy.get("lw:m:acme:echo:main:v:1") == b"{}"
         with pytest.raises(NoPermissionError):
             await proxy.set("lw:m:acme:echo:main:v:1", b"{}")
+        # The usage selector loads from the file too: add to a bucket, nothing more.
+        assert float(await proxy.hincrbyfloat("lw:usage:acme:2024060110", "echo/main/1:replica_seconds", 2)) == 2
+        assert await ingress.hincrby("lw:usage:acme:2024060110", "echo/main/1:requests", 3) == 3
+        assert await ingress.expire("lw:usage:acme:2024060110", 60)
+        with pytest.raises(NoPermissionError):
+            await proxy.delete("lw:usage:acme:2024060110")
         with pytest.raises(NoPermissionError):
             await ingress.execute_command("FLUSHALL")
     finally:
