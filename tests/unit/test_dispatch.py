@@ -14,12 +14,15 @@ from ingress.dispatch import Dispatcher
 from ingress.proxy_client import ProxyUnreachable
 from ingress.registry import Registry
 from ingress.view import StateView
+from loadtests.common import wait_until
 from shared.errors import ApiError
 from shared.messages import ChunkRequest, ChunkResult, VersionSpec
 
 pytestmark = pytest.mark.timeout(10)
 
 SPEC = VersionSpec("acme", "m", "main", 1, "img")
+# Bounds every wait on the dispatcher; what is waited for takes milliseconds.
+WAIT_S = 5.0
 
 
 def beat(pid: str, state: str | None = "running") -> dict[str, Any]:
@@ -28,7 +31,7 @@ def beat(pid: str, state: str | None = "running") -> dict[str, Any]:
 
 
 class FakeClient:
-    """Answers per proxy url: a delay (s), or an exception to raise."""
+    """Answers per proxy url: a delay (s), an ``asyncio.Event`` to wait for, or an exception to raise."""
 
     def __init__(self, behaviour: dict[str, Any]) -> None:
         self.behaviour = behaviour
@@ -41,7 +44,7 @@ class FakeClient:
         if isinstance(what, Exception):
             raise what
         try:
-            await asyncio.sleep(what)
+            await (what.wait() if isinstance(what, asyncio.Event) else asyncio.sleep(what))
         except asyncio.CancelledError:
             self.cancelled.append(url)
             raise
@@ -89,32 +92,41 @@ async def test_no_live_proxy_is_503() -> None:
 
 
 async def test_backpressure_past_max_pending_is_503() -> None:
-    client = FakeClient({"http://a": 1.0})
+    release = asyncio.Event()
+    client = FakeClient({"http://a": release})
     d = dispatcher(client, beat("a"), max_pending=2)
     first = [asyncio.create_task(d.run(SPEC, [i], time.time() + 5, "r")) for i in range(2)]
-    await asyncio.sleep(0)  # both are now pending at the dispatcher
-    with pytest.raises(ApiError) as info:
-        await d.run(SPEC, [9], time.time() + 5, "r")
-    assert info.value.status == 503
-    for task in first:
-        task.cancel()
-    await asyncio.gather(*first, return_exceptions=True)
+    try:
+        await wait_until(lambda: len(client.calls) == 2, WAIT_S, "both requests to reach the proxy", 0.01)
+        with pytest.raises(ApiError) as info:
+            await asyncio.wait_for(d.run(SPEC, [9], time.time() + 5, "r"), WAIT_S)
+        assert info.value.status == 503 and info.value.headers == {"Retry-After": "1"}
+        assert len(client.calls) == 2, "the refused request never reached a proxy"
+        release.set()
+        assert [(await task).outputs for task in first] == [["http://a:0"], ["http://a:1"]]
+    finally:
+        for task in first:
+            task.cancel()
+        await asyncio.gather(*first, return_exceptions=True)
+    # Once they are done, the version takes requests again.
+    out = await asyncio.wait_for(d.run(SPEC, [9], time.time() + 5, "r"), WAIT_S)
+    assert out.outputs == ["http://a:9"]
 
 
 async def test_straggler_is_hedged_on_a_second_warm_proxy_and_loser_cancelled() -> None:
     costs = CostBook()
     costs.record(SPEC.key, "warm", 0.0, 1.0, 1)  # measured: 1 ms per item
-    slow = FakeClient({"http://a": 5.0, "http://b": 0.0})
+    stuck = asyncio.Event()  # never set: only the hedge can answer
+    slow = FakeClient({"http://a": stuck, "http://b": 0.0})
     d = dispatcher(slow, beat("a"), beat("b"), costs=costs, hedge_factor=4.0, hedge_min_ms=20.0)
     d.rng = random.Random(0)
     d.view.proxies["b"] = d.view.proxies["b"].__class__(**{**d.view.proxies["b"].__dict__, "replicas": (
         d.view.proxies["b"].replicas[0].__class__(SPEC.key, "running", 1, 1),)})  # b looks busier: a goes first
-    started = time.monotonic()
-    out = await d.run(SPEC, [7], time.time() + 10, "r")
+    out = await asyncio.wait_for(d.run(SPEC, [7], time.time() + 10, "r"), WAIT_S)
     assert out.outputs == ["http://b:7"]
-    assert time.monotonic() - started < 2.0
+    assert [u for u, _ in slow.calls] == ["http://a", "http://b"]
     assert d.hedges == 1
-    await asyncio.sleep(0)
+    await wait_until(lambda: bool(slow.cancelled), WAIT_S, "the losing call to be cancelled", 0.01)
     assert slow.cancelled == ["http://a"]
 
 

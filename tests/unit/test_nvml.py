@@ -2,10 +2,10 @@
 pynvml), time bounds, and the fake used by the GPU coordinator's tests."""
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
-import time
 import types
 from pathlib import Path
 
@@ -20,6 +20,8 @@ pytestmark = pytest.mark.timeout(10)
 
 CID = "4f3c2b1a" * 8
 OTHER = "0123abcd" * 8
+# Bounds a wait that would hang if the time bound under test failed; the bound itself is far shorter.
+WAIT_S = 5.0
 
 
 @pytest.mark.parametrize(
@@ -178,19 +180,31 @@ async def test_real_nvml_errors_after_init_are_nvml_errors(monkeypatch: pytest.M
 
 async def test_real_nvml_wedged_call_is_bounded_and_does_not_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
     block = threading.Event()
-    monkeypatch.setitem(sys.modules, "pynvml", stub_pynvml(block=block))
+    mod = stub_pynvml(block=block)
+    listed: list[int] = []  # handles whose processes the driver was asked for
+    list_processes = mod.nvmlDeviceGetComputeRunningProcesses
+
+    def counted(h: int) -> list[types.SimpleNamespace]:
+        listed.append(h)
+        return list_processes(h)  # type: ignore[no-any-return]
+
+    mod.nvmlDeviceGetComputeRunningProcesses = counted  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", mod)
     nvml = RealNvml(timeout_s=0.05)
     try:
-        t0 = time.monotonic()
+        # Unbounded, the wedged call would never return: the outer bound turns that into a failure.
         with pytest.raises(NvmlTimeout, match="within 0.05 s"):
-            await nvml.gpus()
-        with pytest.raises(NvmlTimeout):  # queued behind the wedged call, dropped unrun
-            await nvml.processes()
-        assert time.monotonic() - t0 < 1.0
+            await asyncio.wait_for(nvml.gpus(), WAIT_S)
+        with pytest.raises(NvmlTimeout):  # queued behind the wedged call
+            await asyncio.wait_for(nvml.processes(), WAIT_S)
     finally:
         block.set()
     nvml.timeout_s = 5.0
     assert len(await nvml.gpus()) == 2  # the driver came back: so does the adapter
+    # The worker runs calls in order, so the timed-out processes() call had its turn before this
+    # gpus() did: it was dropped unrun, not run late against a driver nobody waits for.
+    assert listed == []
+    assert len(await nvml.processes()) == 2 and listed == [0, 1]
 
 
 # ---- bounds and the fake ------------------------------------------------------------
@@ -199,12 +213,12 @@ async def test_real_nvml_wedged_call_is_bounded_and_does_not_pile_up(monkeypatch
 async def test_bounded_turns_a_hang_into_nvml_timeout() -> None:
     fake = FakeNvml(1, hang=True)
     nvml = bounded(fake, 0.02)
-    t0 = time.monotonic()
-    with pytest.raises(NvmlTimeout):
-        await nvml.gpus()
-    with pytest.raises(NvmlTimeout):
-        await nvml.processes()
-    assert time.monotonic() - t0 < 0.5
+    # The fake hangs until cancelled: only the bound ends these calls, as NvmlTimeout.
+    with pytest.raises(NvmlTimeout, match="within 0.02 s"):
+        await asyncio.wait_for(nvml.gpus(), WAIT_S)
+    with pytest.raises(NvmlTimeout, match="within 0.02 s"):
+        await asyncio.wait_for(nvml.processes(), WAIT_S)
+    assert fake.calls == 2
     fake.hang = False
     assert [g.uuid for g in await nvml.gpus()] == [fake_gpu(0).uuid]
 

@@ -20,8 +20,8 @@ from shared.serving import Listener, bound_port, start_server
 from shared.tls import make_dev_ca, server_context
 
 HEADER_TIMEOUT_S = 1.0
-# Event-loop and scheduling slack on a busy CI machine; the deadline itself is what is tested.
-MARGIN_S = 1.5
+# Bounds every read. Without the header deadline a silent connection would stay open for aiohttp's
+# default keep-alive (75 s) and a stalled TLS handshake for asyncio's 60 s: this bound fails both.
 IO_TIMEOUT_S = 10.0
 HEAD = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 RELEASE = web.AppKey("release", asyncio.Event)
@@ -151,10 +151,13 @@ def test_connection_past_the_cap_gets_503_and_is_closed(run_on: Callable[[Scenar
 def test_a_head_dribbling_in_is_closed_at_the_header_deadline(run_on: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
         async with serving() as (runner, port), aiohttp.ClientSession() as session:
+            opened = time.monotonic()  # before connecting: the server's deadline can only start later
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            opened = time.monotonic()
             got = b""
-            partial = b"GET / HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"a" * 1000
+            # A byte per 0.1 s at least: 100 bytes take 10 deadlines. Were the deadline re-armed by
+            # each byte, the whole head would dribble in without the connection being closed.
+            partial = b"GET / HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"a" * 64
+            served_meanwhile = 0
             for byte in partial:
                 try:
                     writer.write(bytes([byte]))
@@ -164,14 +167,19 @@ def test_a_head_dribbling_in_is_closed_at_the_header_deadline(run_on: Callable[[
                     # Meanwhile a normal request on another connection is answered at once.
                     async with session.get(f"http://127.0.0.1:{port}/") as resp:
                         assert resp.status == 200
+                    served_meanwhile += 1
                     continue
                 except ConnectionResetError:
                     pass
                 break
+            else:
+                pytest.fail(f"the whole head dribbled in over {time.monotonic() - opened:.1f} s and was not cut off")
             lifetime = time.monotonic() - opened
             writer.close()
             assert got == b"", "closed without an answer"
-            assert HEADER_TIMEOUT_S - 0.2 <= lifetime <= HEADER_TIMEOUT_S + MARGIN_S, lifetime
+            assert served_meanwhile > 0
+            # A lower bound only, so load cannot break it: the dribbler had its whole deadline.
+            assert lifetime >= HEADER_TIMEOUT_S - 0.2, lifetime
 
     run_on(scenario)
 
@@ -181,18 +189,14 @@ def test_silent_and_idle_connections_are_closed_at_the_header_deadline(run_on: C
         async with serving() as (runner, port):
             # Silent from the start.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            opened = time.monotonic()
             assert await closed_by_server(reader)
-            assert time.monotonic() - opened <= HEADER_TIMEOUT_S + MARGIN_S
             writer.close()
             # Idle after an answer (keep-alive), then a second head that never completes.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(HEAD)
             assert (await read_answer(reader))[0] == 200
-            answered = time.monotonic()
             writer.write(b"GET / HTTP/1.1\r\nHost: te")
             assert await closed_by_server(reader)
-            assert time.monotonic() - answered <= HEADER_TIMEOUT_S + MARGIN_S
             writer.close()
             await wait_until(lambda: open_connections(runner) == 0, IO_TIMEOUT_S, "connections to be released")
 
@@ -216,9 +220,7 @@ def test_tls_listener_serves_https_and_bounds_the_handshake(run_on: Callable[[Sc
                 writer.close()
             # A TCP connection that never starts its handshake is dropped at the header deadline too.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            opened = time.monotonic()
             assert await closed_by_server(reader)
-            assert time.monotonic() - opened <= HEADER_TIMEOUT_S + MARGIN_S
             writer.close()
 
     run_on(scenario)

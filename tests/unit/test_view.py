@@ -133,8 +133,15 @@ async def test_odd_events_change_nothing(view: StateView, raw: bytes) -> None:
 
 
 @pytest.mark.parametrize("raw", [b"[1, 2]", b"1", b'"pointers"', b"null"])
-async def test_non_object_events_are_ignored(view: StateView, raw: bytes) -> None:
+async def test_non_object_events_are_ignored(view: StateView, registry: Registry, raw: bytes) -> None:
+    _, key = await registry.create_key("acme", ("predict",))
+    await view.api_key(key)
+    await view.resolve("acme", "churn", "main", "latest")
+    view.changed.clear()
+    before = (dict(view.pointers), dict(view.versions), dict(view.keys), set(view._dirty))
     view.apply_event(raw)
+    assert (dict(view.pointers), dict(view.versions), dict(view.keys), set(view._dirty)) == before
+    assert not view.changed.is_set(), "an ignored event signals no change"
 
 
 def beat(pid: str, epoch: int, ts: float = 1000.0, **extra: Any) -> dict[str, Any]:
