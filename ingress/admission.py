@@ -5,7 +5,7 @@ import collections
 import contextlib
 from collections.abc import Iterator
 
-from shared.errors import ApiError
+from shared.errors import RateLimited
 
 
 class CustomerLimiter:
@@ -21,9 +21,8 @@ class CustomerLimiter:
     @contextlib.contextmanager
     def admit(self, customer: str) -> Iterator[None]:
         if self._in_flight[customer] >= self.limit:
-            raise ApiError(429, "rate_limited",
-                           f"customer {customer!r} has {self.limit} requests in flight at this ingress",
-                           {"Retry-After": "1"})
+            raise RateLimited(f"customer {customer!r} has {self.limit} requests in flight at this ingress",
+                              retry_after_s=1)
         self._in_flight[customer] += 1
         try:
             yield

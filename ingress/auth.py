@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ingress.registry import KeyRecord
 from ingress.view import StateView
-from shared.errors import ApiError
+from shared.errors import Forbidden, Unauthorized
 from shared.http import bearer
 
 
@@ -23,19 +23,19 @@ async def key_record(request: web.Request, view: StateView) -> KeyRecord:
     """The caller's key record; 401 when missing or unknown."""
     key = bearer(request)
     if not key:
-        raise ApiError(401, "unauthorized", "missing API key: send it in the Authorization header")
+        raise Unauthorized("missing API key: send it in the Authorization header")
     record = await view.api_key(key)
     if record is None:
-        raise ApiError(401, "unauthorized", "unknown API key")
+        raise Unauthorized("unknown API key")
     if record.expired(time.time()):
-        raise ApiError(401, "unauthorized", "this API key has expired")
+        raise Unauthorized("this API key has expired")
     return record
 
 
 async def require_customer_scope(request: web.Request, view: StateView, customer: str, scope: str) -> KeyRecord:
     record = await key_record(request, view)
     if record.customer != customer:
-        raise ApiError(403, "forbidden", f"this key does not belong to customer {customer!r}")
+        raise Forbidden(f"this key does not belong to customer {customer!r}")
     if scope not in record.scopes:
-        raise ApiError(403, "forbidden", f"this key lacks the {scope!r} scope")
+        raise Forbidden(f"this key lacks the {scope!r} scope")
     return record

@@ -5,7 +5,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from shared.errors import ApiError, bad_request
+from shared.errors import TooLarge, bad_request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ def parse_body(body: Any, max_items: int = 100_000) -> InferenceInput:
         raise bad_request("timeout_seconds must be a positive integer")
     data = body["data"]
     if isinstance(data, list) and len(data) > max_items:
-        raise ApiError(413, "too_many_items", f"a request may hold at most {max_items} items, this one {len(data)}")
+        raise TooLarge(f"a request may hold at most {max_items} items, this one {len(data)}", "too_many_items")
     if is_batch(data):
         return InferenceInput(inputs=[item[1] for item in data], ids=[item[0] for item in data],
                               timeout_s=None if timeout is None else float(timeout))

@@ -21,7 +21,7 @@ from ingress.proxy_client import ProxyClient, ProxyUnreachable
 from ingress.router import Choice, choose_proxies
 from ingress.spread import spread
 from ingress.view import StateView
-from shared.errors import ApiError, deadline_exceeded, unavailable
+from shared.errors import ReplicaFailed, deadline_exceeded, unavailable
 from shared.messages import ChunkRequest, ChunkResult, VersionSpec, start_ms
 
 # Below this many items a batch goes to one proxy: a second hop costs more than it saves.
@@ -141,7 +141,7 @@ class Dispatcher:
                 continue
             self._learn(spec, result, len(inputs))
             return result
-        raise ApiError(502, "proxy_unreachable", f"no proxy answered for this chunk ({last_error})")
+        raise ReplicaFailed(f"no proxy answered for this chunk ({last_error})", "proxy_unreachable")
 
     async def _send(self, spec: VersionSpec, choice: Choice, chunk: ChunkRequest,
                     tried: frozenset[str]) -> ChunkResult:
@@ -213,7 +213,7 @@ class Dispatcher:
         try:
             answers = await asyncio.gather(*tasks)
         except ProxyUnreachable as exc:
-            raise ApiError(502, "proxy_unreachable", f"pre-warm: {exc}") from None
+            raise ReplicaFailed(f"pre-warm: {exc}", "proxy_unreachable") from None
         finally:
             for task in tasks:
                 task.cancel()

@@ -13,7 +13,7 @@ from ingress.batching import InferenceInput, parse_body, stitch
 from ingress.dispatch import Outcome
 from ingress.hosts import customer_from_host
 from ingress.usage import USAGE
-from shared.errors import ApiError, bad_request
+from shared.errors import ApiError, Refused, ReplicaFailed, bad_request
 from shared.http import error_response, json_response, read_json
 from shared.messages import START_PHASES, VersionSpec, check_branch, check_name, start_ms
 
@@ -116,10 +116,10 @@ async def _resolved(request: web.Request, spec: VersionSpec, body: InferenceInpu
     if outcome.error is not None:
         # The traceback stays in the logs: it may reveal code or data the caller should not see.
         log.info("request %s: model %s raised: %s\n%s", request_id, spec.key, outcome.error, outcome.traceback or "")
-        raise ApiError(422, "model_error", outcome.error)
+        raise Refused(outcome.error, "model_error")
     if len(outcome.outputs) != len(body.inputs):
-        raise ApiError(502, "bad_model_output",
-                       f"the model returned {len(outcome.outputs)} outputs for {len(body.inputs)} inputs")
+        raise ReplicaFailed(f"the model returned {len(outcome.outputs)} outputs for {len(body.inputs)} inputs",
+                       "bad_model_output")
     app[state.METRICS].inc("requests", status="200")
     app[state.METRICS].observe("request", total_s, start=outcome.start)
     return json_response({"data": stitch(body.ids, outcome.outputs)}, headers=headers)

@@ -13,7 +13,7 @@ from ingress import state
 from ingress.auth import is_admin, key_record
 from ingress.proxy_client import ProxyUnreachable
 from ingress.usage import USAGE_PATH, usage_handler
-from shared.errors import ApiError, bad_request, not_found, unavailable
+from shared.errors import ApiError, Conflict, Forbidden, Refused, Unauthorized, bad_request, not_found, unavailable
 from shared.http import json_response, read_json
 from shared.images import check_customer_image, parse_image, shared_repositories
 from shared.messages import (
@@ -30,7 +30,7 @@ MAX_KEY_LIFETIME_S = 10 * 365 * 86400
 
 def _admin(request: web.Request) -> None:
     if not is_admin(request, request.app[state.SETTINGS].admin_token):
-        raise ApiError(401, "unauthorized", "this call needs the admin token")
+        raise Unauthorized("this call needs the admin token")
 
 
 async def _deployer(request: web.Request, customer: str) -> bool:
@@ -39,9 +39,9 @@ async def _deployer(request: web.Request, customer: str) -> bool:
         return True
     record = await key_record(request, request.app[state.VIEW])
     if record.customer != customer:
-        raise ApiError(403, "forbidden", f"this key does not belong to customer {customer!r}")
+        raise Forbidden(f"this key does not belong to customer {customer!r}")
     if "deploy" not in record.scopes:
-        raise ApiError(403, "forbidden", "this key lacks the 'deploy' scope")
+        raise Forbidden("this key lacks the 'deploy' scope")
     return False
 
 
@@ -93,7 +93,7 @@ async def create_key(request: web.Request) -> web.Response:
         raise bad_request(f"scopes must be a non-empty list of {sorted(SCOPES)}")
     if "deploy" in scopes and not admin:
         # A leaked deploy key must not be able to mint itself successors that outlive its revocation.
-        raise ApiError(403, "forbidden", "only the admin may create keys with the 'deploy' scope")
+        raise Forbidden("only the admin may create keys with the 'deploy' scope")
     expires_in_s = body.get("expires_in_s")
     if expires_in_s is not None and (isinstance(expires_in_s, bool) or not isinstance(expires_in_s, int)
                                      or not 1 <= expires_in_s <= MAX_KEY_LIFETIME_S):
@@ -147,7 +147,7 @@ async def _pin_image(request: web.Request, image: str) -> str:
         except ApiError as exc:
             if exc.type != "image_unavailable":
                 raise
-    raise ApiError(422, "image_unavailable", f"image {image} is on no host and none could pull it")
+    raise Refused(f"image {image} is on no host and none could pull it", "image_unavailable")
 
 
 async def create_version(request: web.Request) -> web.Response:
@@ -178,7 +178,7 @@ async def _prewarm_or_withdraw(request: web.Request, spec: VersionSpec, count: i
     except ApiError as exc:
         why = f"version never got ready ({exc.type}): {exc.message}"
         await request.app[state.REGISTRY].withdraw_version(spec, why)
-        raise ApiError(422, "prewarm_failed", why) from None
+        raise Refused(why, "prewarm_failed") from None
 
 
 async def get_version(request: web.Request) -> web.Response:
@@ -205,7 +205,7 @@ async def retire_version(request: web.Request) -> web.Response:
     pointers = await registry.get_pointers(customer, model, branch)
     held = sorted(name for name, number in pointers.items() if number == spec.version and name != "latest")
     if held:
-        raise ApiError(409, "conflict", f"version {spec.version} is named by alias(es) {', '.join(held)}: move them first")
+        raise Conflict(f"version {spec.version} is named by alias(es) {', '.join(held)}: move them first")
     await registry.save_version(dataclasses.replace(spec, retired=True))
     request.app[state.VIEW].forget_version(spec.key)
     return web.Response(status=204)
@@ -225,7 +225,7 @@ async def rollback(request: web.Request) -> web.Response:
     if number is None:
         older = [n for n in await registry.live_versions(customer, model, branch) if n < current]
         if not older:
-            raise ApiError(409, "conflict", f"no live version before {current} to roll back to")
+            raise Conflict(f"no live version before {current} to roll back to")
         number = older[-1]
     elif isinstance(number, bool) or not isinstance(number, int) or number < 1:
         raise bad_request('body must be {} or {"version": <positive integer>}')

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from shared.errors import ApiError
+from shared.errors import ApiError, DeadlinePassed, ReplicaFailed
 from shared.http1 import Connection, ResponseTooLarge, request_head
 from shared.messages import ChunkRequest, ChunkResult
 from shared.signing import derive_key, signed_head_lines
@@ -65,9 +65,10 @@ class ProxyClient:
         """The proxy's result, or ApiError it answered; ProxyUnreachable when no answer came."""
         return ChunkResult.from_dict(await self._post(url, CHUNKS_PATH, chunk.to_dict(), chunk.timeout_s))
 
-    async def warm(self, url: str, chunk: ChunkRequest) -> dict[str, Any]:
-        """Have the proxy start a ready replica of ``chunk.spec`` (its inputs are ignored)."""
-        return dict(await self._post(url, WARM_PATH, chunk.to_dict(), chunk.timeout_s))
+    async def warm(self, url: str, chunk: ChunkRequest, replicas: int = 1) -> dict[str, Any]:
+        """Have the proxy run ``replicas`` ready replicas of ``chunk.spec`` (its inputs are ignored):
+        paused or stopped ones there are woken first, new ones started for the rest."""
+        return dict(await self._post(url, WARM_PATH, {**chunk.to_dict(), "replicas": replicas}, chunk.timeout_s))
 
     async def resolve_image(self, url: str, image: str, timeout_s: float) -> str:
         """The content id of ``image`` on that proxy's host (pulled there when missing)."""
@@ -89,7 +90,7 @@ class ProxyClient:
                 except _StaleConnection:
                     status, headers, data = await self._exchange(url, head(), body, reuse=False)
         except TimeoutError:
-            raise ApiError(504, "timeout", "deadline passed before the model answered") from None
+            raise DeadlinePassed("deadline passed before the model answered") from None
         try:
             answer = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -107,7 +108,7 @@ class ProxyClient:
             status, headers, data = await conn.exchange(head, body)
         except ResponseTooLarge:
             conn.close()
-            raise ApiError(502, "response_too_large", "the model's answer is larger than this ingress accepts") \
+            raise ReplicaFailed("the model's answer is larger than this ingress accepts", "response_too_large") \
                 from None
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
             conn.close()

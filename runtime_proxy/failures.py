@@ -9,7 +9,7 @@ import logging
 
 from runtime_proxy import policy
 from runtime_proxy.runtime import ExitInfo, RuntimeFailure
-from shared.errors import ApiError
+from shared.errors import ApiError, ReplicaFailed
 from shared.messages import VersionSpec
 
 log = logging.getLogger("lukewarm.proxy")
@@ -21,23 +21,23 @@ RUNTIME_MESSAGES = {
 }
 
 
-def runtime_error(exc: RuntimeFailure, subject: VersionSpec | str) -> ApiError:
+def runtime_error(exc: RuntimeFailure, subject: VersionSpec | str) -> ReplicaFailed:
     """The caller's one line for an engine failure about a version (or an image); the detail is logged."""
     image = subject.image if isinstance(subject, VersionSpec) else subject
     log.warning("runtime failure for %s: %s: %s", subject.key if isinstance(subject, VersionSpec) else image,
                 exc.type, exc)
     message = RUNTIME_MESSAGES.get(exc.type, "the container engine could not run this replica")
-    return ApiError(502, exc.type, message.format(image=image))
+    return ReplicaFailed(message.format(image=image), exc.type)
 
 
-def exit_error(info: ExitInfo, when: str) -> ApiError:
+def exit_error(info: ExitInfo, when: str) -> ReplicaFailed:
     """Why a replica is gone, for its callers: out of memory, or exited (with its code)."""
     if info.oom_killed:
-        return ApiError(502, "oom", f"the model ran out of memory {when} (killed by the OOM killer)")
+        return ReplicaFailed(f"the model ran out of memory {when} (killed by the OOM killer)", "oom")
     code = "" if info.exit_code is None else f" with code {info.exit_code}"
     if info.detail:
         log.warning("replica exited%s %s: %s", code, when, info.detail)  # engine text: host paths stay here
-    return ApiError(502, "model_crashed", f"the replica exited{code} {when}")
+    return ReplicaFailed(f"the replica exited{code} {when}")
 
 
 @dataclasses.dataclass
@@ -73,12 +73,11 @@ class StartBackoff:
         failure = self._failures.get(key)
         return None if failure is None else failure.spec
 
-    def refusal(self, key: str, now: float) -> ApiError | None:
+    def refusal(self, key: str, now: float) -> ReplicaFailed | None:
         """The error to answer instead of starting, while the version is backing off; None otherwise."""
         failure = self._failures.get(key)
         if failure is None or now >= failure.until:
             return None
         wait_s = failure.until - now
-        return ApiError(failure.error.status, failure.error.type,
-                        f"{failure.error.message} (not retried for {wait_s:.0f} s)",
-                        {"Retry-After": str(max(1, round(wait_s)))})
+        return ReplicaFailed(f"{failure.error.message} (not retried for {wait_s:.0f} s)", failure.error.type,
+                             retry_after_s=wait_s)

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from runtime_proxy.nvml import DEFAULT_TIMEOUT_S, GpuInfo, GpuProcess, Nvml, NvmlError, bounded
-from shared.errors import ApiError
+from shared.errors import NoCapacity
 
 log = logging.getLogger("lukewarm.proxy.gpu")
 
@@ -33,19 +33,19 @@ USE, TAKE, EVICT, WAIT = "use", "take", "evict", "wait"
 HolderCall = Callable[[str], Awaitable[None]]
 
 
-class GpuBusy(ApiError):
+class GpuBusy(NoCapacity):
     """Every GPU is held and none can be freed before the request's deadline."""
 
     def __init__(self, retry_after_s: float, message: str = "every GPU on this host is busy") -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(503, "gpu_busy", message, {"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+        super().__init__(message, "gpu_busy", retry_after_s=math.ceil(retry_after_s))
 
 
-class NoGpuAvailable(ApiError):
+class NoGpuAvailable(NoCapacity):
     """A GPU version asked a host that has no GPU."""
 
     def __init__(self, detail: str = "") -> None:
-        super().__init__(503, "no_gpu", "this host has no GPU" + (f" ({detail})" if detail else ""))
+        super().__init__("this host has no GPU" + (f" ({detail})" if detail else ""), "no_gpu")
 
 
 # ---- the pure decision ------------------------------------------------------------

@@ -42,7 +42,7 @@ from runtime_proxy.runtime import (
     Runtime,
     RuntimeFailure,
 )
-from shared.errors import ApiError, deadline_exceeded, unavailable
+from shared.errors import ApiError, DeadlinePassed, NoCapacity, ReplicaFailed, deadline_exceeded, unavailable
 from shared.messages import ChunkRequest, ChunkResult, VersionSpec
 from shared.settings import ProxySettings
 
@@ -130,7 +130,7 @@ class ReplicaManager:
         timings["total_ms"] = (self.clock() - t0) * 1000
         if status != 200 or not isinstance(body, dict):
             message = body.get("error") if isinstance(body, dict) else None
-            raise ApiError(502, "harness_error", str(message or f"the harness answered status {status}")[:500])
+            raise ReplicaFailed(str(message or f"the harness answered status {status}")[:500], "harness_error")
         return ChunkResult(
             outputs=body.get("outputs"), stdout=body.get("stdout") or "", stderr=body.get("stderr") or "",
             error=body.get("error"), traceback=body.get("traceback"), start=start_kind, timings=timings,
@@ -360,7 +360,7 @@ class ReplicaManager:
         try:
             replica = await self._start(spec, deadline, replica_id)
         except ApiError as exc:
-            if exc.status not in (503, 504):
+            if not isinstance(exc, (NoCapacity, DeadlinePassed)):  # the host was full or slow: not the version's fault
                 self.backoff.record(spec, exc, self.clock())
             pool.failure = exc
         except asyncio.CancelledError:
@@ -392,7 +392,7 @@ class ReplicaManager:
         except RunDirError as exc:
             if self.gpu is not None and gpu_uuid:
                 self.gpu.release(spec.key)
-            raise ApiError(502, "runtime_error", str(exc)) from None
+            raise ReplicaFailed(str(exc), "runtime_error") from None
         launch = LaunchSpec(replica_id=replica_id, spec=spec, proxy_id=self.settings.proxy_id,
                             run_dir=run_dir, harness_path=self.harness_path, gpu_uuid=gpu_uuid)
         t = self.clock()
@@ -512,17 +512,17 @@ class ReplicaManager:
             except (HarnessUnavailable, TimeoutError):
                 pass
             except HarnessMisbehaved as exc:
-                raise ApiError(502, exc.type, str(exc)) from None
+                raise ReplicaFailed(str(exc), exc.type) from None
             if status == 200:
                 return
             if status == 500 and isinstance(body, dict):
-                raise ApiError(502, "model_load_failed", str(body.get("error") or "the model failed to load")[:500])
+                raise ReplicaFailed(str(body.get("error") or "the model failed to load")[:500], "model_load_failed")
             if status is None:
                 info = await self.runtime.exit_info(replica.handle)
                 if info is not None:
                     raise exit_error(info, "before it was ready")
             if self.clock() >= until:
-                raise ApiError(504, "timeout", "the replica did not get ready in time")
+                raise DeadlinePassed("the replica did not get ready in time")
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 1.5, 0.05)
 
@@ -542,13 +542,13 @@ class ReplicaManager:
         except HarnessMisbehaved as exc:
             if exc.type != "response_too_large":
                 self._retire_later(replica)  # what answers there is not an honest harness any more
-            raise ApiError(502, exc.type, str(exc)) from None
+            raise ReplicaFailed(str(exc), exc.type) from None
         except HarnessUnavailable:
             replica.move(State.DEAD)
             info = await self._wait_exit(replica)
             self._retire_later(replica)
             if info is None:
-                raise ApiError(502, "model_crashed", "the replica dropped the connection mid-request") from None
+                raise ReplicaFailed("the replica dropped the connection mid-request") from None
             raise exit_error(info, "mid-request") from None
 
     async def _await_resume(self, replica: Replica, call: asyncio.Future[tuple[int, Any]]) -> None:
@@ -560,7 +560,7 @@ class ReplicaManager:
             call.cancel()
             self._retire_later(replica)
             log.warning("could not resume replica %s: %s", replica.replica_id, exc)
-            raise ApiError(502, "model_crashed", "the paused replica could not be resumed") from None
+            raise ReplicaFailed("the paused replica could not be resumed") from None
         except BaseException:
             call.cancel()
             raise

@@ -16,7 +16,7 @@ from runtime_proxy.failures import runtime_error
 from runtime_proxy.replicas import ReplicaManager
 from runtime_proxy.runtime import RuntimeFailure
 from runtime_proxy.versions import VersionSource
-from shared.errors import ApiError, bad_request
+from shared.errors import DeadlinePassed, Unauthorized, bad_request
 from shared.http import json_response, read_body
 from shared.messages import ChunkCall, ChunkRequest
 from shared.settings import ProxySettings
@@ -42,7 +42,7 @@ async def _authorized_body(request: web.Request) -> bytes:
         request.app[REPLAYS].check(request.app[SIGNING_KEY], request.method, request.raw_path, body,
                                    dict(request.headers), time.time())
     except BadSignature as exc:
-        raise ApiError(401, "unauthorized", f"internal call refused: {exc}") from None
+        raise Unauthorized(f"internal call refused: {exc}") from None
     return body
 
 
@@ -88,7 +88,7 @@ async def resolve_image(request: web.Request) -> web.Response:
     except RuntimeFailure as exc:
         raise runtime_error(exc, image) from None
     except TimeoutError:
-        raise ApiError(504, "timeout", f"resolving {image} took longer than {RESOLVE_TIMEOUT_S:g} s") from None
+        raise DeadlinePassed(f"resolving {image} took longer than {RESOLVE_TIMEOUT_S:g} s") from None
     return json_response({"image": image, "image_id": image_id})
 
 

@@ -19,7 +19,7 @@ import redis.asyncio as redis
 from redis.exceptions import AuthenticationError, NoPermissionError
 
 from shared import keys
-from shared.errors import ApiError, not_found, unavailable
+from shared.errors import Internal, NoCapacity, not_found, unavailable
 from shared.messages import VersionSpec, split_version_key
 
 log = logging.getLogger("lukewarm.proxy")
@@ -48,7 +48,7 @@ class VersionSource:
         except (NoPermissionError, AuthenticationError) as exc:
             # Not an outage: this proxy's Redis user is set up wrong (deploy/redis-acl.conf).
             log.error("Redis refused the proxy's read of version %s: %s", key, exc)
-            raise ApiError(500, "internal", "this proxy may not read the registry (see its log)") from None
+            raise Internal("this proxy may not read the registry (see its log)") from None
         except (redis.RedisError, OSError):
             if cached is not None and cached[0].created_at == created_at:
                 return self._check(cached[0], created_at)  # immutable: safe to serve through an outage
@@ -59,7 +59,7 @@ class VersionSource:
         try:
             spec = VersionSpec.from_dict(orjson.loads(raw))
         except (ValueError, TypeError) as exc:
-            raise ApiError(500, "internal", f"version {key} is unreadable in the registry: {exc}") from None
+            raise Internal(f"version {key} is unreadable in the registry: {exc}") from None
         self._cache[key] = (spec, now + self.cache_s)
         self._cache.move_to_end(key)
         while len(self._cache) > MAX_CACHED:
@@ -72,6 +72,6 @@ class VersionSource:
             raise not_found(f"version {spec.key} is retired")
         if spec.created_at != created_at:
             # The number was given back and deployed again: the caller resolved other code.
-            raise ApiError(503, "version_changed", f"version {spec.key} was redeployed: resolve it again",
-                           {"Retry-After": "1"})
+            raise NoCapacity(f"version {spec.key} was redeployed: resolve it again", "version_changed",
+                             retry_after_s=1)
         return spec

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from shared.errors import ApiError
+from shared.errors import BadInput, Forbidden
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?"
@@ -32,8 +32,8 @@ class ImageRef:
     digest: str | None
 
 
-def invalid_image(message: str) -> ApiError:
-    return ApiError(400, "invalid_image", message)
+def invalid_image(message: str) -> BadInput:
+    return BadInput(message, "invalid_image")
 
 
 def parse_image(image: str) -> ImageRef:
@@ -57,8 +57,7 @@ def check_customer_image(image: str, customer: str, prefix: str, shared: frozens
     ref = parse_image(image)
     if ref.repository.startswith(f"{prefix}{customer}/") or ref.repository in shared:
         return ref
-    raise ApiError(403, "image_not_allowed",
-                   f"a customer key may deploy only images under {prefix}{customer}/ or a shared image")
+    raise Forbidden(f"a customer key may deploy only images under {prefix}{customer}/ or a shared image", "image_not_allowed")
 
 
 def shared_repositories(setting: str) -> frozenset[str]:

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Any
 
-from shared.errors import ApiError, bad_request
+from shared.errors import DeadlinePassed, bad_request
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,99}$")
@@ -275,7 +275,7 @@ class ChunkCall:
         except (KeyError, TypeError, ValueError) as exc:
             raise bad_request(f"bad chunk: {type(exc).__name__}: {exc}") from None
         if not timeout_s > 0:
-            raise ApiError(504, "timeout", "deadline passed before the chunk reached the proxy")
+            raise DeadlinePassed("deadline passed before the chunk reached the proxy")
         request_id = data.get("request_id", "")
         replicas = data.get("replicas", 1)
         if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 256:

@@ -66,3 +66,16 @@ def test_unavailable_retry_after(retry: float, header: str) -> None:
 def test_from_body(body: object, type_: str, message: str) -> None:
     exc = ApiError.from_body(500, body, {"Retry-After": "3"})
     assert (exc.status, exc.type, exc.message, exc.headers) == (500, type_, message, {"Retry-After": "3"})
+
+
+def test_domain_errors_get_their_status_from_the_one_table() -> None:
+    from runtime_proxy.gpu import GpuBusy
+    from shared.errors import STATUS_OF, DomainError, NoCapacity, ReplicaFailed
+
+    assert all(issubclass(kind, DomainError) for kind in STATUS_OF)
+    for kind, status in STATUS_OF.items():
+        error = kind("x")
+        assert (error.status, error.type, error.body()) == (status, kind.kind, {"error": "x", "type": kind.kind})
+    busy = GpuBusy(2.5)  # a subclass answers as its kind
+    assert (busy.status, busy.type, busy.headers) == (STATUS_OF[NoCapacity], "gpu_busy", {"Retry-After": "3"})
+    assert ReplicaFailed("gone", "oom").json_bytes() == b'{"error":"gone","type":"oom"}'
