@@ -25,6 +25,8 @@ class Replica:
     state: State = State.STARTING
     last_used: float = 0.0
     in_flight: int = 0
+    batch_in_flight: int = 0  # of in_flight, batch work: on-demand work may preempt it when the host is full
+    preempted: bool = False
     started_at: float = 0.0
     gpu_uuid: str | None = None
     resuming: asyncio.Task[None] | None = None  # an unpause in flight

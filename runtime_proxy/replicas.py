@@ -125,7 +125,7 @@ class ReplicaManager:
         try:
             status, body = await self._predict(replica, req.inputs, deadline)
         finally:
-            self._release(replica)
+            self._release(replica, req.batch)
         timings["infer_ms"] = (self.clock() - t_infer) * 1000
         timings["total_ms"] = (self.clock() - t0) * 1000
         if status != 200 or not isinstance(body, dict):
@@ -249,15 +249,15 @@ class ReplicaManager:
                     yields = batch and pool.waiting_on_demand > 0
                     replica = None if fresh or yields else pool.pick()
                     if replica is not None:
-                        return self._take(replica, t0)
+                        return self._take(replica, t0, batch)
                     resumed = None if yields else self._resume_one(pool, deadline)
                     if resumed is not None and resumed.has_room:
-                        return self._take(resumed, t0)
+                        return self._take(resumed, t0, batch)
                     starting = pool.having(State.STARTING, State.RESUMING)
                     if pool.failure is not None and pool.failure is not seen_failure and not starting:
                         raise pool.failure
                     if resumed is None and (may_start or not pool.replicas) and pool.waiting > pool.coming:
-                        self._start_more(pool, spec, deadline)
+                        self._start_more(pool, spec, deadline, preempt_batch=not batch)
                     fresh = fresh and not any(r.start_kind for r in pool.replicas if r.has_room)
                     await pool.wait_change()
         except TimeoutError:
@@ -269,8 +269,9 @@ class ReplicaManager:
             if batch is False and pool.waiting:
                 pool.changed()  # a batch waiter that yielded to us may go now
 
-    def _take(self, replica: Replica, t0: float) -> tuple[Replica, str, dict[str, float]]:
+    def _take(self, replica: Replica, t0: float, batch: bool = False) -> tuple[Replica, str, dict[str, float]]:
         replica.in_flight += 1
+        replica.batch_in_flight += batch
         replica.last_used = self.clock()  # not idle: the reaper must not pause it under us
         kind, timings = replica.take_start()
         if kind == "warm" and replica.state is State.RESUMING:
@@ -278,8 +279,9 @@ class ReplicaManager:
         timings["queue_ms"] = max(0.0, (self.clock() - t0) * 1000 - sum(timings.values()))
         return replica, kind, timings
 
-    def _release(self, replica: Replica) -> None:
+    def _release(self, replica: Replica, batch: bool = False) -> None:
         replica.in_flight -= 1
+        replica.batch_in_flight -= batch
         replica.last_used = self.clock()
         self._pool(replica.spec.key).changed()
 
@@ -336,7 +338,7 @@ class ReplicaManager:
         finally:
             pool.changed()
 
-    def _start_more(self, pool: VersionPool, spec: VersionSpec, deadline: float) -> None:
+    def _start_more(self, pool: VersionPool, spec: VersionSpec, deadline: float, preempt_batch: bool = False) -> None:
         """Start one more replica in the background when the version and the host allow it.
 
         Within a failed version's backoff nothing starts: the caller gets the failure at once when
@@ -351,14 +353,15 @@ class ReplicaManager:
                 raise refusal
             return
         replica_id = uuid.uuid4().hex[:12]
-        self._own(self._start_for(pool, spec, replica_id, deadline), f"start-{replica_id}")
+        self._own(self._start_for(pool, spec, replica_id, deadline, preempt_batch), f"start-{replica_id}")
         # Count it as coming at once, so that concurrent waiters do not each start one.
         pool.replicas.append(_placeholder(replica_id, spec, self.settings, self.clock()))
 
-    async def _start_for(self, pool: VersionPool, spec: VersionSpec, replica_id: str, deadline: float) -> None:
+    async def _start_for(self, pool: VersionPool, spec: VersionSpec, replica_id: str, deadline: float,
+                         preempt_batch: bool) -> None:
         placeholder = next(r for r in pool.replicas if r.replica_id == replica_id)
         try:
-            replica = await self._start(spec, deadline, replica_id)
+            replica = await self._start(spec, deadline, replica_id, preempt_batch)
         except ApiError as exc:
             if not isinstance(exc, (NoCapacity, DeadlinePassed)):  # the host was full or slow: not the version's fault
                 self.backoff.record(spec, exc, self.clock())
@@ -374,9 +377,9 @@ class ReplicaManager:
                 pool.replicas.remove(placeholder)
             pool.changed()
 
-    async def _start(self, spec: VersionSpec, deadline: float, replica_id: str) -> Replica:
+    async def _start(self, spec: VersionSpec, deadline: float, replica_id: str, preempt_batch: bool = False) -> Replica:
         timings: dict[str, float] = {}
-        await self._make_room(spec)
+        await self._make_room(spec, preempt_batch)
         t = self.clock()
         try:
             if not await self.runtime.has_image(spec.image_id or spec.image):
@@ -473,8 +476,12 @@ class ReplicaManager:
         busy = sum(r.in_flight + (1 if r.state is State.STARTING else 0) for r in replicas)
         return busy, max(r.last_used for r in replicas)
 
-    async def _make_room(self, spec: VersionSpec) -> None:
-        """Fit one more replica of ``spec``: the customer's quota first, then the host's memory and count."""
+    async def _make_room(self, spec: VersionSpec, preempt_batch: bool = False) -> None:
+        """Fit one more replica of ``spec``: the customer's quota first, then the host's memory and count.
+
+        For on-demand work (``preempt_batch``) a replica busy only with batch work counts as idle: on a
+        full host it may be evicted, its batch chunks answered 503 ``preempted`` (retry later).
+        """
         if spec.memory_mb > self.memory_budget_mb:
             raise unavailable(f"this version needs {spec.memory_mb} MB; this host offers {self.memory_budget_mb} MB", 30)
         views = self._eviction_views()
@@ -483,21 +490,32 @@ class ReplicaManager:
             raise unavailable("this customer's replicas on this host are all busy", retry_after_s=2)
         for rid in mine:
             await self._retire(self.replicas[rid])
-        evict = policy.replicas_to_evict(self._eviction_views(), self.memory_budget_mb, self.settings.max_replicas,
-                                         incoming_mb=spec.memory_mb, evict_running=True)
+        evict = policy.replicas_to_evict(self._eviction_views(preempt_batch), self.memory_budget_mb,
+                                         self.settings.max_replicas, incoming_mb=spec.memory_mb, evict_running=True)
         for rid in evict:
-            await self._retire(self.replicas[rid])
+            victim = self.replicas[rid]
+            if victim.batch_in_flight:
+                log.info("replica %s of %s preempted from batch work for on-demand %s", rid, victim.spec.key, spec.key)
+                victim.preempted = True
+            await self._retire(victim)
         live = [r for r in self.replicas.values() if r.state.live]
         if len(live) >= self.settings.max_replicas or \
                 sum(r.spec.memory_mb for r in live) + spec.memory_mb > self.memory_budget_mb:
             raise unavailable("this host is full and every replica on it is busy", retry_after_s=2)
 
-    def _eviction_views(self) -> list[policy.ReplicaView]:
-        """Replica views where one that requests are waiting on counts as busy (not evictable)."""
+    def _eviction_views(self, preempt_batch: bool = False) -> list[policy.ReplicaView]:
+        """Replica views where one that requests are waiting on counts as busy (not evictable); with
+        ``preempt_batch`` one busy with batch work only (and no on-demand waiter) counts as idle."""
         views = []
         for r in self.replicas.values():
             view = r.view()
-            if view.in_flight == 0 and (self._pool(r.spec.key).waiting or r.state in (State.PAUSING, State.RESUMING)):
+            pool = self._pool(r.spec.key)
+            if preempt_batch and r.in_flight == r.batch_in_flight and not pool.waiting_on_demand:
+                view = dataclasses.replace(view, in_flight=0)
+                waited = False
+            else:
+                waited = bool(pool.waiting)
+            if view.in_flight == 0 and (waited or r.state in (State.PAUSING, State.RESUMING)):
                 view = dataclasses.replace(view, in_flight=1)
             views.append(view)
         return views
@@ -544,6 +562,9 @@ class ReplicaManager:
                 self._retire_later(replica)  # what answers there is not an honest harness any more
             raise ReplicaFailed(str(exc), exc.type) from None
         except HarnessUnavailable:
+            if replica.preempted:
+                raise NoCapacity("this batch work was preempted by on-demand work on a full host", "preempted",
+                                 retry_after_s=2) from None
             replica.move(State.DEAD)
             info = await self._wait_exit(replica)
             self._retire_later(replica)

@@ -148,3 +148,31 @@ async def test_with_two_proxies_the_replicas_go_to_both(redis_url: str, state_di
         assert stack.session is not None
         per_proxy = [sum(1 for r in (await p.state(stack.session))["replicas"]) for p in stack.proxies]
         assert sum(per_proxy) == 3 and min(per_proxy) >= 1, per_proxy
+
+
+async def test_on_demand_work_preempts_batch_work_on_a_full_host(redis_url: str, state_dir: Path) -> None:
+    async with running_stack(redis_url, state_dir, "process", max_replicas=1) as stack:
+        await stack.customer("acme")
+        globex_key = await stack.create_customer("globex")
+        await stack.deploy("slow", MODELS, "models:slow")
+        await stack.deploy("echo", MODELS, "models:echo", customer="globex")
+        headers = {"Authorization": stack.key, "Host": "acme.localhost", "X-Lukewarm-Priority": "batch"}
+        batch = asyncio.ensure_future(stack.request("POST", "/v1/slow/latest", {"data": 30}, headers, 60))
+        await wait_until(lambda: _count_in_flight(stack, 1), 20, "the batch work to run")
+        status, body, _ = await stack.call("echo", "now", key=globex_key, customer="globex", timeout_s=30)
+        assert (status, body) == (200, {"data": {"echo": "now"}})
+        status, body, headers = await batch
+        assert (status, body["type"]) == (503, "preempted") and int(headers["Retry-After"]) >= 1, body
+
+
+async def test_on_demand_work_waits_rather_than_preempting_on_demand_work(redis_url: str, state_dir: Path) -> None:
+    async with running_stack(redis_url, state_dir, "process", max_replicas=1) as stack:
+        await stack.customer("acme")
+        globex_key = await stack.create_customer("globex")
+        await stack.deploy("slow", MODELS, "models:slow")
+        await stack.deploy("echo", MODELS, "models:echo", customer="globex")
+        busy = asyncio.ensure_future(stack.call("slow", 2, timeout_s=60))
+        await wait_until(lambda: _count_in_flight(stack, 1), 20, "the on-demand work to run")
+        status, body, _ = await stack.call("echo", "now", key=globex_key, customer="globex", timeout_s=30)
+        assert status == 503 and body["type"] == "unavailable", body  # the host is full of on-demand work
+        assert (await busy)[0] == 200
