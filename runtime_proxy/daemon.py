@@ -94,7 +94,8 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         app[routes.VERSIONS] = VersionSource(client, settings.spec_cache_s)
         async def state() -> dict[str, Any]:
             return {"replicas": manager.snapshot(), "waiting": manager.waiting(), "gpus": await gpu.snapshot(),
-                    "nvml": nvml.status()}
+                    "nvml": nvml.status(), "budgets": {"memory_budget_mb": manager.memory_budget_mb,
+                                                       "max_replicas_per_customer": manager.customer_quota}}
 
         heartbeat = Heartbeat(client, settings, state, rt.name)
         await heartbeat.take_epoch()

@@ -64,7 +64,9 @@ class Heartbeat:
             "capacity": {"max_replicas": self.settings.max_replicas,
                          "replica_concurrency": self.settings.replica_concurrency, **host_resources()},
         }
-        body.update(await self.state())
+        state = await self.state()
+        body["capacity"].update(state.pop("budgets", {}))  # the budgets the replica manager works within
+        body.update(state)
         return body
 
     async def beat_once(self) -> None:

@@ -149,7 +149,7 @@ class ReplicaManager:
             entry: dict[str, Any] = {
                 "replica_id": r.replica_id, "version": r.spec.key, "state": r.state.reported,
                 "in_flight": r.in_flight, "idle_s": round(now - r.last_used, 3), "concurrency": r.concurrency,
-                "memory_mb": r.spec.memory_mb, "gpu": r.spec.gpu, "gpu_uuid": r.gpu_uuid,
+                "memory_mb": r.spec.memory_mb, "cpus": r.spec.cpus, "gpu": r.spec.gpu, "gpu_uuid": r.gpu_uuid,
             }
             usage = container_usage(r.handle)
             if usage is not None:
