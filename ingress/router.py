@@ -21,6 +21,22 @@ class ReplicaState:
     state: str  # starting | running | paused | stopped
     in_flight: int
     concurrency: int
+    # What it holds of the host, for placement: its memory limit, CPU limit, and whether it is a GPU
+    # model. Left out of equality: a replica is still identified by what routing compares.
+    memory_mb: int = dataclasses.field(default=0, compare=False)
+    cpus: float = dataclasses.field(default=1.0, compare=False)
+    gpu: bool = dataclasses.field(default=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuState:
+    """One GPU of a proxy: NVML's memory figures (0 when unknown) and the version holding it, if any."""
+
+    uuid: str
+    memory_total_mb: int = 0
+    memory_used_mb: int = 0
+    version: str | None = None
+    swapping: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +50,17 @@ class ProxyState:
     replicas: tuple[ReplicaState, ...] = ()
     max_replicas: int = 16
     images: frozenset[str] = frozenset()
+    # Host capacity, for placement (0: not reported, and then not judged by). Like the replicas'
+    # placement fields, left out of equality: routing compares proxies by what it always did.
+    cpus: float = dataclasses.field(default=0.0, compare=False)
+    load1: float = dataclasses.field(default=0.0, compare=False)
+    memory_mb: int = dataclasses.field(default=0, compare=False)
+    memory_available_mb: int = dataclasses.field(default=0, compare=False)
+    memory_budget_mb: int = dataclasses.field(default=0, compare=False)
+    max_replicas_per_customer: int = dataclasses.field(default=0, compare=False)
+    gpus: tuple[GpuState, ...] = dataclasses.field(default=(), compare=False)
+    # Requests waiting at this proxy for a replica slot, per version key: load beyond what runs.
+    waiting: tuple[tuple[str, int], ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def in_flight(self) -> int:
@@ -42,17 +69,35 @@ class ProxyState:
     @classmethod
     def from_heartbeat(cls, data: dict[str, Any]) -> "ProxyState":
         capacity = data.get("capacity") or {}
+        waiting, gpus = data.get("waiting"), data.get("gpus")
         return cls(
             proxy_id=str(data["proxy_id"]), url=str(data["url"]), epoch=int(data.get("epoch", 0)),
             ts=float(data.get("ts", 0.0)),
             replicas=tuple(
-                ReplicaState(version=str(r["version"]), state=str(r["state"]), in_flight=int(r.get("in_flight", 0)),
-                             concurrency=int(r.get("concurrency", 1)))
+                # Positional: heartbeats are parsed by the thousand on every poll of a big fleet.
+                ReplicaState(str(r["version"]), str(r["state"]), int(r.get("in_flight", 0)),
+                             int(r.get("concurrency", 1)), int(r.get("memory_mb") or 0),
+                             float(r.get("cpus") or 1.0), bool(r.get("gpu")))
                 for r in data.get("replicas") or ()
             ),
             max_replicas=int(capacity.get("max_replicas", 16)),
             images=frozenset(data.get("images") or ()),
+            cpus=float(capacity.get("cpus") or 0.0), load1=float(capacity.get("load1") or 0.0),
+            memory_mb=int(capacity.get("memory_mb") or 0),
+            memory_available_mb=int(capacity.get("memory_available_mb") or 0),
+            memory_budget_mb=int(capacity.get("memory_budget_mb") or 0),
+            max_replicas_per_customer=int(capacity.get("max_replicas_per_customer") or 0),
+            gpus=tuple(_gpu(g) for g in gpus if isinstance(g, dict) and g.get("uuid")) if gpus else (),
+            waiting=tuple((str(k), int(v)) for k, v in waiting.items() if v) if isinstance(waiting, dict) else (),
         )
+
+
+def _gpu(data: dict[str, Any]) -> GpuState:
+    # NVML figures are None while the driver has not answered yet: unknown, not a malformed heartbeat.
+    version = data.get("version")
+    return GpuState(uuid=str(data["uuid"]), memory_total_mb=int(data.get("memory_total_mb") or 0),
+                    memory_used_mb=int(data.get("memory_used_mb") or 0),
+                    version=str(version) if version else None, swapping=bool(data.get("swapping")))
 
 
 @dataclasses.dataclass(frozen=True)
