@@ -12,6 +12,8 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from shared.messages import ProxyHeartbeat
+
 WARM, LUKEWARM, COLD = "warm", "lukewarm", "cold"
 
 
@@ -68,27 +70,21 @@ class ProxyState:
 
     @classmethod
     def from_heartbeat(cls, data: dict[str, Any]) -> "ProxyState":
-        capacity = data.get("capacity") or {}
-        waiting, gpus = data.get("waiting"), data.get("gpus")
+        """From a heartbeat as Redis holds it (``shared.messages.ProxyHeartbeat``); raises when malformed."""
+        beat = ProxyHeartbeat.from_dict(data)
+        cap = beat.capacity
         return cls(
-            proxy_id=str(data["proxy_id"]), url=str(data["url"]), epoch=int(data.get("epoch", 0)),
-            ts=float(data.get("ts", 0.0)),
+            proxy_id=beat.proxy_id, url=beat.url, epoch=beat.epoch, ts=beat.ts,
             replicas=tuple(
                 # Positional: heartbeats are parsed by the thousand on every poll of a big fleet.
-                ReplicaState(str(r["version"]), str(r["state"]), int(r.get("in_flight", 0)),
-                             int(r.get("concurrency", 1)), int(r.get("memory_mb") or 0),
-                             float(r.get("cpus") or 1.0), bool(r.get("gpu")))
-                for r in data.get("replicas") or ()
+                ReplicaState(r.version, r.state, r.in_flight, r.concurrency, r.memory_mb, r.cpus, r.gpu)
+                for r in beat.replicas
             ),
-            max_replicas=int(capacity.get("max_replicas", 16)),
-            images=frozenset(data.get("images") or ()),
-            cpus=float(capacity.get("cpus") or 0.0), load1=float(capacity.get("load1") or 0.0),
-            memory_mb=int(capacity.get("memory_mb") or 0),
-            memory_available_mb=int(capacity.get("memory_available_mb") or 0),
-            memory_budget_mb=int(capacity.get("memory_budget_mb") or 0),
-            max_replicas_per_customer=int(capacity.get("max_replicas_per_customer") or 0),
-            gpus=tuple(_gpu(g) for g in gpus if isinstance(g, dict) and g.get("uuid")) if gpus else (),
-            waiting=tuple((str(k), int(v)) for k, v in waiting.items() if v) if isinstance(waiting, dict) else (),
+            max_replicas=cap.max_replicas, images=frozenset(beat.images), cpus=cap.cpus, load1=cap.load1,
+            memory_mb=cap.memory_mb, memory_available_mb=cap.memory_available_mb,
+            memory_budget_mb=cap.memory_budget_mb, max_replicas_per_customer=cap.max_replicas_per_customer,
+            gpus=tuple(_gpu(g) for g in beat.gpus if g.get("uuid")),
+            waiting=tuple(beat.waiting.items()),
         )
 
 

@@ -15,6 +15,7 @@ import orjson
 import redis.asyncio as redis
 
 from shared import keys
+from shared.messages import ProxyHeartbeat
 from shared.settings import ProxySettings
 
 
@@ -54,7 +55,7 @@ class Heartbeat:
         return self.epoch
 
     async def payload(self) -> dict[str, Any]:
-        body = {
+        body: dict[str, Any] = {
             "proxy_id": self.settings.proxy_id,
             "url": self.settings.advertise_url,
             "epoch": self.epoch,
@@ -67,7 +68,8 @@ class Heartbeat:
         state = await self.state()
         body["capacity"].update(state.pop("budgets", {}))  # the budgets the replica manager works within
         body.update(state)
-        return body
+        # Through the one definition of the shape: what is published is what every reader parses.
+        return ProxyHeartbeat.from_dict(body).to_dict()
 
     async def beat_once(self) -> None:
         payload = await self.payload()

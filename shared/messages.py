@@ -286,6 +286,96 @@ class ChunkCall:
                    replicas=replicas)
 
 
+def _num(value: Any, kind: type, default: Any = 0) -> Any:
+    """A heartbeat number: None (a figure not known yet, e.g. NVML before its first answer) is the default."""
+    return default if value is None else kind(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaReport:
+    """One replica as its proxy's heartbeat reports it."""
+
+    replica_id: str
+    version: str
+    state: str  # starting | running | paused | stopped
+    in_flight: int = 0
+    concurrency: int = 1
+    idle_s: float = 0.0
+    memory_mb: int = 0
+    cpus: float = 1.0
+    gpu: bool = False
+    gpu_uuid: str | None = None
+    memory_used_mb: float | None = None  # from its cgroup, when it shows
+    cpu_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReplicaReport":
+        return cls(
+            replica_id=str(data.get("replica_id", "")), version=str(data["version"]), state=str(data["state"]),
+            in_flight=_num(data.get("in_flight"), int), concurrency=_num(data.get("concurrency"), int, 1),
+            idle_s=_num(data.get("idle_s"), float), memory_mb=_num(data.get("memory_mb"), int),
+            cpus=_num(data.get("cpus"), float, 1.0), gpu=bool(data.get("gpu")),
+            gpu_uuid=str(data["gpu_uuid"]) if data.get("gpu_uuid") else None,
+            memory_used_mb=_num(data.get("memory_used_mb"), float, None), cpu_s=_num(data.get("cpu_s"), float, None),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCapacity:
+    """What a proxy's host offers and the budgets its replica manager works within (0: not reported)."""
+
+    max_replicas: int = 16
+    replica_concurrency: int = 1
+    cpus: float = 0.0
+    load1: float = 0.0
+    memory_mb: int = 0
+    memory_available_mb: int = 0
+    memory_budget_mb: int = 0
+    max_replicas_per_customer: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HostCapacity":
+        return cls(**{f.name: _num(data.get(f.name), type(f.default), f.default)
+                      for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyHeartbeat:
+    """What a proxy publishes every few seconds under a TTL, and the one definition of its shape: built
+    by runtime_proxy/heartbeat.py through this class, read by every ingress's view through it."""
+
+    proxy_id: str
+    url: str
+    epoch: int
+    ts: float
+    runtime: str = ""
+    started_at: float = 0.0
+    capacity: HostCapacity = HostCapacity()
+    replicas: tuple[ReplicaReport, ...] = ()
+    waiting: dict[str, int] = dataclasses.field(default_factory=dict)  # chunks waiting for a slot, per version
+    gpus: tuple[dict[str, Any], ...] = ()  # the GPU coordinator's view per GPU (runtime_proxy/gpu.py)
+    nvml: dict[str, Any] = dataclasses.field(default_factory=dict)
+    images: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProxyHeartbeat":
+        """KeyError, TypeError or ValueError when malformed (a reader skips such a heartbeat)."""
+        waiting = data.get("waiting")
+        return cls(
+            proxy_id=str(data["proxy_id"]), url=str(data["url"]), epoch=_num(data.get("epoch"), int),
+            ts=_num(data.get("ts"), float), runtime=str(data.get("runtime") or ""),
+            started_at=_num(data.get("started_at"), float),
+            capacity=HostCapacity.from_dict(data.get("capacity") or {}),
+            replicas=tuple(ReplicaReport.from_dict(r) for r in data.get("replicas") or ()),
+            waiting={str(k): int(v) for k, v in waiting.items() if v} if isinstance(waiting, dict) else {},
+            gpus=tuple(g for g in data.get("gpus") or () if isinstance(g, dict)),
+            nvml=dict(data.get("nvml") or {}), images=tuple(str(i) for i in data.get("images") or ()),
+        )
+
+
 # The phases of a replica start a proxy times (``<phase>_ms`` in ChunkResult.timings).
 START_PHASES = ("pull", "create", "start", "ready", "unpause")
 

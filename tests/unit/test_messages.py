@@ -259,3 +259,36 @@ def test_env_names_with_a_trailing_newline_are_refused() -> None:
 @pytest.mark.parametrize("capacity", [{"min": None}, {"desired": None}, {"max": None}])
 def test_null_capacity_fields_mean_the_default(capacity: dict[str, Any]) -> None:
     assert validate_settings({"capacity": capacity}, DEPLOY_FIELDS)["capacity"] == Capacity(0, 1, 4)
+
+
+def test_the_heartbeat_shape_is_defined_once_and_survives_json() -> None:
+    from shared.messages import HostCapacity, ProxyHeartbeat, ReplicaReport
+
+    beat = ProxyHeartbeat(
+        proxy_id="p1", url="http://10.0.0.2:8081", epoch=3, ts=12.5, runtime="docker",
+        capacity=HostCapacity(max_replicas=8, cpus=4, memory_budget_mb=1024),
+        replicas=(ReplicaReport("r1", "acme/m/main/1", "running", in_flight=1, cpus=0.5, memory_used_mb=12.5),),
+        waiting={"acme/m/main/1": 2}, gpus=({"uuid": "GPU-1", "memory_used_mb": None},), images=("img",),
+    )
+    assert ProxyHeartbeat.from_dict(orjson.loads(orjson.dumps(beat.to_dict()))) == beat
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{}, {"proxy_id": "p"}, {"proxy_id": "p", "url": "u", "epoch": "x"},
+     {"proxy_id": "p", "url": "u", "replicas": [{"state": "running"}]},
+     {"proxy_id": "p", "url": "u", "capacity": {"max_replicas": "many"}}],
+)
+def test_malformed_heartbeats_raise(data: dict[str, Any]) -> None:
+    from shared.messages import ProxyHeartbeat
+
+    with pytest.raises((KeyError, TypeError, ValueError)):
+        ProxyHeartbeat.from_dict(data)
+
+
+def test_unknown_figures_read_as_defaults() -> None:
+    from shared.messages import ProxyHeartbeat
+
+    beat = ProxyHeartbeat.from_dict({"proxy_id": "p", "url": "u", "epoch": None, "ts": 1,
+                                     "capacity": {"memory_mb": None}, "waiting": {"v": 0, "w": 1}})
+    assert (beat.epoch, beat.capacity.memory_mb, beat.capacity.max_replicas, beat.waiting) == (0, 0, 16, {"w": 1})
