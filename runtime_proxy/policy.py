@@ -21,6 +21,7 @@ class ReplicaView:
     idle_timeout_s: float
     keep_warm: bool
     memory_mb: int
+    keep: int = 0  # the version's capacity.min: replicas of it kept on disk (stopped) rather than removed
 
 
 def replicas_to_pause(replicas: Sequence[ReplicaView], now: float) -> list[str]:
@@ -38,6 +39,25 @@ def replicas_to_stop(replicas: Sequence[ReplicaView], now: float, stop_after_s: 
         r.replica_id for r in replicas
         if r.state == "paused" and r.in_flight == 0 and now - r.last_used >= r.idle_timeout_s + stop_after_s
     ]
+
+
+def replicas_to_remove(replicas: Sequence[ReplicaView], now: float, stop_after_s: float,
+                       remove_after_s: float) -> list[str]:
+    """Stopped replicas idle past ``remove_after_s`` more: removed, down to their version's ``keep``.
+
+    The most recently used of each version are the ones kept (a stopped replica costs only disk;
+    ``capacity.min`` counts it as ready, and starting it again is cheaper than a cold start).
+    """
+    by_version: dict[str, list[ReplicaView]] = {}
+    for r in replicas:
+        by_version.setdefault(r.version_key, []).append(r)
+    out = []
+    for mine in by_version.values():
+        stopped = sorted((r for r in mine if r.state == "stopped" and r.in_flight == 0), key=lambda r: -r.last_used)
+        keep = max(0, mine[0].keep - sum(1 for r in mine if r.state != "stopped"))
+        out += [r.replica_id for r in stopped[keep:]
+                if now - r.last_used >= r.idle_timeout_s + stop_after_s + remove_after_s]
+    return out
 
 
 def replicas_to_evict(

@@ -52,7 +52,7 @@ class Replica:
             replica_id=self.replica_id, version_key=self.spec.key, state=self.state.reported,
             in_flight=self.in_flight, last_used=self.last_used,
             idle_timeout_s=self.spec.idle_timeout_s, keep_warm=self.spec.keep_warm,
-            memory_mb=self.spec.memory_mb,
+            memory_mb=self.spec.memory_mb, keep=self.spec.capacity.min,
         )
 
 

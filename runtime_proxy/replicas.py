@@ -192,6 +192,14 @@ class ReplicaManager:
         for rid in policy.replicas_to_stop(views, now, self.settings.pause_stop_after_s):
             if await self._freeze(rid, State.STOPPING, State.STOPPED):
                 done["stopped"].append(rid)
+        done["removed"] = []
+        views = [r.view() for r in self.replicas.values()]
+        for rid in policy.replicas_to_remove(views, now, self.settings.pause_stop_after_s,
+                                             self.settings.stop_remove_after_s):
+            replica = self.replicas.get(rid)
+            if replica is not None and replica.state is State.STOPPED:
+                await self._retire(replica)
+                done["removed"].append(rid)
         views = [r.view() for r in self.replicas.values()]
         for rid in policy.replicas_to_evict(views, self.memory_budget_mb, self.settings.max_replicas):
             replica = self.replicas.get(rid)

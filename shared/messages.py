@@ -354,7 +354,7 @@ class ProxyHeartbeat:
     replicas: tuple[ReplicaReport, ...] = ()
     waiting: dict[str, int] = dataclasses.field(default_factory=dict)  # chunks waiting for a slot, per version
     gpus: tuple[dict[str, Any], ...] = ()  # the GPU coordinator's view per GPU (runtime_proxy/gpu.py)
-    nvml: dict[str, Any] = dataclasses.field(default_factory=dict)
+    nvml: str = ""  # "ok", or why this host shows no GPUs
     images: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -372,7 +372,7 @@ class ProxyHeartbeat:
             replicas=tuple(ReplicaReport.from_dict(r) for r in data.get("replicas") or ()),
             waiting={str(k): int(v) for k, v in waiting.items() if v} if isinstance(waiting, dict) else {},
             gpus=tuple(g for g in data.get("gpus") or () if isinstance(g, dict)),
-            nvml=dict(data.get("nvml") or {}), images=tuple(str(i) for i in data.get("images") or ()),
+            nvml=str(data.get("nvml") or ""), images=tuple(str(i) for i in data.get("images") or ()),
         )
 
 

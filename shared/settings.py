@@ -133,6 +133,8 @@ class ProxySettings:
     max_replicas_per_customer: int = 0
     reaper_interval_s: float = 1.0
     pause_stop_after_s: float = 3600.0
+    # A stopped replica idle this much longer is removed (container deleted), down to its version's capacity.min.
+    stop_remove_after_s: float = 86400.0
     # Model images this proxy ran are removed once no replica here uses them for this long,
     # or sooner (least recently used first) while more than max_images are kept.
     image_idle_s: float = 7 * 86400.0

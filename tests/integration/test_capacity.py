@@ -56,8 +56,27 @@ async def test_never_more_than_max_replicas(stack: Stack) -> None:
     assert len(await replicas_of(stack, "slow")) == 2
 
 
-async def test_idle_replicas_go_lukewarm_then_zero_running(redis_url: str, state_dir: Path) -> None:
-    async with running_stack(redis_url, state_dir, "process", reaper_interval_s=0.1, pause_stop_after_s=0.5) as stack:
+async def test_back_to_min_after_idle(redis_url: str, state_dir: Path) -> None:
+    """Three replicas under load; idle, the extra ones go paused → stopped → removed, down to min (1)."""
+    async with running_stack(redis_url, state_dir, "process", reaper_interval_s=0.1, pause_stop_after_s=0.3,
+                             stop_remove_after_s=0.3) as stack:
+        await stack.customer("acme")
+        await stack.deploy("slow", MODELS, "models:slow", idle_timeout_s=0.3,
+                           capacity={"min": 1, "desired": 1, "max": 3})
+        await burst(stack, "slow", 3, 0.3)
+        assert len(await replicas_of(stack, "slow")) == 3
+
+        async def down_to_min() -> bool:
+            return [r["state"] for r in await replicas_of(stack, "slow")] == ["stopped"]
+
+        await wait_until(down_to_min, 30, "one stopped replica left (min 1)")
+        status, _, headers = await stack.call("slow", 0)
+        assert status == 200 and 'start;desc="lukewarm"' in headers["Server-Timing"]
+
+
+async def test_idle_replicas_go_lukewarm_then_zero(redis_url: str, state_dir: Path) -> None:
+    async with running_stack(redis_url, state_dir, "process", reaper_interval_s=0.1, pause_stop_after_s=0.5,
+                             stop_remove_after_s=3600) as stack:
         await stack.customer("acme")
         await stack.deploy("slow", MODELS, "models:slow", idle_timeout_s=0.5,
                            capacity={"min": 0, "desired": 1, "max": 3})

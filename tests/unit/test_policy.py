@@ -172,3 +172,25 @@ def test_quota_evictions(replicas: list[ReplicaView], quota: int, expected: list
     from runtime_proxy.policy import quota_evictions
 
     assert quota_evictions(replicas, "acme", quota) == expected
+
+
+def _stopped(rid: str, key: str, last_used: float, keep: int = 0, state: str = "stopped") -> ReplicaView:
+    return ReplicaView(replica_id=rid, version_key=key, state=state, in_flight=0, last_used=last_used,
+                       idle_timeout_s=10, keep_warm=False, memory_mb=100, keep=keep)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "expected"),
+    [
+        ([_stopped("a", "v1", 0)], ["a"]),                                      # 10 + 20 + 30 s idle: gone
+        ([_stopped("a", "v1", 1)], []),                                         # 59 s: not idle long enough
+        ([_stopped("a", "v1", 0, keep=1), _stopped("b", "v1", 1, keep=1)], ["a"]),  # the newer one is kept
+        ([_stopped("a", "v1", 0, keep=1), _stopped("r", "v1", 5, keep=1, state="running")], ["a"]),  # min met
+        ([_stopped("a", "v1", 0, keep=2), _stopped("b", "v2", 0)], ["b"]),
+        ([_stopped("p", "v1", 0, state="paused")], []),                         # only stopped ones
+    ],
+)
+def test_replicas_to_remove(replicas: list[ReplicaView], expected: list[str]) -> None:
+    from runtime_proxy.policy import replicas_to_remove
+
+    assert replicas_to_remove(replicas, 60.0, 20, 30) == expected  # idle 10 + 20 + 30 s at t=60 since 0

@@ -216,7 +216,9 @@ async def test_from_heartbeat_reads_the_proxys_real_payload(tmp_path: Path) -> N
         replica.state, replica.in_flight = State(state), in_flight
         manager._register(replica)
     async def state() -> dict[str, object]:
-        return {"replicas": manager.snapshot()}
+        # What runtime_proxy/daemon.py's state() gives the heartbeat, every field of it.
+        return {"replicas": manager.snapshot(), "waiting": {"acme/churn/main/1": 2}, "gpus": [],
+                "nvml": "no NVIDIA driver", "budgets": {"memory_budget_mb": 1024, "max_replicas_per_customer": 2}}
 
     beat = Heartbeat(None, settings, state, "docker")  # type: ignore[arg-type]
     beat.epoch = 9
@@ -230,6 +232,8 @@ async def test_from_heartbeat_reads_the_proxys_real_payload(tmp_path: Path) -> N
         ReplicaState("acme/churn/main/2", "paused", 0, 2),
     ]
     assert state.in_flight == 1
+    assert (state.waiting, state.memory_budget_mb, state.max_replicas_per_customer) == \
+        ((("acme/churn/main/1", 2),), 1024, 2)
     assert tier_and_wait(state, "acme/churn/main/1", COSTS) == (WARM, 0.0)
     assert tier_and_wait(state, "acme/churn/main/2", COSTS) == (LUKEWARM, 25.0)
     for replica in manager.replicas.values():
