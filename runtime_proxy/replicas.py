@@ -254,6 +254,8 @@ class ReplicaManager:
         try:
             async with asyncio.timeout(_remaining(deadline, t0)):
                 while True:
+                    # warm's extra replica: once a fresh one has room, it is the one to take (start no more).
+                    fresh = fresh and not any(r.start_kind and r.has_room for r in pool.replicas)
                     yields = batch and pool.waiting_on_demand > 0
                     replica = None if fresh or yields else pool.pick()
                     if replica is not None:
@@ -266,7 +268,6 @@ class ReplicaManager:
                         raise pool.failure
                     if resumed is None and (may_start or not pool.replicas) and pool.waiting > pool.coming:
                         self._start_more(pool, spec, deadline, preempt_batch=not batch)
-                    fresh = fresh and not any(r.start_kind for r in pool.replicas if r.has_room)
                     await pool.wait_change()
         except TimeoutError:
             # Queued behind others' chunks or starts: no capacity in time, come back soon.

@@ -129,7 +129,6 @@ async def test_with_one_proxy_left_it_runs_the_whole_floor(redis_url: str, state
 async def test_a_retired_floor_is_left_alone(redis_url: str, state_dir: Path) -> None:
     async with stack_of(redis_url, state_dir, 1, LOOP) as stack:
         version = await stack.deploy("echo", stack.image, "models:echo")
-        await asyncio.sleep(1.2)
         status, _ = await stack.admin("PATCH", f"{BRANCH}/versions/{version}", {"capacity": {"min": 1, "max": 2}})
         assert status == 200
         await wait_until(lambda: ready_by_proxy(stack, f"acme/echo/main/{version}") != {}, 15, "the floor kept")
