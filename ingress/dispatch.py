@@ -64,6 +64,10 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.clock = clock
 
+    def pending(self, version_key: str) -> int:
+        """Requests of a version in flight at this ingress (running or held)."""
+        return self._pending[version_key]
+
     def _may_start(self, spec: VersionSpec) -> bool:
         """Whether a proxy may add a replica of ``spec``: fewer than ``capacity.max`` run across the fleet
         (as of the last heartbeats; two ingresses may overshoot by a beat, and idle replicas pause soon)."""
@@ -92,7 +96,8 @@ class Dispatcher:
 
     async def _run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str,
                    batch: bool) -> Outcome:
-        choices = self._choices(spec) or await self._fresh_choices(spec, frozenset())
+        choices = self._choices(spec) or await self._fresh_choices(spec, frozenset()) \
+            or await self._hold(spec, deadline)
         choices = spread(choices, spec.key, self._sent.get(spec.key, {}), self._may_start(spec))
         if not choices:
             raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)
@@ -118,9 +123,12 @@ class Dispatcher:
 
     async def _run_chunk(self, spec: VersionSpec, inputs: list[Any], choice: Choice, deadline: float,
                          request_id: str, batch: bool = False) -> ChunkResult:
+        """One chunk, retried on another proxy when its proxy gave no answer (at most ``retries`` times once
+        it may have run there). A chunk that reached no proxy at all (refused: a proxy restarting) is held
+        until one beats again, within its deadline, else 503 + Retry-After."""
         tried: set[str] = set()
-        last_error = ""
-        for _ in range(self.retries + 1):
+        reached_any = 0
+        while True:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise deadline_exceeded()
@@ -130,18 +138,21 @@ class Dispatcher:
             try:
                 result = await self._send(spec, choice, chunk, frozenset(tried))
             except ProxyUnreachable as exc:
-                last_error = str(exc)
                 self.view.suspect(choice.proxy.proxy_id)
+                reached_any += exc.reached
                 others = self._choices(spec, exclude=frozenset(tried))
                 if not others:
                     others = await self._fresh_choices(spec, frozenset(tried))
+                if reached_any > self.retries or (not others and reached_any):
+                    raise ReplicaFailed(f"no proxy answered for this chunk ({exc})", "proxy_unreachable") from None
                 if not others:
-                    break
+                    others = await self._hold(spec, deadline)
+                if not others:
+                    raise unavailable("no runtime proxy could take this chunk before its deadline", 2) from None
                 choice = others[0]
                 continue
             self._learn(spec, result, len(inputs))
             return result
-        raise ReplicaFailed(f"no proxy answered for this chunk ({last_error})", "proxy_unreachable")
 
     async def _send(self, spec: VersionSpec, choice: Choice, chunk: ChunkRequest,
                     tried: frozenset[str]) -> ChunkResult:
@@ -218,6 +229,18 @@ class Dispatcher:
             for task in tasks:
                 task.cancel()
         return [str(a.get("proxy_id")) for a in answers]
+
+    async def _hold(self, spec: VersionSpec, deadline: float) -> list[Choice]:
+        """Wait, bounded by ``deadline``, for any proxy to be routable again (a restarted one beats again;
+        one that refused us stays out until it does); [] when none is by then."""
+        delay_s = 0.05
+        while self.clock() + delay_s < deadline:
+            await asyncio.sleep(delay_s)  # a bounded backoff between reads of the fleet, not a synchronisation
+            choices = await self._fresh_choices(spec, frozenset())
+            if choices:
+                return choices
+            delay_s = min(delay_s * 2, 1.0)
+        return []
 
     async def _fresh_choices(self, spec: VersionSpec, exclude: frozenset[str]) -> list[Choice]:
         """Candidates after re-reading the fleet: a proxy may have started since the last poll."""

@@ -27,7 +27,12 @@ MAX_IDLE_PER_PROXY = 64
 
 
 class ProxyUnreachable(Exception):
-    """The chunk never got an answer from this proxy: safe to retry on another."""
+    """The chunk never got an answer from this proxy. ``reached`` False: it never got there either (the
+    connection was refused or timed out), so it is safe to send again, even to the same proxy later."""
+
+    def __init__(self, message: str, reached: bool = True) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 class _StaleConnection(Exception):
@@ -58,7 +63,7 @@ class ProxyClient:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, limit=2**16), self.connect_timeout_s)
         except (OSError, TimeoutError) as exc:
-            raise ProxyUnreachable(f"{url}: cannot connect: {exc or type(exc).__name__}") from None
+            raise ProxyUnreachable(f"{url}: cannot connect: {exc or type(exc).__name__}", reached=False) from None
         return Connection(reader, writer, max_body=self.max_answer_bytes)
 
     async def run(self, url: str, chunk: ChunkRequest) -> ChunkResult:

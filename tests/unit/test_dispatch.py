@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import fakeredis.aioredis
+import orjson
 import pytest
 
 from ingress.costs import CostBook
@@ -15,6 +16,7 @@ from ingress.proxy_client import ProxyUnreachable
 from ingress.registry import Registry
 from ingress.view import StateView
 from loadtests.common import wait_until
+from shared import keys
 from shared.errors import ApiError
 from shared.messages import ChunkRequest, ChunkResult, VersionSpec
 
@@ -85,10 +87,42 @@ async def test_unreachable_proxy_is_retried_elsewhere_and_suspected() -> None:
     assert "a" not in {p.proxy_id for p in d.view.live_proxies()}
 
 
-async def test_no_live_proxy_is_503() -> None:
+async def test_no_live_proxy_is_503_once_the_deadline_passes() -> None:
+    """Held (no proxy may be restarting) within its deadline; then a clear 503, never a hang."""
     with pytest.raises(ApiError) as info:
-        await dispatcher(FakeClient({})).run(SPEC, [1], time.time() + 5, "r")
+        await dispatcher(FakeClient({})).run(SPEC, [1], time.time() + 0.5, "r")
     assert info.value.status == 503 and "Retry-After" in info.value.headers
+
+
+async def test_a_chunk_refused_by_a_restarting_proxy_is_held_until_it_beats_again() -> None:
+    """Refused at connect: it never got there, so it is safe to send again once the proxy is back."""
+
+    class Restarting(FakeClient):
+        async def run(self, url: str, chunk: ChunkRequest) -> ChunkResult:
+            if not self.calls:
+                self.calls.append((url, len(chunk.inputs)))
+                raise ProxyUnreachable("refused", reached=False)
+            return await super().run(url, chunk)
+
+    client = Restarting({})
+    d = dispatcher(client, beat("a"))
+    call = asyncio.ensure_future(d.run(SPEC, [1], time.time() + WAIT_S, "r"))
+    await wait_until(lambda: len(client.calls) == 1, WAIT_S, "the first, refused, attempt")
+    assert not call.done()  # held, not failed
+    back = beat("a") | {"ts": time.time() + 1}  # the restarted proxy's first heartbeat
+    await d.view.registry.redis.set(keys.proxy_heartbeat("a"), orjson.dumps(back))
+    await d.view.registry.redis.zadd(keys.PROXIES, {"a": back["ts"]})
+    out = await asyncio.wait_for(call, WAIT_S)
+    assert out.outputs == ["http://a:1"] and [u for u, _ in client.calls] == ["http://a", "http://a"]
+
+
+async def test_a_chunk_that_may_have_run_is_not_held_but_failed_at_once() -> None:
+    """The proxy took it and died before answering: with no other proxy, 502 now (it is not resent blindly)."""
+    client = FakeClient({"http://a": ProxyUnreachable("reset mid-answer", reached=True)})
+    with pytest.raises(ApiError) as info:
+        await asyncio.wait_for(dispatcher(client, beat("a")).run(SPEC, [1], time.time() + WAIT_S, "r"), WAIT_S)
+    assert (info.value.status, info.value.type) == (502, "proxy_unreachable")
+    assert len(client.calls) == 1
 
 
 async def test_backpressure_past_max_pending_is_503() -> None:
