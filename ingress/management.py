@@ -268,8 +268,8 @@ async def read_logs(request: web.Request) -> web.Response:
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 4 or not 1 <= int(raw) <= 1000:
         raise bad_request("limit must be an integer from 1 to 1000")
     await request.app[state.REQUEST_LOG].flush()
-    logs = await request.app[state.REGISTRY].read_logs(customer, model, branch, int(raw))
-    return json_response({"logs": logs})
+    logs, truncated = await request.app[state.REGISTRY].read_logs(customer, model, branch, int(raw))
+    return json_response({"logs": logs, "truncated": truncated})
 
 
 # ---- fleet status and health ---------------------------------------------------------

@@ -20,6 +20,8 @@ from shared.errors import not_found
 from shared.messages import VersionSpec
 
 LOG_LIMIT = 1000
+LOGS_PAGE = 50
+LOGS_ANSWER_BYTES = 16 * 2**20
 KEY_PREFIX = "lw_"
 
 
@@ -138,6 +140,8 @@ class Registry:
                     pipe.srem(keys.versions_index(spec.customer, spec.model, spec.branch), spec.version)
                     pipe.hdel(keys.CAPACITY_FLOOR, spec.key)
                     pipe.decr(counter)
+                    # Ingresses that cached this number drop it: the next deploy may reuse it for other code.
+                    pipe.publish(keys.EVENTS_CHANNEL, event("version", key=spec.key))
                     await pipe.execute()
                     return
             except redis.WatchError:
@@ -215,17 +219,37 @@ class Registry:
     # ---- request logs -------------------------------------------------------------
 
     async def append_logs(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
-        """Push request records (``(logs key, record)``), keeping the newest LOG_LIMIT per branch."""
+        """Push request records (``(logs key, record)``), keeping the newest LOG_LIMIT per branch.
+
+        One LPUSH of many values per branch: packing a command per record held the event loop for
+        milliseconds at every flush (PERFORMANCE.md).
+        """
+        by_key: dict[str, list[bytes]] = {}
+        for key, record in entries:
+            by_key.setdefault(key, []).append(orjson.dumps(record))
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key, record in entries:
-                pipe.lpush(key, orjson.dumps(record))
-            for key in {k for k, _ in entries}:
+            for key, values in by_key.items():
+                pipe.lpush(key, *values)
                 pipe.ltrim(key, 0, LOG_LIMIT - 1)
             await pipe.execute()
 
-    async def read_logs(self, customer: str, model: str, branch: str, limit: int) -> list[dict[str, Any]]:
-        raw = await self.redis.lrange(keys.request_logs(customer, model, branch), 0, limit - 1)
-        return [orjson.loads(r) for r in raw]
+    async def read_logs(self, customer: str, model: str, branch: str, limit: int,
+                        max_bytes: int = LOGS_ANSWER_BYTES) -> tuple[list[dict[str, Any]], bool]:
+        """The newest ``limit`` records, read a page at a time and stopped at ``max_bytes`` (records can be
+        ~200 KB each: a thousand must not land in memory at once); whether it stopped early."""
+        key = keys.request_logs(customer, model, branch)
+        out: list[dict[str, Any]] = []
+        size = 0
+        for start in range(0, limit, LOGS_PAGE):
+            page = await self.redis.lrange(key, start, min(limit, start + LOGS_PAGE) - 1)
+            for raw in page:
+                size += len(raw)
+                if size > max_bytes and out:
+                    return out, True
+                out.append(orjson.loads(raw))
+            if len(page) < LOGS_PAGE:
+                break
+        return out, False
 
     async def list_proxies(self) -> list[dict[str, Any]]:
         ids = await self.redis.zrange(keys.PROXIES, 0, -1)

@@ -257,7 +257,7 @@ async def test_every_registry_and_heartbeat_call_passes_its_acl(acl_users: AclUs
         await registry.withdraw_version(kept)  # a later number was taken: UNWATCH, then retired
         assert (await registry.get_version("acme", "echo", "main", kept.version)).retired  # type: ignore[union-attr]
         await registry.append_logs([("lw:m:acme:echo:main:logs", {"request_id": "r1"})])
-        assert await registry.read_logs("acme", "echo", "main", 5) == [{"request_id": "r1"}]
+        assert await registry.read_logs("acme", "echo", "main", 5) == ([{"request_id": "r1"}], False)
 
         settings = ProxySettings(proxy_id=f"acl-{uuid.uuid4().hex[:6]}", advertise_url="http://127.0.0.1:1")
 

@@ -187,8 +187,17 @@ async def test_logs_newest_first_limited_and_trimmed(registry: Registry, client:
     key = keys.request_logs("acme", "churn", "main")
     await registry.append_logs([(key, {"n": i}) for i in range(LOG_LIMIT + 5)])
     assert await client.llen(key) == LOG_LIMIT
-    assert await registry.read_logs("acme", "churn", "main", 3) == [
-        {"n": LOG_LIMIT + 4}, {"n": LOG_LIMIT + 3}, {"n": LOG_LIMIT + 2}]
+    assert await registry.read_logs("acme", "churn", "main", 3) == ([
+        {"n": LOG_LIMIT + 4}, {"n": LOG_LIMIT + 3}, {"n": LOG_LIMIT + 2}], False)
+    everything, cut = await registry.read_logs("acme", "churn", "main", LOG_LIMIT)
+    assert [r["n"] for r in everything] == list(range(LOG_LIMIT + 4, 4, -1)) and not cut
+
+
+async def test_a_logs_answer_is_bounded_in_bytes(registry: Registry) -> None:
+    key = keys.request_logs("acme", "churn", "main")
+    await registry.append_logs([(key, {"n": i, "stdout": "x" * 1000}) for i in range(200)])
+    logs, cut = await registry.read_logs("acme", "churn", "main", 200, max_bytes=50_000)
+    assert cut and 40 <= len(logs) <= 50 and logs[0]["n"] == 199  # newest first, stopped near the bound
 
 
 async def test_list_proxies_skips_expired_heartbeats(registry: Registry, client: Any) -> None:
@@ -215,3 +224,12 @@ async def test_a_failed_rollout_that_keeps_its_number_records_why(registry: Regi
     kept = await registry.get_version("acme", "churn", "main", failed.version)
     assert kept is not None and kept.retired and kept.rollout_error.endswith("boom")
     assert await registry.live_versions("acme", "churn", "main") == [2]
+
+
+async def test_a_withdrawn_number_tells_the_ingresses(registry: Registry, events: Any) -> None:
+    """Its number may be reused for other code: every ingress that cached it must drop it."""
+    spec = await registry.create_version("acme", "churn", "main", {"image": "a"}, move_latest=False)
+    assert await next_event(events) == {"kind": "pointers", "branch": "acme/churn/main"}
+    await registry.withdraw_version(spec)
+    assert await next_event(events) == {"kind": "version", "key": spec.key}
+    assert await registry.get_version("acme", "churn", "main", spec.version) is None
