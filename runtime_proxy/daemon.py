@@ -86,12 +86,12 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         nvml: Nvml = nvml_adapter or (RealNvml() if settings.gpus else NoGpu())
         gpu = GpuCoordinator(nvml, min_residency_s=settings.gpu_min_residency_s,
                              release_timeout_s=settings.gpu_release_timeout_s)
-        manager = ReplicaManager(rt, settings, harness, gpu=gpu)
+        client = connect(settings.redis_url, REDIS_TIMEOUT_S)
+        versions = app[routes.VERSIONS] = VersionSource(client, settings.spec_cache_s)
+        manager = ReplicaManager(rt, settings, harness, gpu=gpu, versions=versions)
         gpu.usage = manager.gpu_usage
         adopted = await manager.adopt()
         app[routes.MANAGER] = manager
-        client = connect(settings.redis_url, REDIS_TIMEOUT_S)
-        app[routes.VERSIONS] = VersionSource(client, settings.spec_cache_s)
         async def state() -> dict[str, Any]:
             return {"replicas": manager.snapshot(), "waiting": manager.waiting(), "gpus": await gpu.snapshot(),
                     "nvml": nvml.status(), "budgets": {"memory_budget_mb": manager.memory_budget_mb,

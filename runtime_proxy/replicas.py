@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from runtime_proxy import policy
 from runtime_proxy.cgroups import container_usage
 from runtime_proxy.failures import StartBackoff, exit_error, runtime_error
@@ -42,8 +44,16 @@ from runtime_proxy.runtime import (
     Runtime,
     RuntimeFailure,
 )
-from shared.errors import ApiError, DeadlinePassed, NoCapacity, ReplicaFailed, deadline_exceeded, unavailable
-from shared.messages import ChunkRequest, ChunkResult, VersionSpec
+from runtime_proxy.versions import VersionSource
+from shared.errors import (
+    ApiError,
+    DeadlinePassed,
+    NoCapacity,
+    ReplicaFailed,
+    deadline_exceeded,
+    unavailable,
+)
+from shared.messages import PATCHABLE_FIELDS, ChunkRequest, ChunkResult, VersionSpec
 from shared.settings import ProxySettings
 
 log = logging.getLogger("lukewarm.proxy")
@@ -80,6 +90,7 @@ class ReplicaManager:
     def __init__(
         self, runtime: Runtime, settings: ProxySettings, harness_path: Path,
         clock: Callable[[], float] = time.monotonic, gpu: GpuCoordinator | None = None,
+        versions: VersionSource | None = None,
     ) -> None:
         self.runtime = runtime
         self.settings = settings
@@ -91,6 +102,7 @@ class ReplicaManager:
         self._tasks: set[asyncio.Task[Any]] = set()  # starts and removals in the background, owned here
         self.run_dirs = RunDirs(Path(settings.state_dir) / "run", CONTAINER_UID, settings.run_dir_kb)
         self.gpu = gpu
+        self.versions = versions  # the registry's word on what this host's replicas run (retired, patched)
         self.images = ImageBook(settings.image_idle_s, settings.max_images)  # what this proxy ran, pruned
         self.memory_budget_mb = settings.memory_budget_mb or default_memory_budget_mb()
         self.customer_quota = settings.max_replicas_per_customer or max(1, settings.max_replicas // 2)
@@ -181,11 +193,12 @@ class ReplicaManager:
         return adopted
 
     async def reap_once(self) -> dict[str, list[str]]:
-        """Apply the idle policy once: pause, stop, evict. Returns what it did."""
+        """One round: follow the registry (retired, patched), then the idle policy: pause, stop, remove,
+        evict, prune images. Returns what it did."""
         now = self.clock()
-        views = [r.view() for r in self.replicas.values()]
         done: dict[str, list[str]] = {"paused": [], "stopped": [], "evicted": [], "dead": await self.check_alive(),
-                                      "images": []}
+                                      "images": [], "retired": await self.follow_registry()}
+        views = [r.view() for r in self.replicas.values()]
         for rid in policy.replicas_to_pause(views, now):
             if await self._freeze(rid, State.PAUSING, State.PAUSED):
                 done["paused"].append(rid)
@@ -208,6 +221,28 @@ class ReplicaManager:
                 done["evicted"].append(rid)
         done["images"] = await self.prune_images(now)
         return done
+
+    async def follow_registry(self) -> list[str]:
+        """Replicas of versions retired (or withdrawn and their number reused) since they started are
+        removed once idle; a PATCH of a version's settings (idle timeout, keep-warm, capacity, timeout)
+        reaches its replicas here. Re-adopted containers are judged the same way. Returns the removed."""
+        if self.versions is None:
+            return []
+        removed = []
+        for key in {r.spec.key for r in self.replicas.values()}:
+            try:
+                now_spec = await self.versions.current(key)
+            except (RedisError, OSError, ValueError):
+                continue  # the registry cannot say now: keep running, judge again next round
+            for replica in [r for r in self.replicas.values() if r.spec.key == key]:
+                if now_spec is None or now_spec.created_at != replica.spec.created_at:
+                    if replica.in_flight == 0 and replica.state is not State.STARTING:
+                        await self._retire(replica)
+                        removed.append(replica.replica_id)
+                elif now_spec != replica.spec:
+                    replica.spec = dataclasses.replace(
+                        replica.spec, **{f: getattr(now_spec, f) for f in PATCHABLE_FIELDS})
+        return removed
 
     async def prune_images(self, now: float) -> list[str]:
         """Remove model images no replica here uses, least recently used first (``ImageBook``)."""

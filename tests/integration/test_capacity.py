@@ -195,3 +195,22 @@ async def test_on_demand_work_waits_rather_than_preempting_on_demand_work(redis_
         status, body, _ = await stack.call("echo", "now", key=globex_key, customer="globex", timeout_s=30)
         assert status == 503 and body["type"] == "unavailable", body  # the host is full of on-demand work
         assert (await busy)[0] == 200
+
+
+async def test_retiring_or_patching_a_version_reaches_its_replicas(redis_url: str, state_dir: Path) -> None:
+    """A retired keep-warm version stops holding a replica; a PATCH of its settings reaches the proxy."""
+    async with running_stack(redis_url, state_dir, "process", reaper_interval_s=0.1, spec_cache_s=0.2) as stack:
+        await stack.customer("acme")
+        path = "/api/v1/customers/acme/models/{m}/branches/main/versions/1"
+        for model in ("retired", "patched"):
+            await stack.deploy(model, MODELS, "models:echo", keep_warm=True, idle_timeout_s=0.2)
+            assert (await stack.call(model, 1))[0] == 200
+        assert (await stack.admin("DELETE", path.format(m="retired")))[0] == 204
+        status, _ = await stack.admin("PATCH", path.format(m="patched"), {"keep_warm": False})
+        assert status == 200
+
+        async def followed() -> bool:
+            return (not await replicas_of(stack, "retired")
+                    and [r["state"] for r in await replicas_of(stack, "patched")] == ["paused"])
+
+        await wait_until(followed, 20, "the retired replica gone and the patched one paused")
