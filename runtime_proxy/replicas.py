@@ -28,31 +28,14 @@ from runtime_proxy import policy
 from runtime_proxy.cgroups import container_usage
 from runtime_proxy.failures import StartBackoff, exit_error, runtime_error
 from runtime_proxy.gpu import GpuCoordinator, NoGpuAvailable
-from runtime_proxy.harness_client import (
-    HarnessClient,
-    HarnessMisbehaved,
-    HarnessUnavailable,
-)
+from runtime_proxy.harness_client import HarnessClient, HarnessMisbehaved, HarnessUnavailable
 from runtime_proxy.images import ImageBook
 from runtime_proxy.lifecycle import ADOPTABLE, State
 from runtime_proxy.replica import Replica, VersionPool
 from runtime_proxy.rundirs import RunDirError, RunDirs
-from runtime_proxy.runtime import (
-    SOCKET_NAME,
-    ExitInfo,
-    LaunchSpec,
-    Runtime,
-    RuntimeFailure,
-)
+from runtime_proxy.runtime import SOCKET_NAME, ExitInfo, LaunchSpec, Runtime, RuntimeFailure
 from runtime_proxy.versions import VersionSource
-from shared.errors import (
-    ApiError,
-    DeadlinePassed,
-    NoCapacity,
-    ReplicaFailed,
-    deadline_exceeded,
-    unavailable,
-)
+from shared.errors import ApiError, DeadlinePassed, NoCapacity, ReplicaFailed, deadline_exceeded, unavailable
 from shared.messages import PATCHABLE_FIELDS, ChunkRequest, ChunkResult, VersionSpec
 from shared.settings import ProxySettings
 
