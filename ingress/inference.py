@@ -95,21 +95,21 @@ async def _admitted(request: web.Request, customer: str, request_id: str, header
     model = check_name("model", request.match_info["model"])
     branch = check_branch(request.match_info.get("branch", "main").replace("~", "/"))
     pointer = _version_pointer(request.match_info["version"])
+    batch = _is_batch_work(request)
     body = parse_body(await read_json(request), settings.max_batch_items)
     spec = await view.resolve(customer, model, branch, pointer)
     # Usage: from here on the request is the version's (ingress/usage.py says what counts); in memory only.
     with app[USAGE].counting(spec):
-        return await _resolved(request, spec, body, request_id, headers, t0)
+        return await _resolved(request, spec, body, batch, request_id, headers, t0)
 
 
-async def _resolved(request: web.Request, spec: VersionSpec, body: InferenceInput, request_id: str,
+async def _resolved(request: web.Request, spec: VersionSpec, body: InferenceInput, batch: bool, request_id: str,
                     headers: dict[str, str], t0: float) -> web.Response:
     app = request.app
     headers["X-Model-Version"] = str(spec.version)
     timeout_s = min(spec.timeout_s, body.timeout_s or spec.timeout_s)
     route_ms = (time.perf_counter() - t0) * 1000
-    outcome = await app[state.DISPATCHER].run(spec, body.inputs, time.time() + timeout_s, request_id,
-                                              batch=_is_batch_work(request))
+    outcome = await app[state.DISPATCHER].run(spec, body.inputs, time.time() + timeout_s, request_id, batch=batch)
     total_s = time.perf_counter() - t0
     headers["Server-Timing"] = server_timing(route_ms, outcome.timings, outcome.start)
     _log_request(request, spec, request_id, outcome, total_s)
@@ -119,7 +119,7 @@ async def _resolved(request: web.Request, spec: VersionSpec, body: InferenceInpu
         raise Refused(outcome.error, "model_error")
     if len(outcome.outputs) != len(body.inputs):
         raise ReplicaFailed(f"the model returned {len(outcome.outputs)} outputs for {len(body.inputs)} inputs",
-                       "bad_model_output")
+                            "bad_model_output")
     app[state.METRICS].inc("requests", status="200")
     app[state.METRICS].observe("request", total_s, start=outcome.start)
     return json_response({"data": stitch(body.ids, outcome.outputs)}, headers=headers)
