@@ -98,7 +98,9 @@ class Dispatcher:
                    batch: bool) -> Outcome:
         choices = self._choices(spec) or await self._fresh_choices(spec, frozenset()) \
             or await self._hold(spec, deadline)
-        choices = spread(choices, spec.key, self._sent.get(spec.key, {}), self._may_start(spec))
+        # A scan of the fleet's replicas: once per request, shared by its chunks.
+        may_start = self._may_start(spec)
+        choices = spread(choices, spec.key, self._sent.get(spec.key, {}), may_start)
         if not choices:
             raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)
         if len(inputs) < 2 * MIN_CHUNK:
@@ -109,7 +111,8 @@ class Dispatcher:
             used = [(c, s) for c, s in zip(choices, sizes) if s > 0]
             plan = list(zip([c for c, _ in used], chunk_ranges([s for _, s in used])))
         tasks = [
-            asyncio.create_task(self._run_chunk(spec, inputs[a:b], choice, deadline, request_id, batch=batch))
+            asyncio.create_task(self._run_chunk(spec, inputs[a:b], choice, deadline, request_id, batch=batch,
+                                                may_start=may_start))
             for choice, (a, b) in plan
         ]
         try:
@@ -122,7 +125,7 @@ class Dispatcher:
         return self._stitch(results)
 
     async def _run_chunk(self, spec: VersionSpec, inputs: list[Any], choice: Choice, deadline: float,
-                         request_id: str, batch: bool = False) -> ChunkResult:
+                         request_id: str, batch: bool = False, may_start: bool = True) -> ChunkResult:
         """One chunk, retried on another proxy when its proxy gave no answer (at most ``retries`` times once
         it may have run there). A chunk that reached no proxy at all (refused: a proxy restarting) is held
         until one beats again, within its deadline, else 503 + Retry-After."""
@@ -134,7 +137,7 @@ class Dispatcher:
                 raise deadline_exceeded()
             tried.add(choice.proxy.proxy_id)
             chunk = ChunkRequest(spec=spec, inputs=inputs, timeout_s=remaining, request_id=request_id,
-                                 may_start=self._may_start(spec), batch=batch)
+                                 may_start=may_start, batch=batch)
             try:
                 result = await self._send(spec, choice, chunk, frozenset(tried))
             except ProxyUnreachable as exc:
