@@ -4,15 +4,13 @@ line that answers {"data": …}, and Ctrl-C stops it cleanly, leaving no contain
 from __future__ import annotations
 
 import shlex
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.support.stack import REPO_ROOT, free_port, read_until
+from tests.support.stack import dev_process, free_port, read_until, stop_dev
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,25 +20,14 @@ def test_dev_prints_a_curl_that_answers_and_stops_cleanly(runtime: str, redis_se
                                                           docker_engine: None, tmp_path: Path) -> None:
     port, proxy_port = free_port(), free_port()
     redis_url = redis_server.rsplit("/", 1)[0] + "/14"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "dev", "--port", str(port), "--proxy-port", str(proxy_port),
-         "--redis-url", redis_url, "--runtime", runtime],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
+    with dev_process("--port", str(port), "--proxy-port", str(proxy_port), "--redis-url", redis_url,
+                     "--runtime", runtime) as proc:
         read_until(proc, "try:", 180)
         curl = read_until(proc, "curl", 10)[-1].strip()
         assert curl.startswith("curl ")
         answer = subprocess.run(shlex.split(curl) + ["--max-time", "60"], capture_output=True, timeout=90)
         assert orjson.loads(answer.stdout) == {"data": {"hello": "world"}}, answer
-        proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0]
-        assert proc.returncode == 0, rest
-        assert "stopped" in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_dev(proc)
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=lukewarm.proxy=dev-{proxy_port}"],
                           capture_output=True, text=True, timeout=30).stdout.split()
     assert left == [], "Ctrl-C must remove the dev containers"

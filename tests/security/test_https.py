@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import signal
 import ssl
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import orjson
 import pytest
 
 from shared.tls import DevCerts, make_dev_ca, server_context
-from tests.support.stack import MODELS_DIR, REPO_ROOT, Stack, free_port, read_until
+from tests.support.stack import MODELS_DIR, REPO_ROOT, Stack, dev_process, free_port, read_until, stop_dev
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(300)]
 
@@ -163,13 +162,8 @@ def test_the_daemon_exits_with_one_line_on_half_a_pair_or_missing_files(certs: D
 def test_dev_tls_prints_a_ca_and_a_curl_line_that_answers(redis_url: str, state_dir: Path) -> None:
     port, proxy_port = free_port(), free_port()
     # dev keeps its state (and so the CA) under ~/.cache/lukewarm/dev: a throwaway home here.
-    env = {**os.environ, "HOME": str(state_dir)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "dev", "--tls", "--runtime", "process", "--port", str(port),
-         "--proxy-port", str(proxy_port), "--redis-url", redis_url],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
+    with dev_process("--tls", "--runtime", "process", "--port", str(port), "--proxy-port", str(proxy_port),
+                     "--redis-url", redis_url, home=state_dir) as proc:
         lines = read_until(proc, "try:", 180)
         curl = read_until(proc, "curl ", 10)[-1].strip()
         ca = state_dir / ".cache" / "lukewarm" / "dev" / "tls" / "ca.pem"
@@ -182,11 +176,4 @@ def test_dev_tls_prints_a_ca_and_a_curl_line_that_answers(redis_url: str, state_
         plain = subprocess.run(["curl", "-s", "--max-time", "10", f"http://127.0.0.1:{port}/healthz"],
                                capture_output=True, timeout=30)
         assert plain.returncode != 0 and not plain.stdout.startswith(b"{"), plain
-        proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0]
-        assert proc.returncode == 0, rest
-        assert "stopped" in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_dev(proc)

@@ -5,9 +5,12 @@ in-process (so tests can read its view). Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +99,26 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> li
         if line.strip().startswith(marker):
             return lines
     raise AssertionError(f"no line starting with {marker!r} within {timeout_s} s; output: {lines}")
+
+
+@contextlib.contextmanager
+def dev_process(*args: str, home: Path | None = None) -> Iterator[subprocess.Popen[str]]:
+    """``lukewarm dev`` with ``args`` (output piped, for ``read_until``); killed on the way out if the
+    test failed before stopping it (``stop_dev``). ``home``: where dev keeps its state."""
+    env = {**os.environ, "HOME": str(home)} if home is not None else None
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "dev", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def stop_dev(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C: ``lukewarm dev`` stops cleanly and says so."""
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, rest
+    assert "stopped" in rest
