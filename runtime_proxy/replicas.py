@@ -29,6 +29,7 @@ from runtime_proxy.cgroups import container_usage
 from runtime_proxy.failures import StartBackoff, exit_error, runtime_error
 from runtime_proxy.gpu import GpuCoordinator, NoGpuAvailable
 from runtime_proxy.harness_client import HarnessClient, HarnessMisbehaved, HarnessUnavailable
+from runtime_proxy.heartbeat import host_resources
 from runtime_proxy.images import ImageBook
 from runtime_proxy.lifecycle import ADOPTABLE, State
 from runtime_proxy.replica import Replica, VersionPool
@@ -56,15 +57,9 @@ def _remaining(deadline: float, now: float) -> float:
 
 
 def default_memory_budget_mb() -> int:
-    """Three quarters of the host's RAM: the rest is for the daemons, the engine and the kernel."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 3 // 4 // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 8192
+    """Three quarters of the host's RAM (the rest is for the daemons, the engine and the kernel);
+    8 GB where the host's memory cannot be read."""
+    return int(host_resources()["memory_mb"]) * 3 // 4 or 8192
 
 
 class ReplicaManager:
