@@ -32,8 +32,9 @@ docker_up() { timeout 10 docker info >/dev/null 2>&1; }
 
 # --- system packages ---------------------------------------------------------
 # Check for dockerd, not docker: some images ship the client without the daemon.
-need=(redis-server)
-[ "$SKIP_DOCKER" = 1 ] || need+=(dockerd debootstrap)
+# redis-sentinel and docker-registry serve the fault tests (failover, pulls by digest).
+need=(redis-server redis-sentinel)
+[ "$SKIP_DOCKER" = 1 ] || need+=(dockerd debootstrap docker-registry)
 missing=()
 for cmd in "${need[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
@@ -43,9 +44,9 @@ if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip' >/dev/null 2>&1;
     missing+=(python3-venv)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
-    is_root || die "missing ${missing[*]}; as root: apt-get install redis-server docker.io debootstrap python3-venv"
-    pkgs=(redis-server)
-    [ "$SKIP_DOCKER" = 1 ] || pkgs+=(docker.io debootstrap)
+    is_root || die "missing ${missing[*]}; as root: apt-get install redis-server redis-sentinel docker.io debootstrap docker-registry python3-venv"
+    pkgs=(redis-server redis-sentinel)
+    [ "$SKIP_DOCKER" = 1 ] || pkgs+=(docker.io debootstrap docker-registry)
     [[ " ${missing[*]} " == *" python3-venv "* ]] && pkgs+=(python3-venv)
     step "installing ${pkgs[*]} (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive

@@ -78,6 +78,8 @@ class IngressSettings:
     max_response_mb: int = 64
     # How long a deploy with capacity.min > 0 may take to get its replicas ready before it is refused.
     rollout_timeout_s: float = 120.0
+    # SIGTERM: stop accepting, give requests in flight this long to finish, then exit.
+    drain_timeout_s: float = 30.0
 
     # usage
     # Request and error counts (GET …/usage) are written to Redis in batches this often, off the
@@ -160,6 +162,15 @@ class ProxySettings:
     log_max_mb: int = 10
     # How long a version spec read from Redis is trusted before it is read again.
     spec_cache_s: float = 5.0
+    # Registry login for pulls by digest: a Docker config.json ({"auths": {host: {auth|username+password}}}).
+    registry_auth_file: str = ""
+    # A chunk (request id + chunk index) already run here within this window is answered from its first
+    # run, not run again: an ingress's retry or hedge never runs a model twice on one host.
+    dedup_window_s: float = 300.0
+    # Answers remembered for that at most (bytes); past it the oldest are forgotten first.
+    dedup_max_mb: int = 64
+    # SIGTERM: stop taking chunks, give those in flight this long to finish, then exit (containers stay).
+    drain_timeout_s: float = 30.0
 
     # usage
     # Replica-seconds are accrued from the replicas' states this often (by the clock: a transition
