@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     listener = serving.ingress_listener(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_uvloop()
-    serving.run(build_app(settings), listener, access_log=None)
+    serving.run(build_app(settings), listener, access_log=None, shutdown_timeout_s=settings.drain_timeout_s)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import random
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -110,9 +111,10 @@ class Dispatcher:
             sizes = plan_split(len(inputs), [c.expected_ms for c in choices], costs.infer_ms, MIN_CHUNK)
             used = [(c, s) for c, s in zip(choices, sizes) if s > 0]
             plan = list(zip([c for c, _ in used], chunk_ranges([s for _, s in used])))
+        run_id = uuid.uuid4().hex  # names each chunk for every copy of it (retries, hedges): see _run_chunk
         tasks = [
             asyncio.create_task(self._run_chunk(spec, inputs[a:b], choice, deadline, request_id, batch=batch,
-                                                may_start=may_start))
+                                                may_start=may_start, chunk_id=f"{run_id}:{a}"))
             for choice, (a, b) in plan
         ]
         try:
@@ -125,11 +127,16 @@ class Dispatcher:
         return self._stitch(results)
 
     async def _run_chunk(self, spec: VersionSpec, inputs: list[Any], choice: Choice, deadline: float,
-                         request_id: str, batch: bool = False, may_start: bool = True) -> ChunkResult:
+                         request_id: str, batch: bool = False, may_start: bool = True,
+                         chunk_id: str = "") -> ChunkResult:
         """One chunk, retried on another proxy when its proxy gave no answer (at most ``retries`` times once
         it may have run there). A chunk that reached no proxy at all (refused: a proxy restarting) is held
-        until one beats again, within its deadline, else 503 + Retry-After."""
+        until one beats again, within its deadline, else 503 + Retry-After.
+
+        When the connection broke after the chunk was sent, the same proxy is asked once more first: if it
+        is up, the chunk id joins the run there (or gets its answer) instead of running the model twice."""
         tried: set[str] = set()
+        asked_again: set[str] = set()
         reached_any = 0
         while True:
             remaining = deadline - self.clock()
@@ -137,12 +144,15 @@ class Dispatcher:
                 raise deadline_exceeded()
             tried.add(choice.proxy.proxy_id)
             chunk = ChunkRequest(spec=spec, inputs=inputs, timeout_s=remaining, request_id=request_id,
-                                 may_start=may_start, batch=batch)
+                                 may_start=may_start, batch=batch, chunk_id=chunk_id)
             try:
                 result = await self._send(spec, choice, chunk, frozenset(tried))
             except ProxyUnreachable as exc:
-                self.view.suspect(choice.proxy.proxy_id)
                 reached_any += exc.reached
+                if exc.reached and chunk_id and choice.proxy.proxy_id not in asked_again:
+                    asked_again.add(choice.proxy.proxy_id)
+                    continue
+                self.view.suspect(choice.proxy.proxy_id)
                 others = self._choices(spec, exclude=frozenset(tried))
                 if not others:
                     others = await self._fresh_choices(spec, frozenset(tried))

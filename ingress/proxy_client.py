@@ -100,6 +100,8 @@ class ProxyClient:
             answer = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise ProxyUnreachable(f"{url}: answered status {status} with no JSON") from None
+        if status == 503 and isinstance(answer, dict) and answer.get("type") == "draining":
+            raise ProxyUnreachable(f"{url}: stopping", reached=False)  # it ran nothing: another proxy may
         if status != 200:
             retry_after = headers.get(b"retry-after")
             raise ApiError.from_body(status, answer, {"Retry-After": retry_after.decode()} if retry_after else None)

@@ -136,7 +136,11 @@ class Registry:
                 await pipe.watch(counter)
                 if int(await pipe.get(counter) or 0) == spec.version:
                     pipe.multi()
-                    pipe.delete(keys.version(spec.customer, spec.model, spec.branch, spec.version))
+                    # A retired tombstone, not a deletion: proxies remove replicas only on a record that
+                    # says so, never on a missing one (which is also what a Redis data loss looks like).
+                    tomb = dataclasses.replace(spec, retired=True, rollout_error=why)
+                    pipe.set(keys.version(spec.customer, spec.model, spec.branch, spec.version),
+                             orjson.dumps(tomb.to_dict()))
                     pipe.srem(keys.versions_index(spec.customer, spec.model, spec.branch), spec.version)
                     pipe.hdel(keys.CAPACITY_FLOOR, spec.key)
                     pipe.decr(counter)

@@ -44,9 +44,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
 # ---- small utilities ---------------------------------------------------------
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -250,17 +250,20 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
 
 
 class ProxyProcess:
-    """One ``python -m runtime_proxy`` subprocess configured by ``LUKEWARM_*``."""
+    """One ``python -m runtime_proxy`` subprocess configured by ``LUKEWARM_*``, bound to ``host``: a stack
+    gives each proxy its own loopback address (127.0.0.2, .3, …), as hosts of a fleet have their own."""
 
-    def __init__(self, redis_url: str, state_root: Path, runtime: str, proxy_id: str, **settings: Any) -> None:
-        self.port = free_port()
+    def __init__(self, redis_url: str, state_root: Path, runtime: str, proxy_id: str, host: str = "127.0.0.1",
+                 **settings: Any) -> None:
+        self.host = host
+        self.port = free_port(host)
         self.proxy_id = proxy_id
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.state_dir = state_root / proxy_id
         self.env = {
             **os.environ,
             "LUKEWARM_REDIS_URL": redis_url, "LUKEWARM_PROXY_SECRET": SECRET,
-            "LUKEWARM_PROXY_HOST": "127.0.0.1", "LUKEWARM_PROXY_PORT": str(self.port),
+            "LUKEWARM_PROXY_HOST": host, "LUKEWARM_PROXY_PORT": str(self.port),
             "LUKEWARM_PROXY_ID": proxy_id, "LUKEWARM_RUNTIME": runtime,
             "LUKEWARM_STATE_DIR": str(self.state_dir), "LUKEWARM_HEARTBEAT_INTERVAL_S": "0.5",
             **{f"LUKEWARM_{k.upper()}": str(v) for k, v in settings.items()},
@@ -322,6 +325,57 @@ class ProxyProcess:
 
     def socket_of(self, replica_id: str) -> Path:
         return self.state_dir / "run" / replica_id / "harness.sock"
+
+
+class IngressProcess:
+    """One ``python -m ingress`` subprocess (a fleet runs several behind a load balancer)."""
+
+    def __init__(self, redis_url: str, log_dir: Path, name: str, **settings: Any) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "LUKEWARM_REDIS_URL": redis_url, "LUKEWARM_PROXY_SECRET": SECRET, "LUKEWARM_ADMIN_TOKEN": ADMIN,
+            "LUKEWARM_INGRESS_HOST": "127.0.0.1", "LUKEWARM_INGRESS_PORT": str(self.port),
+            "LUKEWARM_VIEW_POLL_INTERVAL_S": "0.2",
+            **{f"LUKEWARM_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        self.log_path = log_dir / f"ingress-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ingress"], env=self.env, cwd=REPO_ROOT,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        _CHILDREN.append(self.proc)
+        async with aiohttp.ClientSession() as session:
+            async def healthy() -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"ingress {self.name} exited: {self.log()[-2000:]}")
+                try:
+                    async with session.get(self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                        return r.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    return False
+
+            await wait_until(healthy, timeout_s, f"ingress {self.name} to answer /healthz")
+
+    def terminate(self) -> None:
+        """SIGTERM: it stops accepting and drains what is in flight; ``wait`` for the exit."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc is not None:
+            _stop(self.proc, timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 def remove_containers(label: str, timeout_s: float = 60.0) -> None:
@@ -394,8 +448,9 @@ class BenchStack:
         return self.runner.app
 
     async def add_proxy(self, **settings: Any) -> ProxyProcess:
-        proxy = ProxyProcess(self.redis_url, self.state_root, self.runtime,
-                             f"bp{len(self.proxies)}-{self._tag}", **settings)
+        n = len(self.proxies)
+        proxy = ProxyProcess(self.redis_url, self.state_root, self.runtime, f"bp{n}-{self._tag}",
+                             host=f"127.0.0.{2 + n}", **settings)
         self.proxies.append(proxy)  # before start: a half-started one is stopped too
         await proxy.start()
         return proxy

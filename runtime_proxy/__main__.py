@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     install_uvloop()
-    serving.run(build_app(settings), serving.proxy_listener(settings), access_log=access_logger)
+    # A chunk whose ingress hung up (a hedge lost, a request failed) is cancelled: see runtime_proxy/ledger.py.
+    serving.run(build_app(settings), serving.proxy_listener(settings), access_log=access_logger,
+                shutdown_timeout_s=settings.drain_timeout_s, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ in reverse. A stop never stops containers: the next start re-adopts them.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,14 @@ from aiohttp import web
 
 from runtime_proxy import routes
 from runtime_proxy.gpu import GpuCoordinator
-from runtime_proxy.heartbeat import Heartbeat
+from runtime_proxy.heartbeat import Fenced, Heartbeat
+from runtime_proxy.ledger import ChunkLedger
 from runtime_proxy.nvml import NoGpu, Nvml, RealNvml
 from runtime_proxy.replicas import ReplicaManager
 from runtime_proxy.runtime import Runtime
 from runtime_proxy.usage import UsageMeter
 from runtime_proxy.versions import VersionSource
+from shared import serving
 from shared.background import Periodic
 from shared.http import LIMITS, BodyLimits, error_middleware
 from shared.redisclient import connect
@@ -76,6 +79,19 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
     app[routes.SETTINGS] = settings
     app[routes.SIGNING_KEY] = derive_key(settings.proxy_secret)
     app[routes.REPLAYS] = ReplayGuard()
+    app[routes.LEDGER] = ChunkLedger(settings.dedup_window_s, settings.dedup_max_mb * 2**20)
+    app[routes.DRAINING] = asyncio.Event()
+    app[serving.SHUTDOWN] = asyncio.Event()
+    drains: list[Callable[[], Awaitable[None]]] = []
+
+    async def drain(app: web.Application) -> None:
+        """SIGTERM, before the requests in flight are awaited: no new chunks, and out of the fleet at once
+        (ingresses stop routing here now, not at the heartbeat's expiry)."""
+        app[routes.DRAINING].set()
+        for step in drains:
+            await step()
+
+    app.on_shutdown.append(drain)
     # Inputs are the customer's, parsed again by the harness: depth stays far below what it survives.
     app[LIMITS] = BodyLimits(timeout_s=30.0, max_depth=128)
     routes.add_routes(app)
@@ -100,7 +116,25 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         heartbeat = Heartbeat(client, settings, state, rt.name)
         await heartbeat.take_epoch()
         await heartbeat.beat_once()  # routable from the moment it serves
-        beats = Periodic("heartbeat", settings.heartbeat_interval_s, heartbeat.beat_once)
+
+        async def beat() -> None:
+            try:
+                await heartbeat.beat_once()
+            except Fenced as exc:
+                # A newer start of this proxy id owns the replicas now (this one was partitioned or hung).
+                log.error("%s", exc)
+                app[serving.SHUTDOWN].set()
+
+        beats = Periodic("heartbeat", settings.heartbeat_interval_s, beat)
+
+        async def leave_fleet() -> None:
+            await beats.stop()
+            try:
+                await heartbeat.withdraw()
+            except redis.RedisError as exc:
+                log.warning("could not withdraw the heartbeat: %s", exc)
+
+        drains.append(leave_fleet)
         reaper = Periodic("reaper", settings.reaper_interval_s, manager.reap_once)
         meter = UsageMeter(client, manager.snapshot, settings.usage_flush_s)
         metering = Periodic("usage", settings.usage_tick_s, meter.tick)
@@ -114,11 +148,8 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         await metering.stop()
         # The seconds up to now, before the replicas are stopped (or left for the next start to adopt).
         await meter.close()
-        await beats.stop()
-        try:
-            await heartbeat.withdraw()
-        except redis.RedisError as exc:
-            log.warning("could not withdraw the heartbeat: %s", exc)
+        await leave_fleet()  # again: a stop without SIGTERM (a test's runner) skips on_shutdown
+        await app[routes.LEDGER].close()
         # Docker containers outlive the proxy (re-adopted next start); child processes cannot.
         await manager.close(stop_replicas=settings.stop_replicas_on_exit or rt.name == "process")
         await gpu.close()

@@ -82,6 +82,7 @@ class ReplicaManager:
         self.gpu = gpu
         self.versions = versions  # the registry's word on what this host's replicas run (retired, patched)
         self.images = ImageBook(settings.image_idle_s, settings.max_images)  # what this proxy ran, pruned
+        self._missing_warned: set[str] = set()  # versions whose record is missing, warned about once
         self.memory_budget_mb = settings.memory_budget_mb or default_memory_budget_mb()
         self.customer_quota = settings.max_replicas_per_customer or max(1, settings.max_replicas // 2)
 
@@ -105,17 +106,22 @@ class ReplicaManager:
                 self._release(replica)
         return kind, timings
 
-    async def run_chunk(self, req: ChunkRequest, may_start: bool = True) -> ChunkResult:
+    async def run_chunk(self, req: ChunkRequest, may_start: bool = True,
+                        on_start: Callable[[], None] | None = None) -> ChunkResult:
         """Run one chunk on a ready replica of its version; start one (in the background) if all are busy.
-        A batch chunk takes a free slot only when no on-demand chunk of the version is waiting for one."""
+        A batch chunk takes a free slot only when no on-demand chunk of the version is waiting for one.
+        ``on_start`` is called once the model has the chunk: a cancel before it drops the chunk from the
+        queue; after it, the call finishes (the harness runs one at a time) and only then frees its slot."""
         t0 = self.clock()
         deadline = t0 + req.timeout_s
         replica, start_kind, timings = await self._acquire(req.spec, deadline, may_start, batch=req.batch)
         t_infer = self.clock()
-        try:
-            status, body = await self._predict(replica, req.inputs, deadline)
-        finally:
-            self._release(replica, req.batch)
+        if on_start is not None:
+            on_start()
+        call = asyncio.ensure_future(self._predict(replica, req.inputs, deadline))
+        self._tasks.add(call)
+        call.add_done_callback(lambda task: self._predicted(task, replica, req.batch))
+        status, body = await asyncio.shield(call)
         timings["infer_ms"] = (self.clock() - t_infer) * 1000
         timings["total_ms"] = (self.clock() - t0) * 1000
         if status != 200 or not isinstance(body, dict):
@@ -212,8 +218,14 @@ class ReplicaManager:
                 now_spec = await self.versions.current(key)
             except (RedisError, OSError, ValueError):
                 continue  # the registry cannot say now: keep running, judge again next round
+            if now_spec is None:
+                # Retiring and withdrawing leave a record that says so; no record at all means the
+                # registry lost its data (a Redis restored empty): keep serving what runs here.
+                self._warn_missing(key)
+                continue
+            self._missing_warned.discard(key)
             for replica in [r for r in self.replicas.values() if r.spec.key == key]:
-                if now_spec is None or now_spec.created_at != replica.spec.created_at:
+                if now_spec.retired or now_spec.created_at != replica.spec.created_at:
                     if replica.in_flight == 0 and replica.state is not State.STARTING:
                         await self._retire(replica)
                         removed.append(replica.replica_id)
@@ -221,6 +233,11 @@ class ReplicaManager:
                     replica.spec = dataclasses.replace(
                         replica.spec, **{f: getattr(now_spec, f) for f in PATCHABLE_FIELDS})
         return removed
+
+    def _warn_missing(self, key: str) -> None:
+        if key not in self._missing_warned:
+            self._missing_warned.add(key)
+            log.warning("version %s has no record in the registry (data lost?): its replicas here keep running", key)
 
     async def prune_images(self, now: float) -> list[str]:
         """Remove model images no replica here uses, least recently used first (``ImageBook``)."""
@@ -300,6 +317,12 @@ class ReplicaManager:
             kind = "lukewarm"
         timings["queue_ms"] = max(0.0, (self.clock() - t0) * 1000 - sum(timings.values()))
         return replica, kind, timings
+
+    def _predicted(self, task: asyncio.Future[tuple[int, Any]], replica: Replica, batch: bool) -> None:
+        self._tasks.discard(task)
+        self._release(replica, batch)
+        if not task.cancelled():
+            task.exception()  # retrieved here: a caller that went away no longer reads it
 
     def _release(self, replica: Replica, batch: bool = False) -> None:
         replica.in_flight -= 1

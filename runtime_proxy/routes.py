@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import orjson
 from aiohttp import web
 
 from runtime_proxy.failures import runtime_error
+from runtime_proxy.ledger import ChunkLedger
 from runtime_proxy.replicas import ReplicaManager
 from runtime_proxy.runtime import RuntimeFailure
 from runtime_proxy.versions import VersionSource
-from shared.errors import DeadlinePassed, Unauthorized, bad_request
+from shared.errors import DeadlinePassed, NoCapacity, Unauthorized, bad_request
 from shared.http import json_response, read_body
 from shared.messages import ChunkCall, ChunkRequest
 from shared.settings import ProxySettings
@@ -27,6 +29,11 @@ SETTINGS = web.AppKey("proxy_settings", ProxySettings)
 VERSIONS = web.AppKey("versions", VersionSource)
 SIGNING_KEY = web.AppKey("signing_key", bytes)
 REPLAYS = web.AppKey("replays", ReplayGuard)
+LEDGER = web.AppKey("ledger", ChunkLedger)
+DRAINING = web.AppKey("draining", asyncio.Event)
+
+# Set on an answer given to a copy of a chunk (joined its run in flight, or replayed its answer).
+COPY_HEADER = "X-Lukewarm-Copy"
 
 CHUNKS_PATH = "/internal/v1/chunks"
 WARM_PATH = "/internal/v1/warm"
@@ -55,17 +62,34 @@ async def _call(request: web.Request, needs_inputs: bool) -> ChunkCall:
     return ChunkCall.from_dict(data, needs_inputs)
 
 
+def _refuse_when_draining(request: web.Request) -> None:
+    if request.app[DRAINING].is_set():
+        # Nothing ran: the ingress sends the chunk to another proxy (or holds it until one beats).
+        raise NoCapacity("this proxy is stopping", "draining", retry_after_s=1)
+
+
 async def run_chunk(request: web.Request) -> web.Response:
+    _refuse_when_draining(request)
     call = await _call(request, needs_inputs=True)
     spec = await request.app[VERSIONS].get(call.version, call.created_at)
     chunk = ChunkRequest(spec=spec, inputs=call.inputs, timeout_s=call.timeout_s, request_id=call.request_id,
-                         batch=call.batch)
-    result = await request.app[MANAGER].run_chunk(chunk, may_start=call.may_start)
-    return json_response(result.to_dict())
+                         batch=call.batch, chunk_id=call.chunk_id)
+    manager = request.app[MANAGER]
+
+    async def work(on_start: Callable[[], None]) -> bytes:
+        result = await manager.run_chunk(chunk, may_start=call.may_start, on_start=on_start)
+        return orjson.dumps(result.to_dict())
+
+    # A deploy's number is reused only with a new created_at: the id is scoped to exactly what runs.
+    key = f"{spec.key}@{spec.created_at!r}/{call.chunk_id}" if call.chunk_id else ""
+    answer, copy = await request.app[LEDGER].run(key, work)
+    headers = {COPY_HEADER: "1"} if copy else None
+    return web.Response(body=answer, content_type="application/json", headers=headers)
 
 
 async def warm(request: web.Request) -> web.Response:
     """Pre-warm: a ready replica of the version here, without running anything on it."""
+    _refuse_when_draining(request)
     call = await _call(request, needs_inputs=False)
     spec = await request.app[VERSIONS].get(call.version, call.created_at)
     kind, timings = await request.app[MANAGER].warm(spec, call.timeout_s, call.replicas)

@@ -67,19 +67,19 @@ class VersionSource:
         return self._check(spec, created_at)
 
     async def current(self, key: str) -> VersionSpec | None:
-        """The registry's spec of ``key`` now (cached ``cache_s``); None when it is gone or retired.
-        Raises redis errors: a caller that cannot tell must not act."""
+        """The registry's record of ``key`` now (cached ``cache_s``), retired ones included; None when
+        there is none. Raises redis errors: a caller that cannot tell must not act."""
         now = self.clock()
         cached = self._cache.get(key)
         if cached is not None and now < cached[1]:
-            return None if cached[0].retired else cached[0]
+            return cached[0]
         raw = await self.client.get(keys.version(*split_version_key(key)))
         if raw is None:
             self._cache.pop(key, None)
             return None
         spec = VersionSpec.from_dict(orjson.loads(raw))
         self._cache[key] = (spec, now + self.cache_s)
-        return None if spec.retired else spec
+        return spec
 
     @staticmethod
     def _check(spec: VersionSpec, created_at: float) -> VersionSpec:

@@ -206,9 +206,9 @@ async def serve(options: DevOptions) -> None:
         apps = [build_proxy(proxy_settings, runtime), build_ingress(ingress_settings)]
         runners: list[web.AppRunner] = []
         try:
-            for app, listener in zip(apps, listeners):
+            for app, listener, cancels in zip(apps, listeners, (True, False)):
                 try:
-                    runners.append(await serving.start_server(app, listener))
+                    runners.append(await serving.start_server(app, listener, handler_cancellation=cancels))
                 except OSError as exc:
                     raise SystemExit(f"cannot listen on {listener.host}:{listener.port}: "
                                      f"{exc.strerror or exc}") from None

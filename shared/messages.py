@@ -243,12 +243,14 @@ class ChunkRequest:
     # (the ingress says no once the version runs capacity.max replicas across the fleet).
     may_start: bool = True
     batch: bool = False  # batch work (X-Lukewarm-Priority: batch) yields to on-demand requests in every queue
+    # The same for every copy of this chunk (a retry, a hedge): a proxy runs one id at most once.
+    chunk_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form names the version; the proxy reads what it runs from the registry, not from us."""
         return {"version": self.spec.key, "created_at": self.spec.created_at, "inputs": self.inputs,
                 "timeout_s": self.timeout_s, "request_id": self.request_id, "may_start": self.may_start,
-                "batch": self.batch}
+                "batch": self.batch, "chunk_id": self.chunk_id}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +265,7 @@ class ChunkCall:
     may_start: bool = True
     batch: bool = False
     replicas: int = 1  # for a warm-up: how many ready replicas of the version this host should run
+    chunk_id: str = ""
 
     @classmethod
     def from_dict(cls, data: Any, needs_inputs: bool = True) -> "ChunkCall":
@@ -280,10 +283,13 @@ class ChunkCall:
         replicas = data.get("replicas", 1)
         if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 256:
             raise bad_request("replicas must be an integer from 1 to 256")
+        chunk_id = data.get("chunk_id", "")
+        if not isinstance(chunk_id, str) or len(chunk_id) > 128 or not (chunk_id.isascii() and chunk_id.isprintable()):
+            raise bad_request("chunk_id must be printable ASCII, at most 128 characters")
         return cls(version=data["version"], created_at=created_at, inputs=data.get("inputs") or [],
                    timeout_s=min(timeout_s, 86400.0), request_id=str(request_id)[:128],
                    may_start=data.get("may_start") is not False, batch=data.get("batch") is True,
-                   replicas=replicas)
+                   replicas=replicas, chunk_id=chunk_id)
 
 
 def _num(value: Any, kind: type, default: Any = 0) -> Any:

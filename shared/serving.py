@@ -44,6 +44,8 @@ REFUSE_LINGER_S = 1.0
 # At most one warning per this many seconds while connections are being refused.
 REFUSE_LOG_INTERVAL_S = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# An app that must stop itself (a proxy fenced off by a newer start) sets this event: a signal's way out.
+SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
 # aiohttp's 128 overflows under a burst of new connections: the kernel then drops SYNs, and
 # clients wait a whole retransmit (1 s and up). The kernel caps it at net.core.somaxconn.
 BACKLOG = 1024
@@ -256,14 +258,17 @@ def bound_port(runner: web.BaseRunner) -> int:
 
 
 async def serve_until_signal(app: web.Application, listener: Listener, *, access_log: logging.Logger | None = None,
-                             shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
-    """Serve until SIGINT or SIGTERM (the handlers only set a flag), then drain and stop."""
-    stop = asyncio.Event()
+                             shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+                             handler_cancellation: bool = False) -> None:
+    """Serve until SIGINT or SIGTERM (the handlers only set a flag) or the app sets ``app[SHUTDOWN]``,
+    then drain and stop."""
+    stop = app.get(SHUTDOWN) or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        runner = await start_server(app, listener, access_log=access_log, shutdown_timeout_s=shutdown_timeout_s)
+        runner = await start_server(app, listener, access_log=access_log, shutdown_timeout_s=shutdown_timeout_s,
+                                    handler_cancellation=handler_cancellation)
     except OSError as exc:
         raise SystemExit(f"cannot listen on {listener.host}:{listener.port}: {exc.strerror or exc}") from None
     try:
@@ -274,6 +279,7 @@ async def serve_until_signal(app: web.Application, listener: Listener, *, access
 
 
 def run(app: web.Application, listener: Listener, *, access_log: logging.Logger | None = None,
-        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, handler_cancellation: bool = False) -> None:
     """Blocking: a daemon's whole life on the current event loop policy (uvloop when installed)."""
-    asyncio.run(serve_until_signal(app, listener, access_log=access_log, shutdown_timeout_s=shutdown_timeout_s))
+    asyncio.run(serve_until_signal(app, listener, access_log=access_log, shutdown_timeout_s=shutdown_timeout_s,
+                                   handler_cancellation=handler_cancellation))

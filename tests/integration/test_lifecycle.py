@@ -26,8 +26,11 @@ def containers(proxy_id: str, **labels: str) -> list[dict[str, Any]]:
     ids = subprocess.run(["docker", "ps", "-aq", *filters], capture_output=True, text=True, timeout=30).stdout.split()
     if not ids:
         return []
-    out = subprocess.run(["docker", "inspect", *ids], capture_output=True, timeout=30, check=True).stdout
-    return list(orjson.loads(out))
+    # A container removed between the two commands is missing from inspect's answer (exit 1, the rest kept).
+    done = subprocess.run(["docker", "inspect", *ids], capture_output=True, timeout=30)
+    if done.returncode and b"No such object" not in done.stderr:
+        raise RuntimeError(f"docker inspect: {done.stderr.decode(errors='replace')}")
+    return list(orjson.loads(done.stdout or b"[]"))
 
 
 def status_of(proxy_id: str, model: str) -> list[str]:

@@ -79,7 +79,7 @@ async def test_small_batch_goes_to_one_proxy() -> None:
 
 
 async def test_unreachable_proxy_is_retried_elsewhere_and_suspected() -> None:
-    client = FakeClient({"http://a": ProxyUnreachable("refused")})
+    client = FakeClient({"http://a": ProxyUnreachable("refused", reached=False)})
     d = dispatcher(client, beat("a"), beat("b", None))
     out = await d.run(SPEC, [1], time.time() + 5, "r")
     assert out.outputs == ["http://b:1"]
@@ -117,12 +117,50 @@ async def test_a_chunk_refused_by_a_restarting_proxy_is_held_until_it_beats_agai
 
 
 async def test_a_chunk_that_may_have_run_is_not_held_but_failed_at_once() -> None:
-    """The proxy took it and died before answering: with no other proxy, 502 now (it is not resent blindly)."""
+    """The proxy took it and died before answering: asked once more (alive, it would answer that chunk id
+    from its run), then, with no other proxy, 502 (it is not resent blindly)."""
     client = FakeClient({"http://a": ProxyUnreachable("reset mid-answer", reached=True)})
     with pytest.raises(ApiError) as info:
         await asyncio.wait_for(dispatcher(client, beat("a")).run(SPEC, [1], time.time() + WAIT_S, "r"), WAIT_S)
     assert (info.value.status, info.value.type) == (502, "proxy_unreachable")
-    assert len(client.calls) == 1
+    assert len(client.calls) == 2
+
+
+async def test_a_broken_connection_asks_the_same_proxy_again_with_the_same_chunk_id() -> None:
+    """The connection broke after the chunk went out: the proxy may be running it. The same id sent to the
+    same proxy joins that run there (runtime_proxy/ledger.py) instead of running the model elsewhere too."""
+
+    class BrokenOnce(FakeClient):
+        ids: list[str] = []
+
+        async def run(self, url: str, chunk: ChunkRequest) -> ChunkResult:
+            self.ids.append(chunk.chunk_id)
+            if len(self.ids) == 1:
+                self.calls.append((url, len(chunk.inputs)))
+                raise ProxyUnreachable("reset mid-answer", reached=True)
+            return await super().run(url, chunk)
+
+    client = BrokenOnce({})
+    out = await dispatcher(client, beat("a"), beat("b")).run(SPEC, [1], time.time() + WAIT_S, "r")
+    first = client.calls[0][0]
+    assert [u for u, _ in client.calls] == [first, first] and out.outputs == [f"{first}:1"]
+    assert client.ids[0] == client.ids[1] and client.ids[0]
+
+
+async def test_every_chunk_of_a_request_has_its_own_id_and_requests_never_share_one() -> None:
+    client = FakeClient({})
+    seen: list[str] = []
+    original = client.run
+
+    async def run(url: str, chunk: ChunkRequest) -> ChunkResult:
+        seen.append(chunk.chunk_id)
+        return await original(url, chunk)
+
+    client.run = run  # type: ignore[method-assign]
+    d = dispatcher(client, beat("a"), beat("b"))
+    await d.run(SPEC, list(range(200)), time.time() + 5, "r")
+    await d.run(SPEC, list(range(200)), time.time() + 5, "r")  # the same caller's request id again
+    assert len(seen) == 4 and len(set(seen)) == 4
 
 
 async def test_backpressure_past_max_pending_is_503() -> None:

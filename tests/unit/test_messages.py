@@ -186,12 +186,21 @@ def chunk_body(**changes: Any) -> dict[str, Any]:
 
 def test_chunk_wire_form_names_the_version_and_carries_no_spec() -> None:
     spec = VersionSpec("c", "m", "feat/x", 3, "img", env={"A": "1"}, created_at=7.0)
-    wire = ChunkRequest(spec=spec, inputs=[1], timeout_s=2.0, request_id="r", may_start=False).to_dict()
+    wire = ChunkRequest(spec=spec, inputs=[1], timeout_s=2.0, request_id="r", may_start=False,
+                        chunk_id="abc:0").to_dict()
     assert wire == {"version": "c/m/feat/x/3", "created_at": 7.0, "inputs": [1], "timeout_s": 2.0, "request_id": "r",
-                    "may_start": False, "batch": False}
+                    "may_start": False, "batch": False, "chunk_id": "abc:0"}
     call = ChunkCall.from_dict(orjson.loads(orjson.dumps(wire)))
-    assert (call.version, call.created_at, call.inputs, call.timeout_s, call.request_id, call.may_start) == \
-        ("c/m/feat/x/3", 7.0, [1], 2.0, "r", False)
+    assert (call.version, call.created_at, call.inputs, call.timeout_s, call.request_id, call.may_start,
+            call.chunk_id) == ("c/m/feat/x/3", 7.0, [1], 2.0, "r", False, "abc:0")
+
+
+@pytest.mark.parametrize("chunk_id", ["x" * 129, 5, "a\nb", "é"])
+def test_a_chunk_id_is_short_printable_ascii(chunk_id: object) -> None:
+    wire = {"version": "c/m/main/1", "created_at": 1.0, "inputs": [], "timeout_s": 1.0, "chunk_id": chunk_id}
+    with pytest.raises(ApiError) as info:
+        ChunkCall.from_dict(wire)
+    assert info.value.status == 400
 
 
 @pytest.mark.parametrize(

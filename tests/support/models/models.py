@@ -47,3 +47,14 @@ def visible_gpu(_x):
 def environment(name):
     """One variable of the replica's environment, as the model sees it."""
     return os.environ.get(name)
+
+
+CALLS = 0
+
+
+def counted(x):
+    """How many calls this replica has run, this one included (after sleeping ``x`` seconds)."""
+    global CALLS
+    CALLS += 1
+    time.sleep(float(x))
+    return CALLS
