@@ -31,6 +31,8 @@ class Tally:
     clear_errors: int = 0
     lost: int = 0
     errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    # What the answered calls met, from Server-Timing: warm, lukewarm (woken), cold (started).
+    starts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     lost_examples: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, verdict: str, detail: str) -> None:
@@ -68,6 +70,12 @@ def classify(status: int, body: bytes, headers: Any, expected: Callable[[Any], b
     if status in (429, 503) and "Retry-After" not in headers:
         return "lost", f"{status} {kind} without Retry-After"
     return "clear", f"{status} {kind}"
+
+
+def start_kind(server_timing: str) -> str:
+    """``warm``, ``lukewarm`` or ``cold``: what a call met, as its Server-Timing header says."""
+    marker = 'start;desc="'
+    return server_timing.split(marker, 1)[1].split('"', 1)[0] if marker in server_timing else ""
 
 
 class Traffic:
@@ -116,6 +124,8 @@ class Traffic:
             n = next(self._counter)
             verdict, detail = await self.one(n)
             self.tally.add(verdict, detail)
+            if verdict == "ok" and detail:
+                self.tally.starts[detail] += 1
             if interval:
                 next_at += interval
                 delay = next_at - time.monotonic()
@@ -126,7 +136,8 @@ class Traffic:
                         pass
 
     async def one(self, n: int) -> tuple[str, str]:
-        """Call ``n``: through the first ingress that takes the connection (as a load balancer would)."""
+        """Call ``n``: through the first ingress that takes the connection (as a load balancer would).
+        The verdict, and what the call met (ok) or what went wrong."""
         assert self._session is not None
         body = orjson.dumps(self.payload(n))
         urls = list(self.urls())
@@ -142,8 +153,9 @@ class Traffic:
                                               timeout=aiohttp.ClientTimeout(total=left)) as resp:
                     data = await resp.read()
                     expected = self.expected
-                    return classify(resp.status, data, resp.headers,
-                                    None if expected is None else (lambda parsed: expected(n, parsed)))
+                    verdict, detail = classify(resp.status, data, resp.headers,
+                                               None if expected is None else (lambda parsed: expected(n, parsed)))
+                    return verdict, start_kind(resp.headers.get("Server-Timing", "")) if verdict == "ok" else detail
             except aiohttp.ClientConnectorError as exc:
                 refused = f"connect: {exc}"  # never got in: the balancer tries the next ingress
                 if attempt % len(urls) == len(urls) - 1:

@@ -38,7 +38,7 @@ HARNESS_SOURCE = Path(__file__).with_name("harness.py")
 REDIS_TIMEOUT_S = 2.0
 
 
-def make_runtime(kind: str, log_max_mb: int = 10) -> Runtime:
+def make_runtime(kind: str, log_max_mb: int = 10, registry_auth_file: str = "") -> Runtime:
     """The runtime named by ``kind``; ``auto`` is Docker, and no engine answering is an error.
 
     The process runtime isolates nothing: it runs only when named, never as a fallback.
@@ -52,7 +52,7 @@ def make_runtime(kind: str, log_max_mb: int = 10) -> Runtime:
                              "runtime isolates nothing and runs only when named (LUKEWARM_RUNTIME=process)")
         kind = "docker"
     if kind == "docker":
-        return DockerRuntime(log_max_mb=log_max_mb)
+        return DockerRuntime(log_max_mb=log_max_mb, registry_auth_file=registry_auth_file)
     if kind == "process":
         return ProcessRuntime()
     raise SystemExit(f"unknown runtime {kind!r}: use docker, process or auto")
@@ -97,7 +97,7 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
     routes.add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        rt = runtime or make_runtime(settings.runtime, settings.log_max_mb)
+        rt = runtime or make_runtime(settings.runtime, settings.log_max_mb, settings.registry_auth_file)
         harness = install_harness(Path(settings.state_dir))
         nvml: Nvml = nvml_adapter or (RealNvml() if settings.gpus else NoGpu())
         gpu = GpuCoordinator(nvml, min_residency_s=settings.gpu_min_residency_s,

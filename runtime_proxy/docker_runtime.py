@@ -2,10 +2,21 @@
 
 The SDK is blocking, so every call goes through ``asyncio.to_thread`` with
 a bounded HTTP timeout on the client itself.
+
+Images through a registry: a version is pinned to ``<registry>/<repo>@sha256:<manifest digest>``
+(what any host can pull, and what names one content forever); pulls log in with the entry for
+that registry of a Docker ``config.json`` (``LUKEWARM_REGISTRY_AUTH_FILE``).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,12 @@ CONTAINER_USER = "65534:65534"
 PIDS_LIMIT = 256
 TMPFS_MB = 64
 OPEN_FILES = 4096
+# A registry login file is a few entries; anything larger is not one (and is not read whole).
+MAX_AUTH_FILE_BYTES = 1024 * 1024
+# A manifest digest as registries name content: what `name@<digest>` may carry.
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# Docker Hub's names for itself, as config.json keys and references write them.
+_DOCKER_HUB = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
 
 def _name_of(reference: str) -> str:
@@ -40,6 +57,119 @@ def _name_of(reference: str) -> str:
     slash = name.rfind("/")
     colon = name.rfind(":")
     return name[:colon] if colon > slash else name
+
+
+def registry_host(reference: str) -> str:
+    """The registry a reference is pulled from, by Docker's rule: the first component when it looks like
+    a host (a dot, a port, ``localhost``), else Docker Hub (``docker.io``)."""
+    first, slash, _ = reference.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+        host = first.lower()
+        return "docker.io" if host in _DOCKER_HUB else host
+    return "docker.io"
+
+
+def pinned_reference(image: str, repo_digests: Iterable[str]) -> str:
+    """The ``name@sha256:…`` that pins ``image``: among the image's RepoDigests (what the engine knows it by
+    in a registry), the one asked for, else one of the same name; "" when none has that name (an image
+    only built here: no registry could hand it back).
+
+    Only the asked name counts: a digest of another repository is not this reference's to run, and a
+    host that never had the image could pull only that other name.
+    """
+    wanted = _name_of(image)
+    same_name = sorted(d for d in repo_digests
+                       if "@" in d and _name_of(d) == wanted and _DIGEST.fullmatch(d.split("@", 1)[1]))
+    if image in same_name:
+        return image
+    return same_name[0] if same_name else ""
+
+
+def _host_of_key(key: str) -> str:
+    """A config.json ``auths`` key as a bare host: ``https://reg.example.com:5000/v2/`` → ``reg.example.com:5000``."""
+    host = key.split("://", 1)[-1].split("/", 1)[0].lower()
+    return "docker.io" if host in _DOCKER_HUB else host
+
+
+def _login_of(entry: Any, key: str) -> dict[str, str] | None:
+    """One ``auths`` entry as the engine's auth config; None when it holds no login (a credential helper's)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"auths[{key!r}] is not an object")
+    if entry.get("identitytoken"):
+        return {"identitytoken": str(entry["identitytoken"]), "serveraddress": _host_of_key(key)}
+    username, password = entry.get("username"), entry.get("password")
+    if entry.get("auth"):
+        try:
+            username, sep, password = base64.b64decode(str(entry["auth"]), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise ValueError(f"auths[{key!r}].auth is not base64 of user:password") from None
+        if not sep:
+            raise ValueError(f"auths[{key!r}].auth is not base64 of user:password")
+    if not username and not password:
+        return None
+    if not isinstance(username, str) or not isinstance(password, str):
+        raise ValueError(f"auths[{key!r}]: username and password must be strings")
+    return {"username": username, "password": password, "serveraddress": _host_of_key(key)}
+
+
+def parse_registry_auths(data: bytes) -> dict[str, dict[str, str]]:
+    """The logins of a Docker ``config.json`` by registry host: ``{"auths": {host: {"auth": base64(user:pw)}
+    | {"username", "password"} | {"identitytoken"}}}``. Entries with no login of their own (``credsStore``,
+    ``credHelpers``: helper programs this daemon does not run) are left out. ValueError when it is not such
+    a document."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("auths", {}), dict):
+        raise ValueError('expected {"auths": {"<registry host>": {"auth": "<base64 user:password>"}}}')
+    logins = {}
+    for key, entry in doc.get("auths", {}).items():
+        login = _login_of(entry, key)
+        if login is not None:
+            logins[_host_of_key(key)] = login
+    return logins
+
+
+def read_registry_auths(path: str) -> dict[str, dict[str, str]]:
+    """``parse_registry_auths`` of the file at ``path``, read only up to ``MAX_AUTH_FILE_BYTES``. Blocking;
+    ValueError naming the file when it cannot be read or is not a login file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_AUTH_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"registry login file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_AUTH_FILE_BYTES:
+        raise ValueError(f"registry login file {path}: larger than {MAX_AUTH_FILE_BYTES} bytes")
+    try:
+        return parse_registry_auths(data)
+    except ValueError as exc:
+        raise ValueError(f"registry login file {path}: {exc}") from None
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())[:300]
+
+
+def _drain(stream: Iterable[Any], deadline: float, what: str = "") -> list[dict[str, Any]]:
+    """Read a pull's or push's progress to its end; its ``error`` message (the engine answers 200 and
+    reports failure in the stream) or a passed ``deadline`` is a RuntimeFailure (its text after ``what``).
+    The messages read."""
+    prefix = f"{what}: " if what else ""
+    messages = []
+    try:
+        for message in stream:
+            if isinstance(message, dict):
+                if message.get("error"):
+                    raise RuntimeFailure("image_unavailable", prefix + _one_line(message["error"]))
+                messages.append(message)
+            if time.monotonic() > deadline:
+                raise RuntimeFailure("image_unavailable", prefix + "took too long")
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # leaving early lets the response, and its connection, go
+    return messages
 
 
 def docker_available(timeout_s: float = 3.0) -> bool:
@@ -96,10 +226,18 @@ class DockerRuntime:
 
     name = "docker"
 
-    def __init__(self, api_timeout_s: float = 30.0, log_max_mb: int = 10) -> None:
+    def __init__(self, api_timeout_s: float = 30.0, log_max_mb: int = 10, registry_auth_file: str = "",
+                 pull_timeout_s: float = 600.0) -> None:
         self._api_timeout_s = api_timeout_s
         self._log_max_mb = log_max_mb
+        self._registry_auth_file = registry_auth_file
+        self._pull_timeout_s = pull_timeout_s
         self._client: docker.DockerClient | None = None
+        # The login file as last read, and the (mtime, size) it was read at: a rotated password is
+        # picked up at the next pull, with no restart, and an unchanged file is not parsed again.
+        self._auths: dict[str, dict[str, str]] = {}
+        self._auths_stamp: tuple[int, int] | None = None
+        self._auths_lock = threading.Lock()  # pulls run in worker threads, several at once
 
     def _docker(self) -> docker.DockerClient:
         if self._client is None:
@@ -127,13 +265,56 @@ class DockerRuntime:
                 return False
             raise
 
-    async def pull(self, image: str) -> None:
+    def _login_for(self, image: str) -> dict[str, str] | None:
+        """This host's login for ``image``'s registry from the login file (None: none there, and the
+        engine's client pulls as it would anyway). Blocking (a stat, a read when the file changed)."""
+        if not self._registry_auth_file:
+            return None
+        with self._auths_lock:
+            try:
+                st = os.stat(self._registry_auth_file)
+            except OSError as exc:
+                raise ValueError(f"registry login file {self._registry_auth_file}: {exc.strerror or exc}") from None
+            if self._auths_stamp != (st.st_mtime_ns, st.st_size):
+                self._auths = read_registry_auths(self._registry_auth_file)
+                self._auths_stamp = (st.st_mtime_ns, st.st_size)
+            return self._auths.get(registry_host(image))
+
+    def _pull_blocking(self, client: docker.DockerClient, image: str, deadline: float) -> None:
         try:
-            await self._call(self._docker().images.pull, image)
+            login = self._login_for(image)
+        except ValueError as exc:
+            raise RuntimeFailure("image_unavailable", str(exc)) from None
+        name, _, digest = image.partition("@")
+        repository = _name_of(name)
+        # The engine takes a digest where a tag goes; a reference with neither means "latest", as for docker pull.
+        tag = digest or name[len(repository) + 1:] or "latest"
+        try:
+            _drain(client.api.pull(repository, tag=tag, stream=True, decode=True, auth_config=login), deadline)
+        except docker.errors.APIError as exc:
+            # Here a 404 is the registry's "no such image or no access", not the container one _call reads it as.
+            raise RuntimeFailure("image_unavailable", _one_line(exc.explanation or exc)) from None
+
+    async def pull(self, image: str) -> None:
+        """Pull ``image`` (a ``name@sha256:…`` brings exactly that content) with the login file's entry for
+        its registry; within ``pull_timeout_s`` or RuntimeFailure ``image_unavailable``, as for any failure
+        (a refused login, an unknown digest, a registry that does not answer)."""
+        deadline = time.monotonic() + self._pull_timeout_s
+        try:
+            # The thread checks the deadline between progress messages; wait_for also covers an engine
+            # that sends none (the SDK reads a pull with no timeout of its own).
+            await asyncio.wait_for(self._call(self._pull_blocking, self._docker(), image, deadline),
+                                   self._pull_timeout_s + 1.0)
+        except TimeoutError:
+            raise RuntimeFailure("image_unavailable",
+                                 f"cannot pull image {image!r}: no result within {self._pull_timeout_s:g} s") from None
         except RuntimeFailure as exc:
             raise RuntimeFailure("image_unavailable", f"cannot pull image {image!r}: {exc}") from exc
 
     async def resolve_image(self, image: str) -> str:
+        """What a version of ``image`` runs forever: ``name@sha256:<manifest digest>`` when a registry knows
+        the image by the asked name (any host can pull that, and it names one content), else the content id
+        ``sha256:…`` (an image only built here)."""
         if not await self.has_image(image):
             await self.pull(image)
         attrs = (await self._call(self._docker().images.get, image)).attrs
@@ -143,7 +324,18 @@ class DockerRuntime:
         names = {_name_of(n) for n in (attrs.get("RepoTags") or []) + (attrs.get("RepoDigests") or [])}
         if wanted not in names:
             raise RuntimeFailure("image_unavailable", f"no image named {wanted} holds {image}")
-        return str(attrs["Id"])
+        return pinned_reference(image, attrs.get("RepoDigests") or []) or str(attrs["Id"])
+
+    async def pullable(self, image: str) -> bool:
+        """Whether removing ``image`` here loses nothing: a registry knows it by its name and digest (so
+        ``pull name@sha256:…`` brings it back), or it is gone already."""
+        try:
+            attrs = (await self._call(self._docker().images.get, image)).attrs
+        except RuntimeFailure as exc:
+            if exc.type == "image_unavailable":
+                return True
+            raise
+        return bool(pinned_reference(image, attrs.get("RepoDigests") or []))
 
     async def create(self, launch: LaunchSpec) -> str:
         container = await self._call(self._docker().containers.create, **container_options(launch, self._log_max_mb))
@@ -241,7 +433,10 @@ class DockerRuntime:
 
 def build_image(context_dir: str, tag: str, timeout_s: float = 600.0) -> str:
     """Build a model image from a local directory (no registry: its FROM must be local). Blocking."""
-    client = docker.from_env(timeout=int(timeout_s))
+    try:
+        client = docker.from_env(timeout=int(timeout_s))
+    except docker.errors.DockerException as exc:
+        raise RuntimeFailure("image_build_failed", f"cannot build {tag}: no Docker engine answers ({exc})") from None
     try:
         image, _ = client.images.build(path=context_dir, tag=tag, rm=True, pull=False)
         return str(image.id)
@@ -251,5 +446,43 @@ def build_image(context_dir: str, tag: str, timeout_s: float = 600.0) -> str:
         raise RuntimeFailure("image_build_failed", f"cannot build {tag} from {context_dir}: {exc.msg} ({tail})") from None
     except docker.errors.APIError as exc:
         raise RuntimeFailure("image_build_failed", f"cannot build {tag}: {exc.explanation or exc}") from None
+    finally:
+        client.close()
+
+
+def push_image(image: str, repository: str, tag: str, auth_file: str = "", timeout_s: float = 600.0) -> str:
+    """Tag the local ``image`` as ``repository:tag``, push it, and return what was pushed as
+    ``repository@sha256:<manifest digest>`` (what a deploy pins). Logs in with ``auth_file``'s entry for the
+    registry when it has one, else as the Docker client would (``~/.docker/config.json``). Blocking, within
+    ``timeout_s``; RuntimeFailure ``image_push_failed`` with one line on any failure."""
+    what = f"cannot push {repository}:{tag}"
+    try:
+        login = read_registry_auths(auth_file).get(registry_host(repository)) if auth_file else None
+    except ValueError as exc:
+        raise RuntimeFailure("image_push_failed", f"{what}: {exc}") from None
+    deadline = time.monotonic() + timeout_s
+    try:
+        client = docker.from_env(timeout=int(timeout_s))
+    except docker.errors.DockerException as exc:
+        raise RuntimeFailure("image_push_failed", f"{what}: no Docker engine answers ({exc})") from None
+    try:
+        client.api.tag(image, repository, tag)
+        stream = client.api.push(repository, tag=tag, stream=True, decode=True, auth_config=login)
+        messages = _drain(stream, deadline, what)
+        # The engine reports the manifest digest it pushed in an "aux" message; RepoDigests, which the
+        # push also updates, is the fallback for an engine that does not.
+        digests = [str(m["aux"]["Digest"]) for m in messages
+                   if isinstance(m.get("aux"), dict) and m["aux"].get("Digest")]
+        if not digests:
+            digests = [d.split("@", 1)[1] for d in client.api.inspect_image(image).get("RepoDigests") or []
+                       if d.split("@", 1)[0] == repository]
+        if not digests or not _DIGEST.fullmatch(digests[-1]):
+            raise RuntimeFailure("image_push_failed", f"{what}: the registry answered no manifest digest")
+        return f"{repository}@{digests[-1]}"
+    except RuntimeFailure as exc:
+        raise RuntimeFailure("image_push_failed", str(exc)) from None
+    except docker.errors.DockerException as exc:
+        detail = exc.explanation if isinstance(exc, docker.errors.APIError) else exc
+        raise RuntimeFailure("image_push_failed", f"{what}: {_one_line(detail)}") from None
     finally:
         client.close()

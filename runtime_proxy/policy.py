@@ -6,7 +6,7 @@ replica ids to act on; the replica manager applies them. No I/O here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def replicas_to_remove(replicas: Sequence[ReplicaView], now: float, stop_after_s
 
 def replicas_to_evict(
     replicas: Sequence[ReplicaView], memory_budget_mb: int, max_replicas: int, incoming_mb: int = 0,
-    evict_running: bool = False,
+    evict_running: bool = False, incoming: int | None = None,
 ) -> list[str]:
     """Least recently used idle replicas to remove so the host fits its budgets.
 
@@ -70,11 +70,12 @@ def replicas_to_evict(
     are never evicted. Idle running ones only with ``evict_running`` (a start that
     needs room: otherwise ``keep_warm`` or a long idle timeout would let one
     customer hold every slot of the host for good). ``incoming_mb`` makes room
-    for a replica about to start.
+    for a replica about to start; ``incoming`` counts the replicas about to start (default: one when
+    ``incoming_mb`` is given), those whose room was made but that are not created yet among them.
     """
     live = [r for r in replicas if r.state in {"starting", "running", "paused"}]
     used_mb = sum(r.memory_mb for r in live) + incoming_mb
-    count = len(replicas) + (1 if incoming_mb else 0)
+    count = len(replicas) + (incoming if incoming is not None else (1 if incoming_mb else 0))
     order = {"stopped": 0, "paused": 1, **({"running": 2} if evict_running else {})}
     candidates = sorted(
         (r for r in replicas if r.state in order and r.in_flight == 0),
@@ -121,10 +122,17 @@ def backoff_s(failures: int, base_s: float, cap_s: float = 300.0) -> float:
 
 def images_to_prune(
     last_used: dict[str, float], in_use: set[str], now: float, idle_s: float, max_images: int,
+    pullable: Collection[str] | None = None,
 ) -> list[str]:
     """Images no replica here uses, least recently used first: every one idle past ``idle_s``,
-    and more while the host keeps over ``max_images`` images."""
-    idle = sorted((t, image) for image, t in last_used.items() if image not in in_use)
+    and more while the host keeps over ``max_images`` images.
+
+    Only images in ``pullable`` (None: every one) are ever pruned: one no registry could hand back
+    (built on this host only) would be gone for good, so it is kept whatever its age; it still counts
+    toward ``max_images``, so pullable ones go in its place.
+    """
+    idle = sorted((t, image) for image, t in last_used.items()
+                  if image not in in_use and (pullable is None or image in pullable))
     excess = len(last_used) - max_images
     prune = []
     for i, (t, image) in enumerate(idle):

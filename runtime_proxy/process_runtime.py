@@ -94,6 +94,9 @@ class ProcessRuntime:
     async def remove_image(self, image: str) -> None:
         return None  # a code directory is the user's own: never deleted
 
+    async def pullable(self, image: str) -> bool:
+        return True  # "removing" one deletes nothing (above): pruning only forgets it
+
     async def remove(self, handle: str) -> None:
         await self.kill(handle)
         self._procs.pop(handle, None)

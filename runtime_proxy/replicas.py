@@ -83,6 +83,7 @@ class ReplicaManager:
         self.versions = versions  # the registry's word on what this host's replicas run (retired, patched)
         self.images = ImageBook(settings.image_idle_s, settings.max_images)  # what this proxy ran, pruned
         self._missing_warned: set[str] = set()  # versions whose record is missing, warned about once
+        self._reserved: dict[str, int] = {}  # starts past _make_room, not registered yet: their memory (MB)
         self.memory_budget_mb = settings.memory_budget_mb or default_memory_budget_mb()
         self.customer_quota = settings.max_replicas_per_customer or max(1, settings.max_replicas // 2)
 
@@ -424,11 +425,21 @@ class ReplicaManager:
 
     async def _start(self, spec: VersionSpec, deadline: float, replica_id: str, preempt_batch: bool = False) -> Replica:
         timings: dict[str, float] = {}
-        await self._make_room(spec, preempt_batch)
+        await self._make_room(spec, replica_id, preempt_batch)
+        try:
+            return await self._create_and_boot(spec, deadline, replica_id, timings)
+        finally:
+            self._reserved.pop(replica_id, None)
+
+    async def _create_and_boot(self, spec: VersionSpec, deadline: float, replica_id: str,
+                               timings: dict[str, float]) -> Replica:
         t = self.clock()
         try:
-            if not await self.runtime.has_image(spec.image_id or spec.image):
-                await self.runtime.pull(spec.image)
+            pinned = spec.image_id or spec.image
+            if not await self.runtime.has_image(pinned):
+                # A digest reference (name@sha256:…) pulls exactly the pinned content on any host; a
+                # content id cannot be pulled, so the tag is, and must still hold it (checked below).
+                await self.runtime.pull(pinned if "@" in pinned else spec.image)
                 timings["pull_ms"] = (self.clock() - t) * 1000
                 if spec.image_id and not await self.runtime.has_image(spec.image_id):
                     raise RuntimeFailure("image_unavailable", f"{spec.image} no longer holds {spec.image_id}")
@@ -455,6 +466,7 @@ class ReplicaManager:
         replica = self._new_replica(replica_id, spec, handle, run_dir)
         replica.gpu_uuid = gpu_uuid
         self._register(replica)
+        self._reserved.pop(replica_id, None)  # counted as a live replica from here
         if self.gpu is not None and gpu_uuid:
             self.gpu.note_container(spec.key, handle)
         await self._boot(replica, deadline, timings)
@@ -521,7 +533,7 @@ class ReplicaManager:
         busy = sum(r.in_flight + (1 if r.state is State.STARTING else 0) for r in replicas)
         return busy, max(r.last_used for r in replicas)
 
-    async def _make_room(self, spec: VersionSpec, preempt_batch: bool = False) -> None:
+    async def _make_room(self, spec: VersionSpec, replica_id: str, preempt_batch: bool = False) -> None:
         """Fit one more replica of ``spec``: the customer's quota first, then the host's memory and count.
 
         For on-demand work (``preempt_batch``) a replica busy only with batch work counts as idle: on a
@@ -535,8 +547,10 @@ class ReplicaManager:
             raise unavailable("this customer's replicas on this host are all busy", retry_after_s=2)
         for rid in mine:
             await self._retire(self.replicas[rid])
+        reserved_mb = sum(self._reserved.values())
         evict = policy.replicas_to_evict(self._eviction_views(preempt_batch), self.memory_budget_mb,
-                                         self.settings.max_replicas, incoming_mb=spec.memory_mb, evict_running=True)
+                                         self.settings.max_replicas, incoming_mb=spec.memory_mb + reserved_mb,
+                                         evict_running=True, incoming=1 + len(self._reserved))
         for rid in evict:
             victim = self.replicas[rid]
             if victim.batch_in_flight:
@@ -544,9 +558,13 @@ class ReplicaManager:
                 victim.preempted = True
             await self._retire(victim)
         live = [r for r in self.replicas.values() if r.state.live]
-        if len(live) >= self.settings.max_replicas or \
-                sum(r.spec.memory_mb for r in live) + spec.memory_mb > self.memory_budget_mb:
+        if len(live) + len(self._reserved) >= self.settings.max_replicas or \
+                sum(r.spec.memory_mb for r in live) + sum(self._reserved.values()) + spec.memory_mb > \
+                self.memory_budget_mb:
             raise unavailable("this host is full and every replica on it is busy", retry_after_s=2)
+        # Held until the replica is registered: a start running meanwhile (the image check and the
+        # container's creation await) must count this one, or both pass and the host holds one too many.
+        self._reserved[replica_id] = spec.memory_mb
 
     def _eviction_views(self, preempt_batch: bool = False) -> list[policy.ReplicaView]:
         """Replica views where one that requests are waiting on counts as busy (not evictable); with

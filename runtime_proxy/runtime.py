@@ -75,8 +75,14 @@ class Runtime(Protocol):
     async def pull(self, image: str) -> None: ...
 
     async def resolve_image(self, image: str) -> str:
-        """The content id of ``image`` (pulled when missing), for pinning a version at deploy; "" when
-        the runtime has no such id. RuntimeFailure ``image_unavailable`` when there is no such image."""
+        """What a version of ``image`` (pulled when missing) runs forever, pinned at deploy: a reference any
+        host can pull that names one content (``name@sha256:…``) when a registry knows it, else the content
+        id; "" when the runtime has no such id. RuntimeFailure ``image_unavailable`` when there is no such image."""
+        ...
+
+    async def pullable(self, image: str) -> bool:
+        """Whether removing ``image`` here loses nothing (it can be pulled again, or is gone): pruning
+        never removes an image no registry could hand back."""
         ...
 
     async def create(self, launch: LaunchSpec) -> str: ...

@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from typing import Any
 
 import orjson
@@ -54,13 +56,59 @@ def cmd_dev(args: argparse.Namespace) -> int:
     ))
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
-    image = args.image
-    if args.build:
-        from runtime_proxy.docker_runtime import build_image
+def push_target(registry: str, customer: str, model: str, image: str, unique_tag: str) -> tuple[str, str]:
+    """Where ``deploy --build`` pushes, as ``(<registry>/<repository>, <tag>)``: ``--image``'s repository and
+    tag when given (its registry host, if any, must be ``registry``), else ``lukewarm-<customer>/<model>``
+    and ``unique_tag``. SystemExit (one line) on a registry or an image that cannot be pushed to."""
+    from shared.errors import ApiError
+    from shared.images import parse_image
 
-        image = image or f"lukewarm-{args.customer}/{args.model}:latest"
-        build_image(args.build, image)
+    registry = registry.strip().rstrip("/")
+    try:
+        host = parse_image(f"{registry}/x").domain if "://" not in registry else None
+    except ApiError:
+        host = None
+    if host is None or host != registry:
+        raise SystemExit(f"--registry / LUKEWARM_REGISTRY must be a registry host such as registry.example.com "
+                         f"or 127.0.0.1:5000 (no scheme, no path), not {registry[:100]!r}")
+    if not image:
+        return f"{registry}/lukewarm-{customer}/{model}", unique_tag
+    try:
+        ref = parse_image(image)
+    except ApiError as exc:
+        raise SystemExit(f"--image: {exc}") from None
+    if ref.digest:
+        raise SystemExit("--image with --build names the repository and tag to push, not a digest")
+    if ref.domain not in (None, registry):
+        raise SystemExit(f"--image names registry {ref.domain}, but the registry to push to is {registry}")
+    return f"{registry}/{ref.repository}", ref.tag or unique_tag
+
+
+def _build_and_push(args: argparse.Namespace) -> str:
+    """``deploy --build``: the image to deploy. With a registry, the build is pushed there and the pushed
+    digest (``<registry>/<repository>@sha256:…``) is what is deployed: every host can pull it, and a later
+    push under the same tag changes nothing for this version. Without one, a local tag, as before."""
+    from runtime_proxy.docker_runtime import build_image, push_image
+    from runtime_proxy.runtime import RuntimeFailure
+
+    try:
+        if not args.registry:
+            image = args.image or f"lukewarm-{args.customer}/{args.model}:latest"
+            build_image(args.build, image)
+            return str(image)
+        # Unique per build: a tag pushed once is never moved by another build.
+        unique = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        repository, tag = push_target(args.registry, args.customer, args.model, args.image, unique)
+        image_id = build_image(args.build, f"{repository}:{tag}")
+        pushed = push_image(image_id, repository, tag, auth_file=args.registry_auth_file)
+    except RuntimeFailure as exc:
+        raise SystemExit(f"lukewarm deploy: {exc}") from None
+    sys.stderr.write(f"pushed {repository}:{tag} as {pushed}\n")
+    return pushed
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    image = _build_and_push(args) if args.build else args.image
     if not image:
         raise SystemExit("give --image, or --build DIR to build one")
     body: dict[str, Any] = {"image": image}
@@ -175,6 +223,10 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("model")
     deploy.add_argument("--image", default="")
     deploy.add_argument("--build", default="", help="build the image from this directory first")
+    deploy.add_argument("--registry", default=os.environ.get("LUKEWARM_REGISTRY", ""),
+                        help="with --build: push the image to this registry (host[:port]) and deploy its digest")
+    deploy.add_argument("--registry-auth-file", default=os.environ.get("LUKEWARM_REGISTRY_AUTH_FILE", ""),
+                        help="the registry login to push with, as a Docker config.json (default: docker's own)")
     deploy.add_argument("--entrypoint", default="")
     deploy.add_argument("--batch-size", type=int, default=0)
     deploy.add_argument("--token", default=os.environ.get("LUKEWARM_ADMIN_TOKEN") or os.environ.get("LUKEWARM_API_KEY", ""))

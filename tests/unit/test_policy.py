@@ -156,6 +156,13 @@ def test_a_full_host_evicts_idle_running_replicas_when_a_start_needs_room() -> N
     assert replicas_to_evict(replicas, 250, 8, incoming_mb=100, evict_running=True) == ["r2", "r1"]
 
 
+def test_starts_already_making_room_count_as_incoming_too() -> None:
+    """Two starts at once on a one-replica host: the second must make room for the first one as well."""
+    replicas = [_view("r1", "a/m/main/1", "running", 10)]
+    assert replicas_to_evict(replicas, 0, 2, incoming_mb=100, evict_running=True) == []
+    assert replicas_to_evict(replicas, 0, 2, incoming_mb=200, evict_running=True, incoming=2) == ["r1"]
+
+
 @pytest.mark.parametrize(
     ("replicas", "quota", "expected"),
     [
