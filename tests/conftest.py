@@ -75,3 +75,24 @@ def state_dir() -> Iterator[Path]:
     yield path
     stack.unmount_below(path)  # replicas' socket tmpfs a stopped proxy keeps for re-adoption
     subprocess.run(["rm", "-rf", str(path)], check=False, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def registry_binary(docker_engine: None) -> str:
+    """Debian's ``docker-registry`` (tests/support/registry.py starts it): skipped without it, FAILS under CI."""
+    from tests.support.registry import registry_binary as find
+
+    found = find()
+    if found is None:
+        missing("docker-registry is not installed (apt-get install docker-registry; `make test` does)")
+    return str(found)
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> None:
+    """The binaries of a real Sentinel set (loadtests/redis_ha.py): redis-server and redis-sentinel."""
+    import shutil
+
+    for binary in ("redis-server", "redis-sentinel"):
+        if shutil.which(binary) is None:
+            missing(f"{binary} is not installed (Debian: apt-get install redis-server redis-sentinel)")
