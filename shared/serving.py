@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
 import ssl
 from http import HTTPStatus
 from typing import cast
@@ -223,6 +224,16 @@ class GuardedSite(web.BaseSite):
         return _Refusal(loop, self._answer)
 
 
+def check_bindable(host: str, port: int) -> None:
+    """OSError now when ``host:port`` cannot be bound: before the app starts, so that a proxy told an
+    address this host does not have never publishes a heartbeat nobody can reach, even briefly."""
+    for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+
+
 async def start_server(app: web.Application, listener: Listener, *, access_log: logging.Logger | None = None,
                        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
                        handler_cancellation: bool = False) -> web.AppRunner:
@@ -235,6 +246,7 @@ async def start_server(app: web.Application, listener: Listener, *, access_log: 
     default because a request already dispatched to a model is cheaper to finish
     than to leave half-done.
     """
+    check_bindable(listener.host, listener.port)
     runner = web.AppRunner(app, access_log=access_log, shutdown_timeout=shutdown_timeout_s,
                            keepalive_timeout=listener.header_timeout_s, handler_cancellation=handler_cancellation)
     await runner.setup()

@@ -248,20 +248,21 @@ def test_what_aiohttp_answers_itself_is_in_the_one_error_shape(run_on: Callable[
     run_on(scenario)
 
 
-def test_a_busy_port_is_an_oserror_and_the_app_is_cleaned_up(run_on: Callable[[Scenario], None]) -> None:
+def test_a_busy_port_is_an_oserror_before_the_app_starts(run_on: Callable[[Scenario], None]) -> None:
+    """Checked first: a proxy that cannot listen never starts (never heartbeats an address nobody can reach)."""
     async def scenario() -> None:
-        cleaned = asyncio.Event()
+        started = asyncio.Event()
 
         async def resource(app: web.Application) -> AsyncIterator[None]:
+            started.set()
             yield
-            cleaned.set()
 
         async with serving() as (_, port):
             app = tiny_app()
             app.cleanup_ctx.append(resource)
             with pytest.raises(OSError):
                 await start_server(app, Listener("127.0.0.1", port))
-            assert cleaned.is_set()
+            assert not started.is_set()
 
     run_on(scenario)
 
