@@ -153,6 +153,9 @@ class Dispatcher:
                     asked_again.add(choice.proxy.proxy_id)
                     continue
                 self.view.suspect(choice.proxy.proxy_id)
+                if reached_any and spec.at_most_once:
+                    raise ReplicaFailed("the proxy running this chunk stopped answering; it may have run, and "
+                                        "this version runs each chunk at most once", "proxy_unreachable") from None
                 others = self._choices(spec, exclude=frozenset(tried))
                 if not others:
                     others = await self._fresh_choices(spec, frozenset(tried))
@@ -219,7 +222,7 @@ class Dispatcher:
     def _hedge_after_s(self, spec: VersionSpec, choice: Choice, items: int) -> float | None:
         """When to send a copy: ``hedge_factor`` × the measured time, for warm replicas only
         (hedging a cold start would start two replicas)."""
-        if self.hedge_factor <= 0 or choice.tier != "warm" or not self.costs.measured(spec.key):
+        if self.hedge_factor <= 0 or spec.at_most_once or choice.tier != "warm" or not self.costs.measured(spec.key):
             return None
         expected_ms = self.costs.costs(spec.key).infer_ms * items
         return max(self.hedge_min_ms, self.hedge_factor * expected_ms) / 1000

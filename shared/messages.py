@@ -80,6 +80,9 @@ class VersionSpec:
     timeout_s: float = 60.0
     # Requests one replica takes at once (the autoscaler's target per replica); None: the host's setting.
     max_concurrency: int | None = None
+    # A model with side effects: never hedged, and a chunk that may have run is never sent to another
+    # proxy (the caller gets 502 proxy_unreachable instead): each chunk runs at most once.
+    at_most_once: bool = False
     created_at: float = 0.0
     retired: bool = False
     # The image's content id (sha256:…) resolved at deploy: the version runs exactly this, forever.
@@ -108,9 +111,9 @@ class VersionSpec:
 # The settings a client may give at deploy time, and which of them PATCH may change.
 DEPLOY_FIELDS = {
     "image", "entrypoint", "env", "batch_size", "gpu", "memory_mb", "cpus", "gpu_memory_mb",
-    "capacity", "idle_timeout_s", "keep_warm", "timeout_s", "max_concurrency",
+    "capacity", "idle_timeout_s", "keep_warm", "timeout_s", "max_concurrency", "at_most_once",
 }
-PATCHABLE_FIELDS = {"capacity", "idle_timeout_s", "keep_warm", "timeout_s"}
+PATCHABLE_FIELDS = {"capacity", "idle_timeout_s", "keep_warm", "timeout_s", "at_most_once"}
 
 
 def _positive_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
@@ -203,7 +206,7 @@ def validate_settings(body: Any, allowed: set[str], limits: DeployLimits = Deplo
             out[name] = number
     if out.get("cpus") is not None and out["cpus"] < 0.05:
         raise bad_request("cpus must be at least 0.05")
-    for name in ("gpu", "keep_warm"):
+    for name in ("gpu", "keep_warm", "at_most_once"):
         flag = _bool(body, name)
         if flag is not None:
             out[name] = flag

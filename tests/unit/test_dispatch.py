@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from typing import Any
@@ -207,3 +208,31 @@ async def test_no_hedge_before_costs_are_measured() -> None:
     d = dispatcher(client, beat("a"), beat("b"), hedge_factor=4.0, hedge_min_ms=20.0)
     await d.run(SPEC, [1], time.time() + 5, "r")
     assert d.hedges == 0 and len(client.calls) == 1
+
+
+async def test_an_at_most_once_version_is_never_hedged() -> None:
+    spec = dataclasses.replace(SPEC, at_most_once=True)
+    costs = CostBook()
+    costs.record(spec.key, "warm", 0.0, 1.0, 1)
+    client = FakeClient({"http://a": 0.3, "http://b": 0.3})
+    d = dispatcher(client, beat("a"), beat("b"), costs=costs, hedge_factor=4.0, hedge_min_ms=20.0)
+    await asyncio.wait_for(d.run(spec, [1], time.time() + 5, "r"), WAIT_S)
+    assert d.hedges == 0 and len(client.calls) == 1
+
+
+async def test_an_at_most_once_chunk_that_may_have_run_is_not_sent_elsewhere() -> None:
+    """Its proxy broke off after taking it (asked again: gone): another proxy could run it a second time."""
+    spec = dataclasses.replace(SPEC, at_most_once=True)
+
+    class Dying(FakeClient):
+        async def run(self, url: str, chunk: ChunkRequest) -> ChunkResult:
+            self.calls.append((url, len(chunk.inputs)))
+            if len(self.calls) == 1:
+                raise ProxyUnreachable("reset mid-answer", reached=True)
+            raise ProxyUnreachable("refused", reached=False)
+
+    client = Dying({})
+    with pytest.raises(ApiError) as info:
+        await asyncio.wait_for(dispatcher(client, beat("a"), beat("b")).run(spec, [1], time.time() + 5, "r"), WAIT_S)
+    assert (info.value.status, info.value.type) == (502, "proxy_unreachable")
+    assert len({u for u, _ in client.calls}) == 1, client.calls

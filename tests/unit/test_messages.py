@@ -301,3 +301,13 @@ def test_unknown_figures_read_as_defaults() -> None:
     beat = ProxyHeartbeat.from_dict({"proxy_id": "p", "url": "u", "epoch": None, "ts": 1,
                                      "capacity": {"memory_mb": None}, "waiting": {"v": 0, "w": 1}})
     assert (beat.epoch, beat.capacity.memory_mb, beat.capacity.max_replicas, beat.waiting) == (0, 0, 16, {"w": 1})
+
+
+def test_at_most_once_is_a_boolean_deploy_and_patch_field() -> None:
+    from shared.messages import validate_deploy
+
+    assert validate_deploy({"image": "lukewarm-a/m:1", "at_most_once": True})["at_most_once"] is True
+    with pytest.raises(ApiError) as info:
+        validate_deploy({"image": "lukewarm-a/m:1", "at_most_once": "yes"})
+    assert info.value.status == 400
+    assert "at_most_once" in PATCHABLE_FIELDS
