@@ -249,6 +249,27 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
 # ---- proxies -----------------------------------------------------------------
 
 
+async def start_daemon(module: str, env: dict[str, str], log_path: Path, url: str, name: str,
+                       timeout_s: float) -> subprocess.Popen[bytes]:
+    """``python -m <module>`` with its output appended to ``log_path``, once ``url``/healthz answers 200."""
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=REPO_ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    _CHILDREN.append(proc)
+    async with aiohttp.ClientSession() as session:
+        async def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: {log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                async with session.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                    return r.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return False
+
+        await wait_until(healthy, timeout_s, f"{name} to answer /healthz")
+    return proc
+
+
 class ProxyProcess:
     """One ``python -m runtime_proxy`` subprocess configured by ``LUKEWARM_*``, bound to ``host``: a stack
     gives each proxy its own loopback address (127.0.0.2, .3, …), as hosts of a fleet have their own."""
@@ -276,22 +297,8 @@ class ProxyProcess:
         return self.proc.pid if self.proc is not None else None
 
     async def start(self, timeout_s: float = 30.0) -> None:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "runtime_proxy"], env=self.env, cwd=REPO_ROOT,
-                                         stdout=out, stderr=subprocess.STDOUT)
-        _CHILDREN.append(self.proc)
-
-        async with aiohttp.ClientSession() as session:
-            async def healthy() -> bool:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"proxy {self.proxy_id} exited: {self.log()[-2000:]}")
-                try:
-                    async with session.get(self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
-                        return r.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    return False
-
-            await wait_until(healthy, timeout_s, f"proxy {self.proxy_id} to answer /healthz")
+        self.proc = await start_daemon("runtime_proxy", self.env, self.log_path, self.url, f"proxy {self.proxy_id}",
+                                       timeout_s)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (then SIGKILL); replicas of the process runtime it leaves behind are killed too."""
@@ -345,21 +352,7 @@ class IngressProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self, timeout_s: float = 30.0) -> None:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ingress"], env=self.env, cwd=REPO_ROOT,
-                                         stdout=out, stderr=subprocess.STDOUT)
-        _CHILDREN.append(self.proc)
-        async with aiohttp.ClientSession() as session:
-            async def healthy() -> bool:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"ingress {self.name} exited: {self.log()[-2000:]}")
-                try:
-                    async with session.get(self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)) as r:
-                        return r.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    return False
-
-            await wait_until(healthy, timeout_s, f"ingress {self.name} to answer /healthz")
+        self.proc = await start_daemon("ingress", self.env, self.log_path, self.url, f"ingress {self.name}", timeout_s)
 
     def terminate(self) -> None:
         """SIGTERM: it stops accepting and drains what is in flight; ``wait`` for the exit."""
@@ -569,6 +562,15 @@ class BenchStack:
         if self.runner is not None:
             await asyncio.wait_for(self.runner.cleanup(), 30)
 
+    async def teardown(self) -> None:
+        """``close``, and the containers its proxies leave for re-adoption removed: a benchmark leaves nothing."""
+        try:
+            await self.close()
+        finally:
+            if self.runtime == "docker":
+                for proxy in self.proxies:
+                    remove_containers(f"lukewarm.proxy={proxy.proxy_id}")
+
 
 @contextlib.asynccontextmanager
 async def bench_stack(runtime: str | None = None, proxies: int = 1, own_redis: bool = True,
@@ -589,16 +591,7 @@ async def bench_stack(runtime: str | None = None, proxies: int = 1, own_redis: b
         elif not await redis_answers(redis_url):
             raise RuntimeError(f"no Redis answers at {redis_url}")
         stack = BenchStack(redis_url, state_root, runtime)
-
-        async def teardown() -> None:
-            try:
-                await stack.close()
-            finally:
-                if runtime == "docker":
-                    for proxy in stack.proxies:
-                        remove_containers(f"lukewarm.proxy={proxy.proxy_id}")
-
-        exits.push_async_callback(teardown)
+        exits.push_async_callback(stack.teardown)
         for _ in range(proxies):
             await stack.add_proxy(**proxy_settings)
         await stack.start_ingress(**(ingress_settings or {}))

@@ -33,6 +33,7 @@ class Tally:
     errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     # What the answered calls met, from Server-Timing: warm, lukewarm (woken), cold (started).
     starts: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    ok_ms: list[float] = dataclasses.field(default_factory=list)  # latency of each answered call
     lost_examples: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, verdict: str, detail: str) -> None:
@@ -122,10 +123,13 @@ class Traffic:
         next_at = time.monotonic() + (caller * interval / self.callers if interval else 0.0)
         while not self._stop.is_set():
             n = next(self._counter)
+            t0 = time.monotonic()
             verdict, detail = await self.one(n)
             self.tally.add(verdict, detail)
-            if verdict == "ok" and detail:
-                self.tally.starts[detail] += 1
+            if verdict == "ok":
+                self.tally.ok_ms.append((time.monotonic() - t0) * 1000)
+                if detail:
+                    self.tally.starts[detail] += 1
             if interval:
                 next_at += interval
                 delay = next_at - time.monotonic()

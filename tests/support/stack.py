@@ -78,10 +78,7 @@ async def running_stack(redis_url: str, state_dir: Path, runtime: str, proxies: 
         await stack.wait_for_proxies(proxies)
         yield stack
     finally:
-        await stack.close()
-        if runtime == "docker":
-            for proxy in stack.proxies:
-                remove_containers(f"lukewarm.proxy={proxy.proxy_id}")
+        await stack.teardown()
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
