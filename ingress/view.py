@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 # After an outage, how long the last view's proxies are kept while they beat again.
 RECOVERY_GRACE_S = 15.0
+# How long a warm call waits for the re-read of a key it knows (Redis answers in about a millisecond).
+STALE_KEY_WAIT_S = 0.25
 
 
 def branch_id(customer: str, model: str, branch: str) -> str:
@@ -74,10 +76,15 @@ class StateView:
         digest = hash_key(key)
         now = self.clock()
         cached = self.keys.get(digest)
-        if cached is not None and now - cached[1] < self.key_cache_s:
-            return cached[0]
+        if cached is not None and (now - cached[1] < self.key_cache_s or not self.redis_ok):
+            return cached[0]  # fresh, or Redis known down: no warm call waits on it (the poll sees it back)
         try:
-            record = await self.registry.lookup_key(key)
+            pending = self.registry.lookup_key(key)
+            # A known key's re-read is bounded: a Redis failing over must not stall warm calls on retries.
+            record = await (asyncio.wait_for(pending, STALE_KEY_WAIT_S) if cached is not None else pending)
+        except TimeoutError:
+            assert cached is not None
+            return cached[0]  # slow, not down: read again on the next call
         except (redis.RedisError, OSError) as exc:
             self.redis_ok = False
             if cached is not None:

@@ -36,7 +36,7 @@ class Periodic:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a loop must outlive one bad round
-                log.warning("%s: %s: %s", self.name, type(exc).__name__, exc)
+                log.warning("%s: %s: %s", self.name, type(exc).__name__, exc or "(no message)")
             if self._stopping:
                 break
             waiter = asyncio.ensure_future(self._wake.wait())

@@ -26,6 +26,8 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from shared import serving
+from shared.redisclient import connect
+from shared.sentinel_url import is_sentinel_url
 from shared.settings import IngressSettings, ProxySettings, finish_proxy_settings, generated_secret
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +94,7 @@ def dev_runtime(kind: str) -> str:
 
 
 async def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    client = connect(url, timeout_s)
     try:
         return bool(await client.ping())
     except (redis.RedisError, OSError):
@@ -107,6 +109,8 @@ async def ensure_redis(url: str) -> AsyncIterator[None]:
     if await redis_answers(url):
         yield
         return
+    if is_sentinel_url(url):
+        raise SystemExit(f"no Redis primary answers through the Sentinels of {url.split('@')[-1]}")
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit(f"no Redis answers at {url} and redis-server is not installed (make run installs it)")

@@ -20,6 +20,8 @@ from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_type_hints
 
+from shared.sentinel_url import is_sentinel_url, parse_sentinel_url
+
 ENV_PREFIX = "LUKEWARM_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -219,7 +221,22 @@ def load_settings(
     for name, value in vars(args).items():
         if value is not None:
             values[name] = value
+    if "redis_url" in values:
+        check_redis_url(values["redis_url"])
     return cls(**values)
+
+
+def check_redis_url(url: str) -> None:
+    """SystemExit with one line for a Redis URL no client could use (a daemon must not start, then trace back)."""
+    scheme = url.partition("://")[0].lower()
+    if is_sentinel_url(url):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            raise SystemExit(f"LUKEWARM_REDIS_URL: {exc}") from None
+    elif scheme not in ("redis", "rediss", "unix") or "://" not in url:
+        raise SystemExit("LUKEWARM_REDIS_URL must start with redis://, rediss://, unix://, redis+sentinel:// or "
+                         "rediss+sentinel://")
 
 
 def read_secret_file(name: str, path: str) -> str:

@@ -156,3 +156,20 @@ def test_secrets_come_from_files(tmp_path: Any) -> None:
     assert settings.admin_token == "s3cret"
     with pytest.raises(SystemExit, match="LUKEWARM_PROXY_SECRET_FILE"):
         load_settings(IngressSettings, [], {"LUKEWARM_PROXY_SECRET_FILE": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://127.0.0.1:6379/0", "must start with redis://"),
+    ("127.0.0.1:6379", "must start with redis://"),
+    ("redis+sentinel://h1:26379", "bad Redis Sentinel URL"),
+    ("redis+sentinel://user@h1/lukewarm", "bad Redis Sentinel URL"),
+])
+def test_a_redis_url_no_client_could_use_is_a_one_line_exit(url: str, says: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_settings(IngressSettings, [], {"LUKEWARM_REDIS_URL": url})
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
+def test_plain_and_sentinel_redis_urls_are_taken() -> None:
+    for url in ("redis://127.0.0.1:6379/0", "rediss://u:p@h/1", "redis+sentinel://h1,h2:26380/lukewarm/2"):
+        assert load_settings(ProxySettings, [], {"LUKEWARM_REDIS_URL": url}).redis_url == url

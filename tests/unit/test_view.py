@@ -1,6 +1,7 @@
 """The ingress's local view on fakeredis: resolve, events, heartbeats, Redis outages."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -240,3 +241,28 @@ async def test_refresh_during_outage_raises_and_keeps_the_view(
 async def test_note_pointers_visible_at_once(view: StateView) -> None:
     view.note_pointers("acme", "churn", "main", {"latest": 1})
     assert (await view.resolve("acme", "churn", "main", "latest")).version == 1
+
+
+async def test_a_known_keys_re_read_is_bounded_and_skipped_while_redis_is_down(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis failing over must not stall warm calls: a slow re-read serves the cached record."""
+    now = [1000.0]
+    view = StateView(registry, clock=lambda: now[0])
+    view.redis_ok = True  # as after a first poll
+    record, key = await registry.create_key("acme", ("predict",))
+    assert await view.api_key(key) == record
+    now[0] += view.key_cache_s + 1  # stale: read again
+
+    class Hanging:
+        def __getattr__(self, name: str) -> Any:
+            async def hang(*args: Any, **kwargs: Any) -> Any:
+                await asyncio.Event().wait()
+            return hang
+
+    monkeypatch.setattr(registry, "redis", Hanging())
+    assert await asyncio.wait_for(view.api_key(key), 2) == record
+    assert view.redis_ok  # slow is not down
+    view.redis_ok = False  # the poll found Redis down: no call tries it at all
+    monkeypatch.setattr(registry, "redis", _Down())
+    assert await view.api_key(key) == record
