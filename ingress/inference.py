@@ -100,7 +100,16 @@ async def _admitted(request: web.Request, customer: str, request_id: str, header
     spec = await view.resolve(customer, model, branch, pointer)
     # Usage: from here on the request is the version's (ingress/usage.py says what counts); in memory only.
     with app[USAGE].counting(spec):
-        return await _resolved(request, spec, body, batch, request_id, headers, t0)
+        try:
+            return await _resolved(request, spec, body, batch, request_id, headers, t0)
+        except ApiError as exc:
+            if exc.type != "version_changed":
+                raise
+        # The proxy refused it, nothing ran: the number names another deploy now (given back and
+        # reused, or restored after a Redis data loss) than the one this ingress cached. Once more, fresh.
+        view.forget_version(spec.key)
+        fresh = await view.resolve(customer, model, branch, pointer)
+        return await _resolved(request, fresh, body, batch, request_id, headers, t0)
 
 
 async def _resolved(request: web.Request, spec: VersionSpec, body: InferenceInput, batch: bool, request_id: str,

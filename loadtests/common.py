@@ -203,6 +203,12 @@ def log(message: str) -> None:
 _CHILDREN: list[subprocess.Popen[bytes]] = []
 
 
+def track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Kill ``proc`` at interpreter exit if it still runs (a runner killed without unwinding)."""
+    _CHILDREN.append(proc)
+    return proc
+
+
 def _kill_children_at_exit() -> None:
     for proc in _CHILDREN:
         if proc.poll() is None:
@@ -233,10 +239,11 @@ async def throwaway_redis(timeout_s: float = 10.0) -> AsyncIterator[str]:
         await wait_until(up, timeout_s, f"redis-server on port {port}")
         yield url
     finally:
-        _stop(proc, 5.0)
+        stop_process(proc, 5.0)
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; returns once it exited."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -305,7 +312,7 @@ class ProxyProcess:
         if self.proc is None:
             return
         children = descendants(self.proc.pid) if self.proc.poll() is None else []
-        _stop(self.proc, timeout_s)
+        stop_process(self.proc, timeout_s)
         for pid, started in children:
             if pid != self.proc.pid and started is not None and _start_time(pid) == started:
                 with contextlib.suppress(OSError):
@@ -365,7 +372,7 @@ class IngressProcess:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.proc is not None:
-            _stop(self.proc, timeout_s)
+            stop_process(self.proc, timeout_s)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -15,11 +15,9 @@ The Sentinels are tuned to fail over in seconds (``DOWN_AFTER_MS``), not the pro
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import dataclasses
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -31,7 +29,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from loadtests.common import free_port, log, wait_until
+from loadtests.common import free_port, log, stop_process, track, wait_until
 from shared.redisclient import FOLLOW_WAIT_S, RECHECK_S
 
 SERVICE = "lukewarm"
@@ -51,17 +49,6 @@ PROBE_TIMEOUT_S = 0.5
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 
-_STARTED: list[subprocess.Popen[bytes]] = []
-
-
-def _kill_left_at_exit() -> None:
-    """An interpreter that exits without unwinding (a test runner killed) leaves no Redis behind."""
-    for proc in _STARTED:
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.kill()
-
-
 @dataclasses.dataclass
 class _Process:
     """One ``redis-server`` or ``redis-sentinel`` of the set, on a fixed port."""
@@ -72,10 +59,7 @@ class _Process:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        if not _STARTED:
-            atexit.register(_kill_left_at_exit)
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _STARTED.append(self.proc)
+        self.proc = track(subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -93,15 +77,8 @@ class _Process:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if not self.running():
-            return
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc, STOP_TIMEOUT_S)
 
     def log_tail(self, chars: int = 2000) -> str:
         try:

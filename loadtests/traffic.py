@@ -168,6 +168,13 @@ class Traffic:
                     except TimeoutError:
                         pass
                 continue
+            except aiohttp.ClientOSError as exc:
+                if "Can not write request" not in str(exc):
+                    return "lost", f"{type(exc).__name__}: {exc}"[:300]
+                # A kept-alive connection the ingress closed (it is draining) as the request went out:
+                # nothing reached it, and a balancer sends such a request to the next ingress.
+                refused = f"closed before the request was written: {exc}"
+                continue
             except (aiohttp.ClientError, TimeoutError) as exc:
                 return "lost", f"{type(exc).__name__}: {exc}"[:300]
         return "lost", f"no ingress took the connection in {self.timeout_s:g} s ({refused})"

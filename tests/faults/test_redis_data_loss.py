@@ -2,15 +2,17 @@
 proxy is routed to again (its epoch outranks every one an ingress remembers), every call is answered."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import orjson
+import pytest
 import redis.asyncio as redis
 
 from ingress import state
+from shared import keys
 from tests.faults.test_proxy_restart import MODELS, echo_traffic
 from tests.support.stack import running_stack, wait_until
-
-import pytest
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -51,3 +53,19 @@ async def test_redis_data_loss_then_a_proxy_restart(redis_url: str, state_dir: P
             await wait_until(lambda: traffic.tally.ok >= seen + 20, 30, "calls answered after the restore")
             await client.aclose()
         assert traffic.tally.lost == 0, traffic.tally.lost_examples
+
+
+async def test_a_number_deployed_again_is_served_though_an_ingress_cached_the_old_deploy(
+        redis_url: str, state_dir: Path) -> None:
+    """After a data loss the restore deploys version 1 again (a new deploy time) without telling the
+    ingresses; the proxy refuses the old one (version_changed) and the ingress reads the version afresh."""
+    async with running_stack(redis_url, state_dir, "process", spec_cache_s=0) as stack:  # proxies read at once
+        await stack.customer("acme")
+        await stack.deploy("echo", MODELS, "models:echo")
+        assert (await stack.call("echo", 1))[0] == 200  # the ingress caches version 1 as deployed now
+        registry = stack.app[state.REGISTRY]
+        old = await registry.require_version("acme", "echo", "main", 1)
+        again = dataclasses.replace(old, created_at=old.created_at + 1)
+        await registry.redis.set(keys.version("acme", "echo", "main", 1), orjson.dumps(again.to_dict()))  # no event
+        status, body, _ = await stack.call("echo", 2)
+        assert (status, body) == (200, {"data": {"echo": 2}})

@@ -30,7 +30,7 @@ import redis.asyncio as aredis
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from tests.conftest import missing
-from tests.support.stack import REPO_ROOT, ProxyProcess, Stack, free_port, wait_until
+from tests.support.stack import REPO_ROOT, ProxyProcess, Stack, free_port, stop_process, wait_until
 
 pytestmark = [pytest.mark.security, pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -472,16 +472,6 @@ def start_redis_server(workdir: Path, how: str, users: Path, tls: dict[str, Path
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT), port
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.mark.parametrize("how", ["aclfile", "config"])
 def test_file_as_shipped_is_refused(tmp_path: Path, how: str) -> None:
     """Its placeholders are not passwords: a Redis given the file unedited does not start."""
@@ -493,7 +483,7 @@ def test_file_as_shipped_is_refused(tmp_path: Path, how: str) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail(f"redis-server started with the placeholder passwords of {ACL_FILE} ({how})")
     finally:
-        stop(proc)
+        stop_process(proc)
     assert proc.returncode != 0
     assert "password hash must be exactly 64 characters" in (tmp_path / "redis.out").read_text()
 
@@ -512,7 +502,7 @@ def acl_server(request: pytest.FixtureRequest, tmp_path: Path
     try:
         yield port, passwords, proc, tmp_path / "redis.out"
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 async def test_file_loads_into_redis(
@@ -639,7 +629,7 @@ async def test_proxy_over_tls_with_its_acl_user(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         await admin.aclose()
-        stop(proc)
+        stop_process(proc)
     assert "NOPERM" not in proxy.log(), proxy.log()[-3000:]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from loadtests.common import free_port
+from loadtests.common import free_port, stop_process
 
 REGISTRY_BINARY = "docker-registry"
 
@@ -160,9 +160,4 @@ def running_registry(root: Path, login: Login | None = None, timeout_s: float = 
             time.sleep(0.1)
         yield registry
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)

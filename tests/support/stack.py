@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.common import (  # noqa: F401 - re-exported for the tests
-    ADMIN, BASE_IMAGE, REPO_ROOT, SECRET, BenchStack, ProxyProcess, free_port, remove_containers, unmount_below,
-    wait_until,
+    ADMIN, BASE_IMAGE, REPO_ROOT, SECRET, BenchStack, ProxyProcess, free_port, remove_containers, stop_process,
+    unmount_below, wait_until,
 )
 
 TEST_IMAGE = "lukewarm-test/models:latest"
