@@ -9,7 +9,7 @@ import pytest
 
 from ingress import state
 from loadtests.traffic import Traffic
-from tests.support.stack import REPO_ROOT, Stack, running_stack, wait_until
+from tests.support.stack import REPO_ROOT, ProxyProcess, Stack, running_stack, wait_until
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -79,15 +79,17 @@ async def test_sigterm_drains_a_proxy_its_chunk_in_flight_finishes(redis_url: st
         await stack.deploy("slow", MODELS, "models:slow", capacity={"min": 0, "max": 2})
         assert (await stack.call("slow", 0))[0] == 200
         view = stack.app[state.VIEW]
-        await wait_until(lambda: any(p.replicas for p in view.proxies.values()), 10, "the replica in the view")
-        [victim] = [p for p in stack.proxies if view.proxies[p.proxy_id].replicas]
-        # Pinned on the victim: the warm replica is there and the other proxy has none.
         slow = asyncio.ensure_future(stack.call("slow", 2.0, extra={"timeout_seconds": 30}, timeout_s=40))
+        running: list[ProxyProcess] = []
 
-        async def running_there() -> bool:
-            return any(r["in_flight"] for r in (await victim.state(stack.session))["replicas"])  # type: ignore[index]
+        async def running_somewhere() -> bool:
+            assert stack.session is not None
+            running[:] = [p for p in stack.proxies
+                          if any(r["in_flight"] for r in (await p.state(stack.session))["replicas"])]  # type: ignore[index]
+            return bool(running)
 
-        await wait_until(running_there, 10, "the slow call to run on the victim")
+        await wait_until(running_somewhere, 20, "the slow call to run on a proxy")
+        victim = running[0]
         assert victim.proc is not None
         victim.proc.send_signal(signal.SIGTERM)
         await wait_until(lambda: victim.proxy_id not in view.proxies, 10, "the draining proxy to leave the view")
