@@ -28,7 +28,7 @@ from ingress.usage import USAGE, UsageCounter
 from ingress.view import StateView
 from shared.background import Periodic, cancel_and_wait
 from shared.http import LIMITS, BodyLimits, error_middleware
-from shared.metrics import Metrics
+from shared.metrics import IngressMetrics
 from shared.redisclient import connect
 from shared.settings import IngressSettings
 
@@ -44,7 +44,7 @@ def build_app(settings: IngressSettings) -> web.Application:
         raise SystemExit("LUKEWARM_PROXY_SECRET must be set: proxies only answer ingresses that hold it")
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_mb * 1024 * 1024)
     app[state.SETTINGS] = settings
-    app[state.METRICS] = Metrics()
+    app[state.METRICS] = IngressMetrics()
     app[state.LIMITER] = CustomerLimiter(settings.max_inflight_per_customer)
     app[LIMITS] = BodyLimits(timeout_s=settings.body_timeout_s, max_depth=settings.max_json_depth)
     inference.add_routes(app)

@@ -69,6 +69,10 @@ class Dispatcher:
         """Requests of a version in flight at this ingress (running or held)."""
         return self._pending[version_key]
 
+    def pending_all(self) -> dict[str, int]:
+        """``pending`` of every version with requests in flight here."""
+        return dict(self._pending)
+
     def _may_start(self, spec: VersionSpec) -> bool:
         """Whether a proxy may add a replica of ``spec``: fewer than ``capacity.max`` run across the fleet
         (as of the last heartbeats; two ingresses may overshoot by a beat, and idle replicas pause soon)."""

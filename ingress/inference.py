@@ -42,6 +42,8 @@ def _request_id(request: web.Request) -> str:
 
 
 PRIORITY_HEADER = "X-Lukewarm-Priority"
+# The request's metric labels, set once its version resolved (the customer and model exist).
+LABELS = web.RequestKey("metric_labels", tuple)
 
 
 def _is_batch_work(request: web.Request) -> bool:
@@ -66,12 +68,19 @@ async def infer(request: web.Request) -> web.Response:
     request_id = _request_id(request)
     headers = {"X-Request-Id": request_id}
     t0 = time.perf_counter()
+    in_flight = request.app[state.METRICS].in_flight
+    in_flight.inc()
     try:
         return await _infer(request, request_id, headers)
     except ApiError as exc:
-        request.app[state.METRICS].inc("requests", status=str(exc.status))
+        # Labelled by customer and model only once both are known to exist: a caller's unchecked Host
+        # or path must not mint new series (memory) in the ingress.
+        customer, model = request.get(LABELS, ("", ""))
+        request.app[state.METRICS].request(customer, model, exc.status)
         headers.setdefault("Server-Timing", f"route;dur={(time.perf_counter() - t0) * 1000:.2f}")
         return error_response(exc, headers)
+    finally:
+        in_flight.dec()
 
 
 async def _infer(request: web.Request, request_id: str, headers: dict[str, str]) -> web.Response:
@@ -98,6 +107,7 @@ async def _admitted(request: web.Request, customer: str, request_id: str, header
     batch = _is_batch_work(request)
     body = parse_body(await read_json(request), settings.max_batch_items)
     spec = await view.resolve(customer, model, branch, pointer)
+    request[LABELS] = (spec.customer, spec.model)
     # Usage: from here on the request is the version's (ingress/usage.py says what counts); in memory only.
     with app[USAGE].counting(spec):
         try:
@@ -129,8 +139,8 @@ async def _resolved(request: web.Request, spec: VersionSpec, body: InferenceInpu
     if len(outcome.outputs) != len(body.inputs):
         raise ReplicaFailed(f"the model returned {len(outcome.outputs)} outputs for {len(body.inputs)} inputs",
                             "bad_model_output")
-    app[state.METRICS].inc("requests", status="200")
-    app[state.METRICS].observe("request", total_s, start=outcome.start)
+    app[state.METRICS].request(spec.customer, spec.model, 200)
+    app[state.METRICS].answered(total_s, outcome.start)
     return json_response({"data": stitch(body.ids, outcome.outputs)}, headers=headers)
 
 

@@ -16,6 +16,7 @@ from ingress.usage import USAGE_PATH, usage_handler
 from shared.errors import ApiError, Conflict, Forbidden, Refused, Unauthorized, bad_request, not_found, unavailable
 from shared.http import json_response, read_json
 from shared.images import check_customer_image, parse_image, shared_repositories
+from shared.metrics import CONTENT_TYPE
 from shared.messages import (
     PATCHABLE_FIELDS, DeployLimits, VersionSpec, check_alias, check_branch, check_name, validate_deploy,
     validate_settings,
@@ -311,7 +312,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[state.METRICS].render(), content_type="text/plain")
+    view, dispatcher = request.app[state.VIEW], request.app[state.DISPATCHER]
+    body = request.app[state.METRICS].render(dispatcher.pending_all(), len(view.live_proxies()), view.redis_ok,
+                                             dispatcher.hedges)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 def add_routes(app: web.Application) -> None:

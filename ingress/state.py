@@ -8,7 +8,7 @@ from ingress.dispatch import Dispatcher
 from ingress.registry import Registry
 from ingress.requestlog import RequestLog
 from ingress.view import StateView
-from shared.metrics import Metrics
+from shared.metrics import IngressMetrics
 from shared.settings import IngressSettings
 
 SETTINGS = web.AppKey("ingress_settings", IngressSettings)
@@ -16,5 +16,5 @@ REGISTRY = web.AppKey("registry", Registry)
 VIEW = web.AppKey("view", StateView)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
-METRICS = web.AppKey("metrics", Metrics)
+METRICS = web.AppKey("metrics", IngressMetrics)
 LIMITER = web.AppKey("limiter", CustomerLimiter)

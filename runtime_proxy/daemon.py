@@ -28,6 +28,7 @@ from runtime_proxy.versions import VersionSource
 from shared import serving
 from shared.background import Periodic
 from shared.http import LIMITS, BodyLimits, error_middleware
+from shared.metrics import ProxyMetrics
 from shared.redisclient import connect
 from shared.settings import ProxySettings
 from shared.signing import ReplayGuard, derive_key
@@ -80,6 +81,7 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
     app[routes.SIGNING_KEY] = derive_key(settings.proxy_secret)
     app[routes.REPLAYS] = ReplayGuard()
     app[routes.LEDGER] = ChunkLedger(settings.dedup_window_s, settings.dedup_max_mb * 2**20)
+    app[routes.METRICS] = ProxyMetrics()
     app[routes.DRAINING] = asyncio.Event()
     app[serving.SHUTDOWN] = asyncio.Event()
     drains: list[Callable[[], Awaitable[None]]] = []

@@ -18,9 +18,10 @@ from runtime_proxy.ledger import ChunkLedger
 from runtime_proxy.replicas import ReplicaManager
 from runtime_proxy.runtime import RuntimeFailure
 from runtime_proxy.versions import VersionSource
-from shared.errors import DeadlinePassed, NoCapacity, Unauthorized, bad_request
+from shared.errors import ApiError, DeadlinePassed, NoCapacity, Unauthorized, bad_request
 from shared.http import json_response, read_body
 from shared.messages import ChunkCall, ChunkRequest
+from shared.metrics import CONTENT_TYPE, ProxyMetrics
 from shared.settings import ProxySettings
 from shared.signing import BadSignature, ReplayGuard
 
@@ -30,6 +31,7 @@ VERSIONS = web.AppKey("versions", VersionSource)
 SIGNING_KEY = web.AppKey("signing_key", bytes)
 REPLAYS = web.AppKey("replays", ReplayGuard)
 LEDGER = web.AppKey("ledger", ChunkLedger)
+METRICS = web.AppKey("proxy_metrics", ProxyMetrics)
 DRAINING = web.AppKey("draining", asyncio.Event)
 
 # Set on an answer given to a copy of a chunk (joined its run in flight, or replayed its answer).
@@ -74,15 +76,22 @@ async def run_chunk(request: web.Request) -> web.Response:
     spec = await request.app[VERSIONS].get(call.version, call.created_at)
     chunk = ChunkRequest(spec=spec, inputs=call.inputs, timeout_s=call.timeout_s, request_id=call.request_id,
                          batch=call.batch, chunk_id=call.chunk_id)
-    manager = request.app[MANAGER]
+    manager, meter = request.app[MANAGER], request.app[METRICS]
 
     async def work(on_start: Callable[[], None]) -> bytes:
-        result = await manager.run_chunk(chunk, may_start=call.may_start, on_start=on_start)
+        try:
+            result = await manager.run_chunk(chunk, may_start=call.may_start, on_start=on_start)
+        except ApiError as exc:
+            meter.chunk(exc.status)
+            raise
+        meter.chunk(200, result.start, result.timings)
         return orjson.dumps(result.to_dict())
 
     # A deploy's number is reused only with a new created_at: the id is scoped to exactly what runs.
     key = f"{spec.key}@{spec.created_at!r}/{call.chunk_id}" if call.chunk_id else ""
     answer, copy = await request.app[LEDGER].run(key, work)
+    if copy:
+        meter.copies.labels("answered").inc()
     headers = {COPY_HEADER: "1"} if copy else None
     return web.Response(body=answer, content_type="application/json", headers=headers)
 
@@ -123,6 +132,14 @@ async def state(request: web.Request) -> web.Response:
                           "waiting": manager.waiting()})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text, no credentials (DESIGN.md): bind the proxy to a private network."""
+    manager = request.app[MANAGER]
+    gpus = await manager.gpu.snapshot() if manager.gpu is not None else []
+    body = request.app[METRICS].render(manager.snapshot(), manager.waiting(), gpus)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"ok": True, "proxy_id": request.app[SETTINGS].proxy_id})
 
@@ -133,3 +150,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(STATE_PATH, state)
     app.router.add_post(RESOLVE_PATH, resolve_image)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
