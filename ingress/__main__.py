@@ -1,11 +1,12 @@
 """``python -m ingress``: one ingress process (what deploy/lukewarm-ingress.service runs)."""
 from __future__ import annotations
 
-import logging
 import sys
 
+from aiohttp.log import access_logger
+
 from ingress.app import build_app
-from shared import serving
+from shared import logs, serving
 from shared.eventloop import install_uvloop
 from shared.settings import IngressSettings, load_settings
 
@@ -16,9 +17,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("LUKEWARM_ADMIN_TOKEN must be set (lukewarm dev generates one)")
     # Before anything starts: a bad certificate or key is a one-line exit, not a half-started daemon.
     listener = serving.ingress_listener(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup(settings.log_level, settings.log_format)
     install_uvloop()
-    serving.run(build_app(settings), listener, access_log=None, shutdown_timeout_s=settings.drain_timeout_s)
+    # The access log: every request with its status, time and X-Request-Id (shared/logs.py).
+    serving.run(build_app(settings), listener, access_log=access_logger, shutdown_timeout_s=settings.drain_timeout_s)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from ingress.hosts import customer_from_host
 from ingress.usage import USAGE
 from shared.errors import ApiError, Refused, ReplicaFailed, bad_request
 from shared.http import error_response, json_response, read_json
+from shared.logs import REQUEST_ID
 from shared.messages import START_PHASES, VersionSpec, check_branch, check_name, start_ms
 
 log = logging.getLogger("lukewarm.ingress")
@@ -66,6 +67,7 @@ def _version_pointer(raw: str) -> str:
 
 async def infer(request: web.Request) -> web.Response:
     request_id = _request_id(request)
+    REQUEST_ID.set(request_id)  # this handler's task (and the chunk tasks it starts): every log line carries it
     headers = {"X-Request-Id": request_id}
     t0 = time.perf_counter()
     in_flight = request.app[state.METRICS].in_flight

@@ -31,6 +31,10 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             500: "Internal Server Error", 503: "Service Unavailable"}
 
 
+# At most this much of a call's output is copied into the container's log.
+ECHO_MAX_CHARS = 65536
+
+
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -96,8 +100,9 @@ class Model:
             outputs.extend(result)
         return outputs
 
-    def predict(self, inputs: list[Any]) -> bytes:
-        """Run the model over all inputs; always returns a 200 body (errors included)."""
+    def predict(self, inputs: list[Any], request_id: str = "") -> bytes:
+        """Run the model over all inputs; always returns a 200 body (errors included). What the model
+        printed also goes to the container's log, each line prefixed with the request's id."""
         out, err = io.StringIO(), io.StringIO()
         outputs: list[Any] | None = None
         error: str | None = None
@@ -111,6 +116,7 @@ class Model:
         except (Exception, SystemExit) as exc:  # a model calling sys.exit() must not kill the replica
             error, tb = _describe(exc), _format_tb(exc)
         infer_ms = round((time.perf_counter() - started) * 1000, 3)
+        _echo(out.getvalue(), err.getvalue(), request_id)
         body = {"outputs": outputs, "stdout": out.getvalue(), "stderr": err.getvalue(),
                 "error": error, "traceback": tb, "infer_ms": infer_ms}
         try:
@@ -120,6 +126,21 @@ class Model:
             body["outputs"] = None
             body["error"] = f"TypeError: output is not JSON serialisable: {exc}"
             return _dumps(body)
+
+
+def _echo(stdout: str, stderr: str, request_id: str) -> None:
+    """The call's captured output to the container's log (``docker logs``), each line tagged with the
+    request id; bounded per call (the full text goes back in the answer)."""
+    tag = f"[{request_id}] " if request_id else ""
+    for stream, text in ((sys.__stdout__, stdout), (sys.__stderr__, stderr)):
+        if stream is None or not text:
+            continue
+        lines = text[:ECHO_MAX_CHARS].splitlines()
+        try:
+            stream.write("".join(f"{tag}{line}\n" for line in lines))
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed log is no reason to fail the call
 
 
 class Server:
@@ -146,8 +167,10 @@ class Server:
                                 "type": "bad_request"})
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
             return 400, _dumps({"error": 'body must be {"inputs": [...]}', "type": "bad_request"})
+        request_id = request.get("request_id")
+        request_id = request_id if isinstance(request_id, str) and request_id.isprintable() else ""
         async with self.model.lock:
-            return 200, self.model.predict(request["inputs"])
+            return 200, self.model.predict(request["inputs"], request_id[:128])
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: requests in sequence until the client closes or asks to."""

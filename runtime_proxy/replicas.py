@@ -119,7 +119,7 @@ class ReplicaManager:
         t_infer = self.clock()
         if on_start is not None:
             on_start()
-        call = asyncio.ensure_future(self._predict(replica, req.inputs, deadline))
+        call = asyncio.ensure_future(self._predict(replica, req.inputs, deadline, req.request_id))
         self._tasks.add(call)
         call.add_done_callback(lambda task: self._predicted(task, replica, req.batch))
         status, body = await asyncio.shield(call)
@@ -196,12 +196,14 @@ class ReplicaManager:
                                              self.settings.stop_remove_after_s):
             replica = self.replicas.get(rid)
             if replica is not None and replica.state is State.STOPPED:
+                log.info("removing replica %s of %s: stopped and idle long enough", rid, replica.spec.key)
                 await self._retire(replica)
                 done["removed"].append(rid)
         views = [r.view() for r in self.replicas.values()]
         for rid in policy.replicas_to_evict(views, self.memory_budget_mb, self.settings.max_replicas):
             replica = self.replicas.get(rid)
             if replica is not None:
+                log.info("evicting replica %s of %s: the host is over its budgets", rid, replica.spec.key)
                 await self._retire(replica)
                 done["evicted"].append(rid)
         done["images"] = await self.prune_images(now)
@@ -228,6 +230,8 @@ class ReplicaManager:
             for replica in [r for r in self.replicas.values() if r.spec.key == key]:
                 if now_spec.retired or now_spec.created_at != replica.spec.created_at:
                     if replica.in_flight == 0 and replica.state is not State.STARTING:
+                        log.info("removing replica %s of %s: the version was %s", replica.replica_id, key,
+                                 "retired" if now_spec.retired else "deployed again under its number")
                         await self._retire(replica)
                         removed.append(replica.replica_id)
                 elif now_spec != replica.spec:
@@ -418,6 +422,9 @@ class ReplicaManager:
             self.backoff.clear(spec.key)
             pool.failure = None
             replica.start_kind = "cold"
+            log.info("started replica %s of %s cold in %.0f ms (%s)", replica_id, spec.key,
+                     sum(replica.start_timings.values()),
+                     ", ".join(f"{k} {v:.0f}" for k, v in replica.start_timings.items()))
         finally:
             if placeholder in pool.replicas:
                 pool.replicas.remove(placeholder)
@@ -546,6 +553,8 @@ class ReplicaManager:
         if mine is None:
             raise unavailable("this customer's replicas on this host are all busy", retry_after_s=2)
         for rid in mine:
+            log.info("evicting replica %s of %s: the customer's quota on this host, for %s", rid,
+                     self.replicas[rid].spec.key, spec.key)
             await self._retire(self.replicas[rid])
         reserved_mb = sum(self._reserved.values())
         evict = policy.replicas_to_evict(self._eviction_views(preempt_batch), self.memory_budget_mb,
@@ -556,6 +565,8 @@ class ReplicaManager:
             if victim.batch_in_flight:
                 log.info("replica %s of %s preempted from batch work for on-demand %s", rid, victim.spec.key, spec.key)
                 victim.preempted = True
+            else:
+                log.info("evicting idle replica %s of %s to make room for %s", rid, victim.spec.key, spec.key)
             await self._retire(victim)
         live = [r for r in self.replicas.values() if r.state.live]
         if len(live) + len(self._reserved) >= self.settings.max_replicas or \
@@ -609,10 +620,12 @@ class ReplicaManager:
 
     # ---- running a chunk -----------------------------------------------------
 
-    async def _predict(self, replica: Replica, inputs: list[Any], deadline: float) -> tuple[int, Any]:
+    async def _predict(self, replica: Replica, inputs: list[Any], deadline: float,
+                       request_id: str = "") -> tuple[int, Any]:
         try:
             async with asyncio.timeout(_remaining(deadline, self.clock())):
-                call = asyncio.ensure_future(replica.client.call("POST", "/predict", {"inputs": inputs}))
+                payload = {"inputs": inputs, "request_id": request_id} if request_id else {"inputs": inputs}
+                call = asyncio.ensure_future(replica.client.call("POST", "/predict", payload))
                 if replica.resuming is not None:
                     await self._await_resume(replica, call)
                 return await call
@@ -707,6 +720,8 @@ class ReplicaManager:
             return False
         if replica.state is during:
             replica.move(after)
+        log.info("%s replica %s of %s after %.1f s idle", after.value, replica_id, replica.spec.key,
+                 self.clock() - replica.last_used)
         self._pool(replica.spec.key).changed()
         return True
 

@@ -20,6 +20,7 @@ from runtime_proxy.runtime import RuntimeFailure
 from runtime_proxy.versions import VersionSource
 from shared.errors import ApiError, DeadlinePassed, NoCapacity, Unauthorized, bad_request
 from shared.http import json_response, read_body
+from shared.logs import REQUEST_ID
 from shared.messages import ChunkCall, ChunkRequest
 from shared.metrics import CONTENT_TYPE, ProxyMetrics
 from shared.settings import ProxySettings
@@ -73,6 +74,7 @@ def _refuse_when_draining(request: web.Request) -> None:
 async def run_chunk(request: web.Request) -> web.Response:
     _refuse_when_draining(request)
     call = await _call(request, needs_inputs=True)
+    REQUEST_ID.set(call.request_id)  # the ingress's id: on this proxy's log lines and the model's
     spec = await request.app[VERSIONS].get(call.version, call.created_at)
     chunk = ChunkRequest(spec=spec, inputs=call.inputs, timeout_s=call.timeout_s, request_id=call.request_id,
                          batch=call.batch, chunk_id=call.chunk_id)

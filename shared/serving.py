@@ -34,6 +34,7 @@ from typing import cast
 from aiohttp import web
 
 from shared.errors import ApiError, unavailable
+from shared.logs import ACCESS_LOG_FORMAT
 from shared.settings import IngressSettings, ProxySettings
 from shared.tls import context_from_files
 
@@ -236,7 +237,7 @@ def check_bindable(host: str, port: int) -> None:
 
 async def start_server(app: web.Application, listener: Listener, *, access_log: logging.Logger | None = None,
                        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
-                       handler_cancellation: bool = False) -> web.AppRunner:
+                       handler_cancellation: bool = False, access_log_format: str = ACCESS_LOG_FORMAT) -> web.AppRunner:
     """Start ``app`` (its startup and cleanup contexts) and listen as ``listener`` says.
 
     The caller owns the returned runner and must ``await runner.cleanup()``, which
@@ -248,7 +249,8 @@ async def start_server(app: web.Application, listener: Listener, *, access_log: 
     """
     check_bindable(listener.host, listener.port)
     runner = web.AppRunner(app, access_log=access_log, shutdown_timeout=shutdown_timeout_s,
-                           keepalive_timeout=listener.header_timeout_s, handler_cancellation=handler_cancellation)
+                           keepalive_timeout=listener.header_timeout_s, handler_cancellation=handler_cancellation,
+                           access_log_format=access_log_format)
     await runner.setup()
     try:
         site = GuardedSite(runner, listener.host, listener.port, max_connections=listener.max_connections,

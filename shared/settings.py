@@ -82,6 +82,9 @@ class IngressSettings:
     rollout_timeout_s: float = 120.0
     # SIGTERM: stop accepting, give requests in flight this long to finish, then exit.
     drain_timeout_s: float = 30.0
+    # text | json (one object per line, with the request id); DEBUG | INFO | WARNING | ERROR.
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     # usage
     # Request and error counts (GET …/usage) are written to Redis in batches this often, off the
@@ -173,6 +176,8 @@ class ProxySettings:
     dedup_max_mb: int = 64
     # SIGTERM: stop taking chunks, give those in flight this long to finish, then exit (containers stay).
     drain_timeout_s: float = 30.0
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     # usage
     # Replica-seconds are accrued from the replicas' states this often (by the clock: a transition

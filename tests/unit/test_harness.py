@@ -186,9 +186,11 @@ def test_output_is_captured_per_call(start: Callable[..., Harness]) -> None:
     second = h.predict([3])
     assert (first["stdout"], first["stderr"]) == ("out 1\nout 2\n", "err 1\nerr 2\n")
     assert (second["stdout"], second["stderr"]) == ("out 3\n", "err 3\n")
-    # Captured output is returned, not printed by the harness process.
-    assert "out" not in h.stdout()
-    assert "err 1" not in h.stderr()
+    # Returned in the answer, and copied to the container's log, tagged with the request id when given.
+    status, third = h.request("POST", "/predict", {"inputs": [4], "request_id": "req-9"})
+    assert status == 200 and third["stdout"] == "out 4\n"
+    assert h.stdout() == "out 1\nout 2\nout 3\n[req-9] out 4\n"
+    assert h.stderr().endswith("err 3\n[req-9] err 4\n")
 
 
 def test_model_exception_reported_with_traceback(start: Callable[..., Harness]) -> None:
