@@ -33,7 +33,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from shared.dev import redis_answers
+from lukewarm.dev import redis_answers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "lukewarm/python:bookworm"

@@ -113,7 +113,7 @@ async def test_cli_deploy_and_call(stack: Stack) -> None:
     """`lukewarm deploy` and `lukewarm call`, as a person types them, against the running stack."""
     async def cli(*args: str) -> tuple[int, Any]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shared.cli", *args, "--url", stack.url, "--customer", "acme",
+            sys.executable, "-m", "lukewarm.cli", *args, "--url", stack.url, "--customer", "acme",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
         out, err = await asyncio.wait_for(proc.communicate(), 120)
         return proc.returncode or 0, orjson.loads(out) if out.strip() else err.decode()

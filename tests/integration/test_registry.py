@@ -98,7 +98,7 @@ async def _cli(*args: str, env: dict[str, str] | None = None, timeout_s: float =
     """``lukewarm …`` as a user runs it (a subprocess: the ingress in this loop keeps serving)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("LUKEWARM_REGISTRY")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.cli", *args, cwd=REPO_ROOT, env={**base, **(env or {})},
+        sys.executable, "-m", "lukewarm.cli", *args, cwd=REPO_ROOT, env={**base, **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)

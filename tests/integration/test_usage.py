@@ -152,7 +152,7 @@ async def test_usage_is_private_to_its_customer(redis_url: str, state_dir: Path)
 
 async def cli(*args: str) -> tuple[int, str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LUKEWARM_")}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "shared.cli", "usage", *args, cwd=REPO_ROOT,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "lukewarm.cli", "usage", *args, cwd=REPO_ROOT,
                                                 env=env, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)

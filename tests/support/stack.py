@@ -103,7 +103,7 @@ def dev_process(*args: str, home: Path | None = None) -> Iterator[subprocess.Pop
     """``lukewarm dev`` with ``args`` (output piped, for ``read_until``); killed on the way out if the
     test failed before stopping it (``stop_dev``). ``home``: where dev keeps its state."""
     env = {**os.environ, "HOME": str(home)} if home is not None else None
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "dev", *args], cwd=REPO_ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "lukewarm.cli", "dev", *args], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         yield proc

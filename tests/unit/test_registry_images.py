@@ -11,7 +11,7 @@ import pytest
 from runtime_proxy.docker_runtime import (
     MAX_AUTH_FILE_BYTES, parse_registry_auths, pinned_reference, read_registry_auths, registry_host,
 )
-from shared.cli import push_target
+from lukewarm.cli import push_target
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

@@ -164,7 +164,7 @@ def test_cert_and_key_come_both_or_neither(certs: DevCerts) -> None:
 
 
 def test_dev_tls_makes_a_ca_in_the_state_dir_or_uses_the_given_files(tmp_path: Path) -> None:
-    from shared.dev import DevOptions, curl_line, dev_tls
+    from lukewarm.dev import DevOptions, curl_line, dev_tls
 
     made = dev_tls(DevOptions(tls=True), str(tmp_path))
     assert Path(made.ca) == tmp_path / "tls" / "ca.pem"

@@ -20,7 +20,7 @@ from ingress.usage import (
 from runtime_proxy import usage as proxy_usage
 from runtime_proxy.usage import UsageMeter, accrue, hour_spans, split_version_key, state_counts
 from shared import keys
-from shared.cli import usage_table
+from lukewarm.cli import usage_table
 from shared.errors import ApiError
 from shared.messages import VersionSpec
 

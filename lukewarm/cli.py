@@ -45,7 +45,7 @@ def _print_result(status: int, body: Any) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from shared.dev import DevOptions, run
+    from lukewarm.dev import DevOptions, run
 
     return run(DevOptions(
         port=args.port, proxy_port=args.proxy_port, redis_url=args.redis_url, runtime=args.runtime,
