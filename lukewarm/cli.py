@@ -1,4 +1,4 @@
-"""``lukewarm``: the command line for people (dev, deploy, call, usage, image build-base)."""
+"""``lukewarm``: the command line for people. ``lukewarm --help`` lists the commands, each has ``--help``."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,9 @@ from typing import Any
 
 import orjson
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+from lukewarm import config
+from lukewarm.manage import DEFAULT_URL, add_parsers, branch_path, customer_of, token_of, url_of
+
 HTTP_TIMEOUT_S = 120.0
 
 
@@ -107,21 +109,53 @@ def _build_and_push(args: argparse.Namespace) -> str:
     return pushed
 
 
+def deploy_body(args: argparse.Namespace, image: str) -> dict[str, Any]:
+    """The version's settings from the flags (only those given: the ingress has the defaults)."""
+    body: dict[str, Any] = {"image": image}
+    for name in ("entrypoint", "batch_size", "memory_mb", "cpus", "gpu_memory_mb", "idle_timeout_s", "timeout_s",
+                 "max_concurrency"):
+        if getattr(args, name):
+            body[name] = getattr(args, name)
+    for flag in ("gpu", "keep_warm", "at_most_once"):
+        if getattr(args, flag):
+            body[flag] = True
+    if args.env:
+        env = {}
+        for item in args.env:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise SystemExit(f"--env takes NAME=VALUE, not {item!r}")
+            env[name] = value
+        body["env"] = env
+    capacity = {k: getattr(args, k) for k in ("min", "desired", "max") if getattr(args, k) is not None}
+    if capacity:
+        body["capacity"] = capacity
+    return body
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
+    args.url, args.token, args.customer = url_of(args), token_of(args), customer_of(args)
+    progress = sys.stderr.write if args.wait or args.build else (lambda _text: 0)
+    if args.build:
+        progress(f"building {args.build} …\n")
     image = _build_and_push(args) if args.build else args.image
     if not image:
         raise SystemExit("give --image, or --build DIR to build one")
-    body: dict[str, Any] = {"image": image}
-    if args.entrypoint:
-        body["entrypoint"] = args.entrypoint
-    if args.batch_size:
-        body["batch_size"] = args.batch_size
-    branch = args.branch.replace("/", "~")
-    url = f"{args.url}/api/v1/customers/{args.customer}/models/{args.model}/branches/{branch}/versions"
-    return _print_result(*_http("POST", url, args.token, body))
+    body = deploy_body(args, image)
+    floor = int(body.get("capacity", {}).get("min") or 0)
+    progress(f"deploying {image} as the next version of {args.model}"
+             + (f" (pre-warming {floor} replica{'s' if floor != 1 else ''} before latest moves) …\n" if floor else " …\n"))
+    started = time.monotonic()
+    status, answer = _http("POST", args.url.rstrip("/") + branch_path(args) + "/versions", args.token, body)
+    if not 200 <= status < 300:
+        raise SystemExit(f"lukewarm deploy: {_error_line(status, answer)}")
+    progress(f"version {answer.get('version')} deployed in {time.monotonic() - started:.1f} s\n")
+    return _print_result(status, answer)
 
 
 def cmd_call(args: argparse.Namespace) -> int:
+    args.url, args.customer = url_of(args), customer_of(args)
+    args.key = config.setting("key", args.key, ("LUKEWARM_API_KEY",))
     try:
         data = orjson.loads(args.data)
     except orjson.JSONDecodeError as exc:
@@ -173,6 +207,7 @@ def usage_table(answer: dict[str, Any], hourly: bool = False) -> str:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    args.url, args.token, args.customer = url_of(args), token_of(args), customer_of(args)
     query = {name: value for name in ("since", "until") if (value := getattr(args, name))}
     url = f"{args.url.rstrip('/')}/api/v1/customers/{urllib.parse.quote(args.customer, safe='')}/usage"
     if query:
@@ -214,40 +249,54 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--tls-key", default=os.environ.get("LUKEWARM_TLS_KEY", ""), help="its private key (PEM)")
     dev.set_defaults(fn=cmd_dev)
 
+    # Every setting: the flag, else LUKEWARM_URL / LUKEWARM_TOKEN / LUKEWARM_CUSTOMER, else `lukewarm login`'s file.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("LUKEWARM_URL", DEFAULT_URL))
-    common.add_argument("--customer", default=os.environ.get("LUKEWARM_CUSTOMER", "demo"))
-    common.add_argument("--branch", default="main")
+    common.add_argument("--url", default="", help=f"the ingress (default: the saved one, else {DEFAULT_URL})")
+    common.add_argument("--token", default="", help="the admin token or a deploy key (default: the saved one)")
+    common.add_argument("--customer", default="", help="the customer (default: the saved one, else demo)")
+    model_args = argparse.ArgumentParser(add_help=False)
+    model_args.add_argument("model")
+    model_args.add_argument("--branch", default="main")
+    add_parsers(sub, common, model_args)
 
-    deploy = sub.add_parser("deploy", parents=[common], help="deploy a new version of a model")
-    deploy.add_argument("model")
+    deploy = sub.add_parser("deploy", parents=[common, model_args], help="deploy a new version of a model")
     deploy.add_argument("--image", default="")
     deploy.add_argument("--build", default="", help="build the image from this directory first")
     deploy.add_argument("--registry", default=os.environ.get("LUKEWARM_REGISTRY", ""),
                         help="with --build: push the image to this registry (host[:port]) and deploy its digest")
     deploy.add_argument("--registry-auth-file", default=os.environ.get("LUKEWARM_REGISTRY_AUTH_FILE", ""),
                         help="the registry login to push with, as a Docker config.json (default: docker's own)")
-    deploy.add_argument("--entrypoint", default="")
-    deploy.add_argument("--batch-size", type=int, default=0)
-    deploy.add_argument("--token", default=os.environ.get("LUKEWARM_ADMIN_TOKEN") or os.environ.get("LUKEWARM_API_KEY", ""))
+    deploy.add_argument("--entrypoint", default="", help="module:function (default main:predict)")
+    deploy.add_argument("--batch-size", type=int, default=0, help="inputs per call of a batch model")
+    deploy.add_argument("--memory-mb", type=int, default=0)
+    deploy.add_argument("--cpus", type=float, default=0.0)
+    deploy.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    deploy.add_argument("--gpu-memory-mb", type=int, default=0)
+    deploy.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="repeat for more")
+    deploy.add_argument("--min", type=int, default=None, help="capacity.min: replicas kept ready")
+    deploy.add_argument("--desired", type=int, default=None, help="capacity.desired")
+    deploy.add_argument("--max", type=int, default=None, help="capacity.max: replicas at most")
+    deploy.add_argument("--idle-timeout-s", type=float, default=0.0)
+    deploy.add_argument("--keep-warm", action="store_true")
+    deploy.add_argument("--timeout-s", type=float, default=0.0, help="a request's deadline")
+    deploy.add_argument("--max-concurrency", type=int, default=0)
+    deploy.add_argument("--at-most-once", action="store_true", help="never hedge or re-send a chunk that may have run")
+    deploy.add_argument("--wait", action="store_true", help="say what happens: build, push, pre-warm")
     deploy.set_defaults(fn=cmd_deploy)
 
     call = sub.add_parser("call", parents=[common], help="call a model")
     call.add_argument("model")
     call.add_argument("version", nargs="?", default="latest")
+    call.add_argument("--branch", default="main")
     call.add_argument("--data", required=True, help="the input, as JSON")
-    call.add_argument("--key", default=os.environ.get("LUKEWARM_API_KEY", ""))
+    call.add_argument("--key", default="", help="a predict key (default: LUKEWARM_API_KEY, else the saved one)")
     call.add_argument("--base-domain", default=os.environ.get("LUKEWARM_BASE_DOMAIN", "localhost"))
     call.set_defaults(fn=cmd_call)
 
-    usage = sub.add_parser("usage", help="requests, errors and replica-seconds per version, in hourly buckets")
-    usage.add_argument("--url", default=os.environ.get("LUKEWARM_URL", DEFAULT_URL))
-    usage.add_argument("--customer", default=os.environ.get("LUKEWARM_CUSTOMER", "demo"))
+    usage = sub.add_parser("usage", parents=[common],
+                           help="requests, errors and replica-seconds per version, in hourly buckets")
     usage.add_argument("--since", default="", help="ISO 8601 or epoch seconds (default: 24 h before --until)")
     usage.add_argument("--until", default="", help="ISO 8601 or epoch seconds (default: now)")
-    usage.add_argument("--token", default=os.environ.get("LUKEWARM_TOKEN") or os.environ.get("LUKEWARM_ADMIN_TOKEN")
-                       or os.environ.get("LUKEWARM_API_KEY", ""),
-                       help="the admin token or the customer's deploy key")
     usage.add_argument("--hourly", action="store_true", help="a row per version and hour")
     usage.add_argument("--json", action="store_true", help="the answer as JSON")
     usage.set_defaults(fn=cmd_usage)

@@ -72,15 +72,21 @@ class Client:
                 f"{_segment(branch.replace('/', '~'))}/versions")
         return dict(self._call("POST", path, {"image": image, **settings}))
 
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Any call of the management API (``/api/v1/…``) with this client's credentials: its JSON answer."""
+        return self._call(method, path, body)
+
     def _call(self, method: str, path: str, body: Any, host: str | None = None) -> Any:
-        request = urllib.request.Request(self.url + path, data=orjson.dumps(body), method=method)
+        data = None if body is None else orjson.dumps(body)
+        request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("Content-Type", "application/json")
         request.add_header("Authorization", f"Bearer {self.key}")
         if host:
             request.add_header("Host", host)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                return orjson.loads(_read(resp))
+                raw = _read(resp)
+                return orjson.loads(raw) if raw else None  # 204: nothing to say
         except urllib.error.HTTPError as exc:
             raise _error(exc.code, _read(exc), exc.headers.get("Retry-After")) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
