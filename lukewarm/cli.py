@@ -89,21 +89,24 @@ def push_target(registry: str, customer: str, model: str, image: str, unique_tag
 def _build_and_push(args: argparse.Namespace) -> str:
     """``deploy --build``: the image to deploy. With a registry, the build is pushed there and the pushed
     digest (``<registry>/<repository>@sha256:…``) is what is deployed: every host can pull it, and a later
-    push under the same tag changes nothing for this version. Without one, a local tag, as before."""
-    from runtime_proxy.docker_runtime import build_image, push_image
+    push under the same tag changes nothing for this version. Without one, a local tag of the content
+    (``lukewarm/build.py``: a directory without a Dockerfile gets one, its requirements installed offline)."""
+    from lukewarm.build import BuildError, build_model
+    from runtime_proxy.docker_runtime import push_image
     from runtime_proxy.runtime import RuntimeFailure
 
+    say = sys.stderr.write
     try:
         if not args.registry:
-            image = args.image or f"lukewarm-{args.customer}/{args.model}:latest"
-            build_image(args.build, image)
-            return str(image)
+            repository = args.image.rsplit(":", 1)[0] if args.image else f"lukewarm-{args.customer}/{args.model}"
+            return build_model(args.build, repository, say)
         # Unique per build: a tag pushed once is never moved by another build.
         unique = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         repository, tag = push_target(args.registry, args.customer, args.model, args.image, unique)
-        image_id = build_image(args.build, f"{repository}:{tag}")
-        pushed = push_image(image_id, repository, tag, auth_file=args.registry_auth_file)
-    except RuntimeFailure as exc:
+        built = build_model(args.build, repository, say)
+        say(f"pushing {repository}:{tag} …\n")
+        pushed = push_image(built, repository, tag, auth_file=args.registry_auth_file)
+    except (RuntimeFailure, BuildError) as exc:
         raise SystemExit(f"lukewarm deploy: {exc}") from None
     sys.stderr.write(f"pushed {repository}:{tag} as {pushed}\n")
     return pushed
@@ -136,8 +139,6 @@ def deploy_body(args: argparse.Namespace, image: str) -> dict[str, Any]:
 def cmd_deploy(args: argparse.Namespace) -> int:
     args.url, args.token, args.customer = url_of(args), token_of(args), customer_of(args)
     progress = sys.stderr.write if args.wait or args.build else (lambda _text: 0)
-    if args.build:
-        progress(f"building {args.build} …\n")
     image = _build_and_push(args) if args.build else args.image
     if not image:
         raise SystemExit("give --image, or --build DIR to build one")
@@ -225,6 +226,16 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from lukewarm.build import init
+
+    written = init(args.directory, args.name or os.path.basename(os.path.abspath(args.directory)))
+    for path in written:
+        sys.stdout.write(f"wrote {path}\n")
+    sys.stdout.write("next: lukewarm deploy <model> --build " + args.directory + " --wait\n")
+    return 0
+
+
 def cmd_build_base(args: argparse.Namespace) -> int:
     from shared.baseimage import main as build_base_main
 
@@ -300,6 +311,11 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--hourly", action="store_true", help="a row per version and hour")
     usage.add_argument("--json", action="store_true", help="the answer as JSON")
     usage.set_defaults(fn=cmd_usage)
+
+    init = sub.add_parser("init", help="scaffold a model directory (main.py, requirements.txt, README.md)")
+    init.add_argument("directory")
+    init.add_argument("--name", default="", help="the model's name (default: the directory's)")
+    init.set_defaults(fn=cmd_init)
 
     image = sub.add_parser("image", help="images")
     image_sub = image.add_subparsers(dest="image_command", required=True)

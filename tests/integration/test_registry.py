@@ -195,14 +195,14 @@ async def test_a_failed_push_is_one_line_on_stderr(login_registry: Registry, tmp
     # No login for a registry that wants one.
     code, out, err = await _cli(*common, "--registry", login_registry.host)
     assert code != 0 and out == ""
-    # What it was doing (one progress line), then the failure, in one line.
-    assert err.startswith("building ") and err.count("\n") == 2 and "Traceback" not in err, err
+    # What it was doing (progress lines), then the failure, in one line.
+    assert err.startswith("building ") and "Traceback" not in err, err
     assert err.splitlines()[-1].startswith(f"lukewarm deploy: cannot push {login_registry.host}/lukewarm-acme/nopush:")
     # A malformed login file is named, in one line.
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     code, out, err = await _cli(*common, "--registry", login_registry.host, "--registry-auth-file", str(bad))
-    assert code != 0 and f"registry login file {bad}: not JSON" in err.splitlines()[-1] and err.count("\n") == 2, err
+    assert code != 0 and f"registry login file {bad}: not JSON" in err.splitlines()[-1] and "Traceback" not in err, err
     # A registry host that is not one.
     code, _, err = await _cli(*common, "--registry", "https://example.com")
     assert code != 0 and "must be a registry host" in err and "Traceback" not in err
