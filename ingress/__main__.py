@@ -5,6 +5,7 @@ import sys
 
 from aiohttp.log import access_logger
 
+from ingress import workers
 from ingress.app import build_app
 from shared import logs, serving
 from shared.eventloop import install_uvloop
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     # Before anything starts: a bad certificate or key is a one-line exit, not a half-started daemon.
     listener = serving.ingress_listener(settings)
     logs.setup(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        raise SystemExit(workers.supervise(settings.workers, sys.argv[1:] if argv is None else argv,
+                                           settings.drain_timeout_s))
     install_uvloop()
     # The access log: every request with its status, time and X-Request-Id (shared/logs.py).
     serving.run(build_app(settings), listener, access_log=access_logger, shutdown_timeout_s=settings.drain_timeout_s)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as redis
 from aiohttp import web
 
-from ingress import inference, management, state
+from ingress import inference, management, openapi, state
 from ingress.admission import CustomerLimiter
 from ingress.costs import CostBook
 from ingress.dispatch import Dispatcher
@@ -49,6 +49,7 @@ def build_app(settings: IngressSettings) -> web.Application:
     app[LIMITS] = BodyLimits(timeout_s=settings.body_timeout_s, max_depth=settings.max_json_depth)
     inference.add_routes(app)
     management.add_routes(app)
+    openapi.add_routes(app)
     app.cleanup_ctx.append(_resources)
     return app
 

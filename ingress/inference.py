@@ -7,7 +7,7 @@ import uuid
 
 from aiohttp import web
 
-from ingress import state
+from ingress import state, status_page
 from ingress.auth import require_customer_scope
 from ingress.batching import InferenceInput, parse_body, stitch
 from ingress.dispatch import Outcome
@@ -75,6 +75,7 @@ async def infer(request: web.Request) -> web.Response:
     try:
         return await _infer(request, request_id, headers)
     except ApiError as exc:
+        status_page.note_failure(request, request_id, exc)
         # Labelled by customer and model only once both are known to exist: a caller's unchecked Host
         # or path must not mint new series (memory) in the ingress.
         customer, model = request.get(LABELS, ("", ""))
@@ -134,6 +135,7 @@ async def _resolved(request: web.Request, spec: VersionSpec, body: InferenceInpu
     total_s = time.perf_counter() - t0
     headers["Server-Timing"] = server_timing(route_ms, outcome.timings, outcome.start)
     _log_request(request, spec, request_id, outcome, total_s)
+    status_page.note_outcome(request, spec, request_id, outcome)
     if outcome.error is not None:
         # The traceback stays in the logs: it may reveal code or data the caller should not see.
         log.info("request %s: model %s raised: %s\n%s", request_id, spec.key, outcome.error, outcome.traceback or "")

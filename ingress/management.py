@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from ingress import state
+from ingress import state, status_page
 from ingress.auth import is_admin, key_record
 from ingress.proxy_client import ProxyUnreachable
 from ingress.usage import USAGE_PATH, usage_handler
@@ -281,20 +279,6 @@ async def fleet_status(request: web.Request) -> web.Response:
     return json_response({"proxies": proxies, "ts": time.time()})
 
 
-async def status_page(request: web.Request) -> web.Response:
-    _admin(request)
-    proxies = await request.app[state.REGISTRY].list_proxies()
-    rows = "".join(
-        f"<tr><td>{html.escape(str(p.get('proxy_id')))}</td><td>{html.escape(str(p.get('url')))}</td>"
-        f"<td>{html.escape(str(p.get('epoch')))}</td>"
-        f"<td><pre>{html.escape(orjson.dumps(p.get('replicas', []), option=orjson.OPT_INDENT_2).decode())}</pre></td></tr>"
-        for p in proxies
-    )
-    page = ("<!doctype html><title>Lukewarm status</title><h1>Runtime proxies</h1>"
-            f"<table border=1><tr><th>proxy</th><th>url</th><th>epoch</th><th>replicas</th></tr>{rows}</table>")
-    return web.Response(text=page, content_type="text/html")
-
-
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"ok": True})
 
@@ -334,7 +318,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(BRANCH_PATH + "/logs", read_logs)
     r.add_get(USAGE_PATH, usage_handler(_customer))
     r.add_get("/api/v1/status", fleet_status)
-    r.add_get("/status", status_page)
+    status_page.add_routes(app)  # /status: the page for staff, its sign-in and refreshes
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)

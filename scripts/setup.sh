@@ -32,8 +32,10 @@ docker_up() { timeout 10 docker info >/dev/null 2>&1; }
 
 # --- system packages ---------------------------------------------------------
 # Check for dockerd, not docker: some images ship the client without the daemon.
-# redis-sentinel and docker-registry serve the fault tests (failover, pulls by digest).
-need=(redis-server redis-sentinel)
+# redis-sentinel and docker-registry serve the fault tests (failover, pulls by digest); chromium the
+# status page's browser test (Playwright drives Debian's chromium: no browser download); systemd-analyze
+# verifies the units in deploy/.
+need=(redis-server redis-sentinel chromium systemd-analyze)
 [ "$SKIP_DOCKER" = 1 ] || need+=(dockerd debootstrap docker-registry)
 missing=()
 for cmd in "${need[@]}"; do
@@ -44,8 +46,8 @@ if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip' >/dev/null 2>&1;
     missing+=(python3-venv)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
-    is_root || die "missing ${missing[*]}; as root: apt-get install redis-server redis-sentinel docker.io debootstrap docker-registry python3-venv"
-    pkgs=(redis-server redis-sentinel)
+    is_root || die "missing ${missing[*]}; as root: apt-get install redis-server redis-sentinel chromium systemd docker.io debootstrap docker-registry python3-venv"
+    pkgs=(redis-server redis-sentinel chromium systemd)
     [ "$SKIP_DOCKER" = 1 ] || pkgs+=(docker.io debootstrap docker-registry)
     [[ " ${missing[*]} " == *" python3-venv "* ]] && pkgs+=(python3-venv)
     step "installing ${pkgs[*]} (missing: ${missing[*]})"

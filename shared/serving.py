@@ -63,6 +63,8 @@ class Listener:
     max_connections: int = 1024
     # A request head must arrive within this of the connection opening or of the previous answer.
     header_timeout_s: float = 10.0
+    # Several processes on one port (``python -m ingress --workers N``): the kernel spreads connections.
+    reuse_port: bool = False
 
     @property
     def scheme(self) -> str:
@@ -73,7 +75,8 @@ def ingress_listener(settings: IngressSettings) -> Listener:
     """The ingress's listener; TLS when both ``tls_cert`` and ``tls_key`` are set (SystemExit if one is)."""
     return Listener(settings.ingress_host, settings.ingress_port,
                     ssl_context=context_from_files(settings.tls_cert, settings.tls_key),
-                    max_connections=settings.max_connections, header_timeout_s=settings.header_timeout_s)
+                    max_connections=settings.max_connections, header_timeout_s=settings.header_timeout_s,
+                    reuse_port=settings.workers > 1 or settings.reuse_port)
 
 
 def proxy_listener(settings: ProxySettings) -> Listener:
@@ -176,17 +179,18 @@ class GuardedSite(web.BaseSite):
     itself is bounded by ``handshake_timeout_s``.
     """
 
-    __slots__ = ("_host", "_port", "_max_connections", "_handshake_timeout_s", "_answer", "refused",
+    __slots__ = ("_host", "_port", "_max_connections", "_handshake_timeout_s", "_reuse_port", "_answer", "refused",
                  "_last_warning")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
                  ssl_context: ssl.SSLContext | None = None, handshake_timeout_s: float = 10.0,
-                 backlog: int = BACKLOG) -> None:
+                 backlog: int = BACKLOG, reuse_port: bool = False) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
         self._max_connections = max(1, max_connections)
         self._handshake_timeout_s = handshake_timeout_s
+        self._reuse_port = reuse_port
         self._answer = refusal_bytes(self._max_connections)
         self.refused = 0
         self._last_warning = float("-inf")
@@ -208,7 +212,8 @@ class GuardedSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=True, ssl_handshake_timeout=self._handshake_timeout_s if self._ssl_context else None)
+            reuse_address=True, reuse_port=self._reuse_port or None,
+            ssl_handshake_timeout=self._handshake_timeout_s if self._ssl_context else None)
 
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
@@ -225,13 +230,15 @@ class GuardedSite(web.BaseSite):
         return _Refusal(loop, self._answer)
 
 
-def check_bindable(host: str, port: int) -> None:
+def check_bindable(host: str, port: int, reuse_port: bool = False) -> None:
     """OSError now when ``host:port`` cannot be bound: before the app starts, so that a proxy told an
     address this host does not have never publishes a heartbeat nobody can reach, even briefly."""
     for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                                               flags=socket.AI_PASSIVE):
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind(address)
 
 
@@ -247,14 +254,15 @@ async def start_server(app: web.Application, listener: Listener, *, access_log: 
     default because a request already dispatched to a model is cheaper to finish
     than to leave half-done.
     """
-    check_bindable(listener.host, listener.port)
+    check_bindable(listener.host, listener.port, listener.reuse_port)
     runner = web.AppRunner(app, access_log=access_log, shutdown_timeout=shutdown_timeout_s,
                            keepalive_timeout=listener.header_timeout_s, handler_cancellation=handler_cancellation,
                            access_log_format=access_log_format)
     await runner.setup()
     try:
         site = GuardedSite(runner, listener.host, listener.port, max_connections=listener.max_connections,
-                           ssl_context=listener.ssl_context, handshake_timeout_s=listener.header_timeout_s)
+                           ssl_context=listener.ssl_context, handshake_timeout_s=listener.header_timeout_s,
+                           reuse_port=listener.reuse_port)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -85,6 +85,10 @@ class IngressSettings:
     # text | json (one object per line, with the request id); DEBUG | INFO | WARNING | ERROR.
     log_format: str = "text"
     log_level: str = "INFO"
+    # Processes serving the one port (SO_REUSEPORT), each a whole ingress; a supervisor restarts one that dies.
+    workers: int = 1
+    # Bind with SO_REUSEPORT (what --workers sets for its workers; or to run several ingresses by hand).
+    reuse_port: bool = False
 
     # usage
     # Request and error counts (GET …/usage) are written to Redis in batches this often, off the
