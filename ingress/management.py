@@ -180,6 +180,18 @@ async def _prewarm_or_withdraw(request: web.Request, spec: VersionSpec, count: i
         raise Refused(why, "prewarm_failed") from None
 
 
+MAX_LISTED_VERSIONS = 1000
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    """The branch's live versions (newest last, at most the last 1000) and its pointers (latest, aliases)."""
+    customer, model, branch = await _branch(request)
+    registry = request.app[state.REGISTRY]
+    numbers = await registry.live_versions(customer, model, branch)
+    return json_response({"versions": numbers[-MAX_LISTED_VERSIONS:], "truncated": len(numbers) > MAX_LISTED_VERSIONS,
+                          "pointers": await registry.get_pointers(customer, model, branch)})
+
+
 async def get_version(request: web.Request) -> web.Response:
     customer, model, branch = await _branch(request)
     spec = await request.app[state.REGISTRY].require_version(customer, model, branch, _version_number(request))
@@ -309,6 +321,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/customers/{customer}/keys", list_keys)
     r.add_delete("/api/v1/customers/{customer}/keys/{key_id}", delete_key)
     r.add_post(BRANCH_PATH + "/versions", create_version)
+    r.add_get(BRANCH_PATH + "/versions", list_versions)
     r.add_get(BRANCH_PATH + "/versions/{number}", get_version)
     r.add_patch(BRANCH_PATH + "/versions/{number}", patch_version)
     r.add_delete(BRANCH_PATH + "/versions/{number}", retire_version)

@@ -58,7 +58,9 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": _op("List the customer's key ids", "deployKey")},
     "/api/v1/customers/{customer}/keys/{key_id}": {"delete": _op("Revoke a key", "deployKey", ok=204)},
     BRANCH_PATH + "/versions": {"post": _op("Deploy a new version", "deployKey", ok=201, body=VERSION_SETTINGS,
-                                            errors=(400, 401, 403, 404, 422))},
+                                            errors=(400, 401, 403, 404, 422)),
+                                "get": _op("The branch's live versions and its pointers (latest, aliases)",
+                                           "deployKey")},
     BRANCH_PATH + "/versions/{number}": {
         "get": _op("A version's settings", "deployKey"),
         "patch": _op("Change capacity, idle_timeout_s, keep_warm, timeout_s or at_most_once", "deployKey",

@@ -108,6 +108,16 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_versions(args: argparse.Namespace) -> int:
+    answer = call(args, "GET", f"{branch_path(args)}/versions")
+    named: dict[int, list[str]] = {}
+    for pointer, number in (answer.get("pointers") or {}).items():
+        named.setdefault(int(number), []).append(pointer)
+    rows = [[n, ", ".join(sorted(named.get(n, [])))] for n in answer.get("versions", [])]
+    sys.stdout.write(table(["VERSION", "POINTERS"], rows))
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     if args.retire:
         return show(call(args, "DELETE", f"{branch_path(args)}/versions/{args.number}"))
@@ -201,6 +211,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, model_args: argparse.
     revoke = keys.add_parser("revoke", parents=[common], help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(fn=cmd_keys_revoke)
+
+    versions = sub.add_parser("versions", parents=[common, model_args], help="a model's versions and pointers")
+    versions.set_defaults(fn=cmd_versions)
 
     version = sub.add_parser("version", parents=[common, model_args], help="show (or --retire) one version")
     version.add_argument("number", type=int)

@@ -16,7 +16,8 @@ from tests.support.stack import ADMIN, REPO_ROOT, running_stack
 
 pytestmark = [pytest.mark.timeout(180)]
 
-COMMANDS = ["login", "customers create", "keys create", "keys list", "keys revoke", "deploy", "version", "alias",
+COMMANDS = ["login", "customers create", "keys create", "keys list", "keys revoke", "deploy", "versions", "version",
+            "alias",
             "rollback", "logs", "status", "call", "usage", "dev", "image build-base"]
 
 
@@ -67,6 +68,8 @@ async def test_a_person_logs_in_once_and_runs_the_fleet(redis_url: str, state_di
         assert code == 0 and orjson.loads(out) == {"data": {"echo": 1}}
         code, out, _ = await lukewarm(config, "rollback", "echo")
         assert code == 0 and orjson.loads(out)["latest"] == 1
+        code, out, _ = await lukewarm(config, "versions", "echo")
+        assert code == 0 and [line.split() for line in out.splitlines()[1:]] == [["1", "latest,", "stable"], ["2"]]
 
         code, out, _ = await lukewarm(config, "logs", "echo", "--limit", "10")
         assert code == 0 and "stdout: echo 'x'" in out and "v2" in out

@@ -252,6 +252,7 @@ async def test_every_registry_and_heartbeat_call_passes_its_acl(acl_users: AclUs
         given_back = await registry.create_version("acme", "echo", "main", fields, move_latest=False)
         await registry.withdraw_version(given_back)  # WATCH, GET, MULTI … EXEC: number 2 given back
         assert (await registry.get_version("acme", "echo", "main", 2)).retired  # type: ignore[union-attr]
+        assert await registry.live_versions("acme", "echo", "main") == [1]  # SMEMBERS: rollback, versions
         kept = await registry.create_version("acme", "echo", "main", fields, move_latest=False)
         await registry.create_version("acme", "echo", "main", fields, move_latest=False)
         await registry.withdraw_version(kept)  # a later number was taken: UNWATCH, then retired
