@@ -151,7 +151,7 @@ async def run(runtime: str, seconds: float, rate: float, baseline_s: float) -> d
     result = {
         "bench": "chaos", "runtime": runtime, "seconds": seconds, "rate_per_s": rate,
         "sent": chaos.sent, "ok": chaos.ok, "clear_errors": chaos.clear_errors, "lost": chaos.lost,
-        "errors": dict(chaos.errors),
+        "errors": dict(chaos.errors), "lost_examples": chaos.lost_examples[:5],
         "events": [f"t={when}s {what}" for when, what in events],
         "ok_p50_ms": p50(chaos.ok_ms) if chaos.ok_ms else None, "ok_p99_ms": p99(chaos.ok_ms) if chaos.ok_ms else None,
         "baseline": {"sent": baseline.sent, "ok": baseline.ok, "clear_errors": baseline.clear_errors,
