@@ -72,8 +72,12 @@ async def test_requests_racing_an_eviction(redis_url: str, state_dir: Path, mode
             await stack.deploy(model, model_image, "models:echo")
         async with traffic(stack, "echo", rate_per_s=4, callers=1) as a, \
                 traffic(stack, "again", rate_per_s=4, callers=1) as b:
-            await wait_until(lambda: a.tally.starts["cold"] + b.tally.starts["cold"] >= 3 and a.tally.ok and b.tally.ok,
-                             120, "replicas evicted and started again, several times, both models served")
+            try:
+                await wait_until(lambda: a.tally.starts["cold"] + b.tally.starts["cold"] >= 3 and a.tally.ok
+                                 and b.tally.ok, 180, "replicas evicted and started again, both models served")
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}: {a.tally.figures()} {a.tally.starts} / {b.tally.figures()} "
+                                     f"{b.tally.starts}") from None
         for tally in (a.tally, b.tally):
             assert tally.lost == 0, tally.lost_examples
             # The only clear error allowed: the one replica busy with the other model's call (503, retry).
