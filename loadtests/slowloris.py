@@ -63,6 +63,9 @@ class SlowLoris:
         self.rng = rng or random.Random(0)
         self.stats = SlowStats()
         self._tasks: list[asyncio.Task[None]] = []
+        # The flag, not only the cancellation, ends the loops: on Python 3.11 wait_for can turn a
+        # cancellation that races with its own timeout into a TimeoutError, which the loops retry.
+        self._stopping = False
 
     async def __aenter__(self) -> SlowLoris:
         self._tasks = [asyncio.create_task(self._attacker(i), name=f"slowloris-{i}")
@@ -72,14 +75,15 @@ class SlowLoris:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), self.interval_s + CONNECT_TIMEOUT_S)
 
     async def _attacker(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(self.rng.uniform(0, self.interval_s))  # not all in step
-        while True:
+        while not self._stopping:
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
                                                         CONNECT_TIMEOUT_S)
@@ -92,7 +96,8 @@ class SlowLoris:
             self.stats.live += 1
             try:
                 await self._dribble(reader, writer)
-                self.stats.lifetimes_s.append(loop.time() - opened)
+                if not self._stopping:  # closed by the server, not ended by us
+                    self.stats.lifetimes_s.append(loop.time() - opened)
             finally:
                 self.stats.live -= 1
                 writer.close()
@@ -100,7 +105,7 @@ class SlowLoris:
     async def _dribble(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Send a byte per interval until the server closes the connection."""
         sent = 0
-        while True:
+        while not self._stopping:
             writer.write(self.head[sent:sent + 1] if sent < len(self.head) else b"a")
             sent += 1
             try:
