@@ -19,6 +19,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from shared.messages import START_PHASES
+
 # Request latency: a warm call takes milliseconds, a cold start seconds, a big batch minutes.
 REQUEST_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # Start phases: an unpause is milliseconds, a pull minutes.
@@ -115,7 +117,8 @@ class ProxyMetrics:
         return generate_latest(self.registry)
 
 
-START_PHASE_NAMES = frozenset(("pull", "create", "start", "ready", "unpause", "gpu", "queue"))
+# The start phases the heartbeat and Server-Timing know (shared.messages), plus a GPU swap's wait and the queue.
+START_PHASE_NAMES = frozenset(START_PHASES) | {"gpu", "queue"}
 
 
 def _set_all(gauge: Gauge, values: Mapping[str, int | float]) -> None:
