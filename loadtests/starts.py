@@ -7,9 +7,9 @@ echo image built here, and in ``--rounds`` alternating rounds (the order of
 the two paths flips every round, so machine noise hits both alike):
 
 - **lukewarm**: a version deployed with a tiny ``idle_timeout_s`` whose replica
-  the proxy's reaper has paused (waited for, bounded, via ``docker inspect``
-  State.Paused and the proxy's own state) → time of the first answer through
-  ingress + proxy. Baseline: a container created here with the proxy's own
+  the proxy's reaper has paused (the proxy freezes the cgroup itself; waited for,
+  bounded, via the kernel's freezer state and the proxy's own state) → time of
+  the first answer through ingress + proxy, whose thaw is one write to the freezer. Baseline: a container created here with the proxy's own
   ``container_options`` (same image, hardening, mounts, harness), paused, then
   raw ``docker unpause`` (SDK) → first answer on its socket (``HarnessClient``).
 - **cold**: a fresh version each round (so no replica exists), local image →
@@ -37,6 +37,7 @@ import docker
 
 from loadtests.common import (BenchStack, bench_stack, default_runtime, log, p50, p99, remove_containers, report,
                               run_async, wait_until)
+from runtime_proxy import freezer
 from runtime_proxy.daemon import install_harness
 from runtime_proxy.docker_runtime import container_options
 from runtime_proxy.harness_client import HarnessClient, HarnessUnavailable
@@ -155,20 +156,28 @@ async def call_through(stack: BenchStack, model: str, version: int, expect_start
     return ms, timing
 
 
+def container_paused(dk: docker.DockerClient, cid: str) -> bool:
+    """Paused as the kernel sees it: the proxy freezes cgroups itself (Docker then says running),
+    or through dockerd where it cannot."""
+    file = freezer.locate(cid)
+    if file is not None and freezer.is_frozen(file):
+        return True
+    return bool(dk.api.inspect_container(cid).get("State", {}).get("Paused"))
+
+
 async def wait_paused(stack: BenchStack, dk: docker.DockerClient, model: str) -> None:
-    """Until the proxy's reaper has paused ``model``'s replica: Docker says Paused and so does the proxy."""
-    proxy = stack.proxies[0]
-    assert stack.session is not None
+    """Until the proxy's reaper has paused ``model``'s replica: the kernel says so and so does the proxy."""
+    proxy, session = stack.proxies[0], stack.session
+    assert session is not None
     label = [f"lukewarm.proxy={proxy.proxy_id}", f"lukewarm.model={model}"]
 
     async def paused() -> bool:
         containers = await asyncio.to_thread(dk.containers.list, all=True, filters={"label": label})
         if len(containers) != 1:
             return False
-        attrs = await asyncio.to_thread(dk.api.inspect_container, containers[0].id)
-        if not attrs.get("State", {}).get("Paused"):
+        if not await asyncio.to_thread(container_paused, dk, containers[0].id):
             return False
-        replicas = (await proxy.state(stack.session))["replicas"]
+        replicas = (await proxy.state(session))["replicas"]
         return any(r["state"] == "paused" and r["version"].split("/")[1] == model for r in replicas)
 
     await wait_until(paused, PAUSE_WAIT_S, f"the {model} replica to be paused", interval_s=0.02)

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from runtime_proxy import freezer
 from tests.support.stack import BASE_IMAGE, Stack, running_stack, wait_until
 
 pytestmark = [pytest.mark.timeout(240)]
@@ -34,7 +35,17 @@ def containers(proxy_id: str, **labels: str) -> list[dict[str, Any]]:
 
 
 def status_of(proxy_id: str, model: str) -> list[str]:
-    return [c["State"]["Status"] for c in containers(proxy_id, model=model)]
+    """Docker's status, except that a container whose cgroup the proxy froze (Docker calls it running)
+    is ``paused``: read from the kernel's freezer, not from what the proxy says."""
+    return [effective_status(c) for c in containers(proxy_id, model=model)]
+
+
+def effective_status(container: dict[str, Any]) -> str:
+    status = str(container["State"]["Status"])
+    file = freezer.locate(container["Id"])
+    if status == "running" and file is not None and freezer.is_frozen(file):
+        return "paused"
+    return status
 
 
 @pytest.fixture
@@ -57,8 +68,44 @@ async def test_idle_replica_pauses_and_a_request_unpauses_it(stack: Stack) -> No
     assert 'start;desc="lukewarm"' in headers["Server-Timing"]
     [again] = containers(pid, model="echo")
     assert again["Id"] == first["Id"]
-    assert again["State"]["Status"] == "running"
+    assert effective_status(again) == "running"
     assert again["State"]["StartedAt"] == first["State"]["StartedAt"], "unpause must not restart"
+
+
+async def test_a_paused_replica_is_readopted_paused_after_a_proxy_sigkill(stack: Stack) -> None:
+    """The proxy froze the cgroup itself, so only the kernel knows it is paused: a restarted proxy
+    must learn that from the freezer, keep it paused, and thaw it for the next call."""
+    pid = stack.proxies[0].proxy_id
+    await stack.deploy("echo", stack.image, entrypoint="models:echo", idle_timeout_s=0.5)
+    assert (await stack.call("echo", "a"))[0] == 200
+    [first] = containers(pid, model="echo")
+    await wait_until(lambda: status_of(pid, "echo") == ["paused"], 20, "the idle replica to be paused", 0.1)
+
+    stack.proxies[0].kill()
+    await stack.proxies[0].start()
+    assert status_of(pid, "echo") == ["paused"], "re-adoption must not thaw an idle replica"
+    assert stack.session is not None
+    replicas = (await stack.proxies[0].state(stack.session))["replicas"]
+    [mine] = [r for r in replicas if r["version"].split("/")[1] == "echo"]
+    assert mine["state"] == "paused"
+
+    status, body, headers = await stack.call("echo", "b")
+    assert status == 200 and body == {"data": {"echo": "b"}}
+    assert 'start;desc="lukewarm"' in headers["Server-Timing"]
+    [again] = containers(pid, model="echo")
+    assert again["Id"] == first["Id"] and effective_status(again) == "running"
+    assert again["State"]["StartedAt"] == first["State"]["StartedAt"], "a thaw must not restart"
+
+
+async def test_a_retired_frozen_replica_is_removed(stack: Stack) -> None:
+    """A retired replica that is frozen (dockerd thinks it running) is still removed for good."""
+    pid = stack.proxies[0].proxy_id
+    version = await stack.deploy("echo", stack.image, entrypoint="models:echo", idle_timeout_s=0.5)
+    assert (await stack.call("echo", "a"))[0] == 200
+    await wait_until(lambda: status_of(pid, "echo") == ["paused"], 20, "the idle replica to be paused", 0.1)
+    status, body = await stack.admin("DELETE", f"/api/v1/customers/acme/models/echo/branches/main/versions/{version}")
+    assert status in (200, 204), body
+    await wait_until(lambda: status_of(pid, "echo") == [], 20, "the retired, frozen replica to be removed", 0.1)
 
 
 async def test_keep_warm_is_never_paused(stack: Stack) -> None:
@@ -248,6 +295,10 @@ async def test_long_idle_replica_is_stopped_then_restarted_lukewarm_after_a_prox
         assert (await s.call("echo", "a"))[0] == 200
         [first] = containers(pid, model="echo")
         await wait_until(lambda: status_of(pid, "echo") == ["exited"], 20, "paused, then stopped", 0.1)
+        [stopped] = containers(pid, model="echo")
+        # Thawed before the stop: the harness took SIGTERM and left cleanly. Still frozen, it could not
+        # have, and dockerd would have SIGKILLed it (137) once the stop timeout ran out.
+        assert stopped["State"]["ExitCode"] == 0, stopped["State"]
 
         s.proxies[0].kill()
         await s.proxies[0].start()  # re-adopts the stopped container as a stopped replica
