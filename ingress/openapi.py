@@ -38,7 +38,7 @@ def _html(summary: str) -> dict[str, Any]:
 
 
 VERSION_SETTINGS = {"type": "object", "description": "image, entrypoint, env, batch_size, gpu, memory_mb, cpus, "
-                    "gpu_memory_mb, capacity {min, desired, max}, idle_timeout_s, keep_warm, timeout_s, "
+                    "gpu_memory_mb, capacity {min, desired, max}, idle_timeout_s (seconds or \"auto\"), keep_warm, timeout_s, "
                     "max_concurrency, at_most_once"}
 INFERENCE = {"type": "object", "required": ["data"],
              "properties": {"data": {"description": "one input, or a batch [[id, input], …]"},

@@ -112,6 +112,16 @@ def _build_and_push(args: argparse.Namespace) -> str:
     return pushed
 
 
+def idle_timeout(text: str) -> float | str:
+    """``--idle-timeout-s``: a number of seconds or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected seconds or "auto", not {text!r}') from None
+
+
 def deploy_body(args: argparse.Namespace, image: str) -> dict[str, Any]:
     """The version's settings from the flags (only those given: the ingress has the defaults)."""
     body: dict[str, Any] = {"image": image}
@@ -287,7 +297,8 @@ def parser() -> argparse.ArgumentParser:
     deploy.add_argument("--min", type=int, default=None, help="capacity.min: replicas kept ready")
     deploy.add_argument("--desired", type=int, default=None, help="capacity.desired")
     deploy.add_argument("--max", type=int, default=None, help="capacity.max: replicas at most")
-    deploy.add_argument("--idle-timeout-s", type=float, default=0.0)
+    deploy.add_argument("--idle-timeout-s", type=idle_timeout, default=0.0,
+                        help='seconds, or "auto": learn when to pause, stop and pre-warm from the calls')
     deploy.add_argument("--keep-warm", action="store_true")
     deploy.add_argument("--timeout-s", type=float, default=0.0, help="a request's deadline")
     deploy.add_argument("--max-concurrency", type=int, default=0)

@@ -76,6 +76,9 @@ class VersionSpec:
     gpu_memory_mb: int = 0
     capacity: Capacity = Capacity()
     idle_timeout_s: float = 300.0
+    # ``idle_timeout_s: "auto"`` (shown so): each proxy learns the version's idle times and picks when
+    # to pause, stop and pre-warm (runtime_proxy/keepwarm.py); ``idle_timeout_s`` is then its fallback.
+    idle_auto: bool = False
     keep_warm: bool = False
     timeout_s: float = 60.0
     # Requests one replica takes at once (the autoscaler's target per replica); None: the host's setting.
@@ -96,17 +99,25 @@ class VersionSpec:
         return f"{self.customer}/{self.model}/{self.branch}/{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out.pop("idle_auto"):
+            out["idle_timeout_s"] = "auto"
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VersionSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"idle_auto"}
         values = {k: v for k, v in data.items() if k in known}
+        if values.get("idle_timeout_s") == "auto":
+            values["idle_timeout_s"], values["idle_auto"] = AUTO_FALLBACK_IDLE_S, True
         cap = values.get("capacity")
         if isinstance(cap, dict):
             values["capacity"] = Capacity(**cap)
         return cls(**values)
 
+
+# What an "auto" idle timeout falls back to while a version's idle times say too little to predict.
+AUTO_FALLBACK_IDLE_S = 300.0
 
 # The settings a client may give at deploy time, and which of them PATCH may change.
 DEPLOY_FIELDS = {
@@ -198,6 +209,13 @@ def validate_settings(body: Any, allowed: set[str], limits: DeployLimits = Deplo
         value = _positive_int(body, name, low, high)
         if value is not None:
             out[name] = value
+    if body.get("idle_timeout_s") == "auto":
+        out["idle_timeout_s"], out["idle_auto"] = AUTO_FALLBACK_IDLE_S, True
+        body = {k: v for k, v in body.items() if k != "idle_timeout_s"}
+    elif isinstance(body.get("idle_timeout_s"), str):
+        raise bad_request('idle_timeout_s must be "auto" or a number of seconds above 0')
+    elif body.get("idle_timeout_s") is not None:
+        out["idle_auto"] = False
     ceilings: tuple[tuple[str, float], ...] = (("idle_timeout_s", 7 * 86400), ("timeout_s", 3600),
                                                ("cpus", limits.max_cpus))
     for name, ceiling in ceilings:

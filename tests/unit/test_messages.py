@@ -1,6 +1,8 @@
 """Validation of client input and the JSON shapes between processes."""
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import orjson
@@ -8,7 +10,7 @@ import pytest
 
 from shared.errors import ApiError
 from shared.messages import (
-    DEPLOY_FIELDS, PATCHABLE_FIELDS, Capacity, ChunkCall, ChunkRequest, ChunkResult, VersionSpec, check_alias, check_branch,
+    AUTO_FALLBACK_IDLE_S, DEPLOY_FIELDS, PATCHABLE_FIELDS, Capacity, ChunkCall, ChunkRequest, ChunkResult, VersionSpec, check_alias, check_branch,
     check_name, split_version_key, validate_deploy, validate_settings,
 )
 
@@ -64,7 +66,9 @@ def test_check_alias_bad(value: Any) -> None:
         ({"image": "img", "batch_size": 1, "memory_mb": 32, "gpu_memory_mb": 0},
          {"image": "img", "batch_size": 1, "memory_mb": 32, "gpu_memory_mb": 0}),
         ({"image": "img", "idle_timeout_s": 30, "timeout_s": 0.5},
-         {"image": "img", "idle_timeout_s": 30.0, "timeout_s": 0.5}),
+         {"image": "img", "idle_timeout_s": 30.0, "idle_auto": False, "timeout_s": 0.5}),
+        ({"image": "img", "idle_timeout_s": "auto"},
+         {"image": "img", "idle_timeout_s": AUTO_FALLBACK_IDLE_S, "idle_auto": True}),
         ({"image": "img", "gpu": True, "keep_warm": False}, {"image": "img", "gpu": True, "keep_warm": False}),
         ({"image": "img", "capacity": {}}, {"image": "img", "capacity": Capacity(0, 1, 4)}),
         ({"image": "img", "capacity": {"min": 2}}, {"image": "img", "capacity": Capacity(2, 2, 4)}),
@@ -108,6 +112,8 @@ def test_validate_deploy_ok(body: dict[str, Any], expected: dict[str, Any]) -> N
         ({"image": "img", "gpu_memory_mb": -1}, "gpu_memory_mb"),
         ({"image": "img", "idle_timeout_s": 0}, "idle_timeout_s"),
         ({"image": "img", "idle_timeout_s": 7 * 86400 + 1}, "idle_timeout_s"),
+        ({"image": "img", "idle_timeout_s": "AUTO"}, 'idle_timeout_s must be "auto"'),
+        ({"image": "img", "idle_timeout_s": "30"}, 'idle_timeout_s must be "auto"'),
         ({"image": "img", "timeout_s": -1}, "timeout_s"),
         ({"image": "img", "timeout_s": 3601}, "timeout_s"),
         ({"image": "img", "timeout_s": True}, "timeout_s"),
@@ -135,7 +141,8 @@ def test_validate_deploy_bad(body: Any, words: str) -> None:
     [
         ({}, {}),
         ({"keep_warm": True}, {"keep_warm": True}),
-        ({"idle_timeout_s": 60, "timeout_s": 10}, {"idle_timeout_s": 60.0, "timeout_s": 10.0}),
+        ({"idle_timeout_s": 60, "timeout_s": 10}, {"idle_timeout_s": 60.0, "idle_auto": False, "timeout_s": 10.0}),
+        ({"idle_timeout_s": "auto"}, {"idle_timeout_s": AUTO_FALLBACK_IDLE_S, "idle_auto": True}),
         ({"capacity": {"min": 1, "desired": 1, "max": 2}}, {"capacity": Capacity(1, 1, 2)}),
     ],
 )
@@ -164,6 +171,18 @@ def test_version_spec_round_trip(spec: VersionSpec) -> None:
     back = VersionSpec.from_dict(orjson.loads(orjson.dumps(data)))
     assert back == spec
     assert isinstance(back.capacity, Capacity)
+
+
+def test_an_auto_idle_timeout_is_shown_and_stored_as_auto() -> None:
+    fields = validate_deploy({"image": "img", "idle_timeout_s": "auto"})
+    spec = VersionSpec(customer="c", model="m", branch="main", version=1, **fields)
+    assert spec.idle_auto and spec.idle_timeout_s == AUTO_FALLBACK_IDLE_S
+    data = orjson.loads(orjson.dumps(spec.to_dict()))
+    assert data["idle_timeout_s"] == "auto" and "idle_auto" not in data
+    assert VersionSpec.from_dict(data) == spec
+    # A PATCH to a number turns prediction off again.
+    fixed = dataclasses.replace(spec, **validate_settings({"idle_timeout_s": 45}, PATCHABLE_FIELDS))
+    assert not fixed.idle_auto and fixed.to_dict()["idle_timeout_s"] == 45.0
 
 
 def test_version_spec_key_and_unknown_fields_ignored() -> None:
