@@ -22,6 +22,7 @@ from loadtests.common import REPO_ROOT, log, report
 BENCHES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "overhead": ((), ("--n", "200", "--seconds", "2", "--rounds", "2")),
     "starts": ((), ("--rounds", "2", "--warm-n", "20")),
+    "model_starts": ((), ("--weights-mb", "50", "--rounds", "1", "--warm-n", "5")),
     "batch_scale": ((), ("--items", "200", "--reps", "1", "--proxies", "1,2")),
     "sim": ((), ("--requests", "5000")),
     "slowloris": ((), ("--connections", "50", "--calls", "100", "--rounds", "1")),
@@ -30,7 +31,7 @@ BENCHES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 # Headline figures per benchmark (DESIGN.md "Running it"), shown in the table when present.
 HEADLINES = ("ratio", "speedup", "added_p50_ms", "added_p99_ms", "lukewarm_start_ms", "raw_unpause_ms",
-             "start_fraction", "p99_ms", "lost", "sent", "ok")
+             "start_fraction", "p99_ms", "lost", "sent", "ok", "vs_cold", "memory_s")
 TIMEOUT_S = 1800.0
 
 

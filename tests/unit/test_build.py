@@ -9,10 +9,15 @@ from lukewarm.build import BuildError, content_tag, dockerfile, init, prepare_co
 
 
 def test_the_dockerfile_copies_deps_and_code_and_trains_when_asked() -> None:
-    assert dockerfile(False, False) == "FROM lukewarm/python:bookworm\nCOPY app/ /app/\nWORKDIR /app\n"
+    plain = dockerfile(False, False)
+    assert plain.startswith("FROM lukewarm/python:bookworm\nCOPY app/ /app/\nWORKDIR /app\n")
+    assert "compileall" in plain and "/app" in plain.splitlines()[-1] and "deps" not in plain
     text = dockerfile(True, True)
     assert "COPY deps/ /opt/lukewarm/deps/\nENV PYTHONPATH=/opt/lukewarm/deps" in text
-    assert text.endswith("RUN python3 train.py\n")
+    # Trained first (it may write code), then everything compiled to bytecode once, in the image.
+    lines = text.splitlines()
+    assert lines[-2] == "RUN python3 train.py"
+    assert "compileall" in lines[-1] and "/opt/lukewarm/deps /app" in lines[-1]
 
 
 def test_the_content_tag_follows_names_and_bytes(tmp_path: Path) -> None:
