@@ -25,13 +25,14 @@ BENCHES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "model_starts": ((), ("--weights-mb", "50", "--rounds", "1", "--warm-n", "5")),
     "batch_scale": ((), ("--items", "200", "--reps", "1", "--proxies", "1,2")),
     "sim": ((), ("--requests", "5000")),
+    "keepwarm": ((), ("--apps", "100", "--days", "3")),
     "slowloris": ((), ("--connections", "50", "--calls", "100", "--rounds", "1")),
     "scale": ((), ("--seconds", "4")),
     "chaos": ((), ("--seconds", "20", "--baseline-seconds", "5")),
 }
 # Headline figures per benchmark (DESIGN.md "Running it"), shown in the table when present.
 HEADLINES = ("ratio", "speedup", "added_p50_ms", "added_p99_ms", "lukewarm_start_ms", "raw_unpause_ms",
-             "start_fraction", "p99_ms", "lost", "sent", "ok", "vs_cold", "memory_s")
+             "start_fraction", "p99_ms", "lost", "sent", "ok", "vs_cold", "memory_s", "memory_ratio")
 TIMEOUT_S = 1800.0
 
 

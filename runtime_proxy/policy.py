@@ -6,7 +6,9 @@ replica ids to act on; the replica manager applies them. No I/O here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+from runtime_proxy.keepwarm import Plan, fixed_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,13 +24,14 @@ class ReplicaView:
     keep_warm: bool
     memory_mb: int
     keep: int = 0  # the version's capacity.min: replicas of it kept on disk (stopped) rather than removed
+    auto: bool = False  # idle_timeout_s "auto": keepwarm_steps decides, the fixed rules below skip it
 
 
 def replicas_to_pause(replicas: Sequence[ReplicaView], now: float) -> list[str]:
     """Running replicas idle for their version's idle timeout, unless kept warm."""
     return [
         r.replica_id for r in replicas
-        if r.state == "running" and r.in_flight == 0 and not r.keep_warm
+        if r.state == "running" and r.in_flight == 0 and not r.keep_warm and not r.auto
         and now - r.last_used >= r.idle_timeout_s
     ]
 
@@ -37,7 +40,8 @@ def replicas_to_stop(replicas: Sequence[ReplicaView], now: float, stop_after_s: 
     """Paused replicas idle much longer than their timeout: stopped to free memory."""
     return [
         r.replica_id for r in replicas
-        if r.state == "paused" and r.in_flight == 0 and now - r.last_used >= r.idle_timeout_s + stop_after_s
+        if r.state == "paused" and r.in_flight == 0 and not r.auto
+        and now - r.last_used >= r.idle_timeout_s + stop_after_s
     ]
 
 
@@ -48,6 +52,12 @@ def replicas_to_remove(replicas: Sequence[ReplicaView], now: float, stop_after_s
     The most recently used of each version are the ones kept (a stopped replica costs only disk;
     ``capacity.min`` counts it as ready, and starting it again is cheaper than a cold start).
     """
+    return _removable(replicas, lambda r: not r.auto and now - r.last_used >= r.idle_timeout_s + stop_after_s
+                      + remove_after_s)
+
+
+def _removable(replicas: Sequence[ReplicaView], due: Callable[[ReplicaView], bool]) -> list[str]:
+    """Stopped replicas that are ``due``, except the most recently used of each version up to its ``keep``."""
     by_version: dict[str, list[ReplicaView]] = {}
     for r in replicas:
         by_version.setdefault(r.version_key, []).append(r)
@@ -55,9 +65,33 @@ def replicas_to_remove(replicas: Sequence[ReplicaView], now: float, stop_after_s
     for mine in by_version.values():
         stopped = sorted((r for r in mine if r.state == "stopped" and r.in_flight == 0), key=lambda r: -r.last_used)
         keep = max(0, mine[0].keep - sum(1 for r in mine if r.state != "stopped"))
-        out += [r.replica_id for r in stopped[keep:]
-                if now - r.last_used >= r.idle_timeout_s + stop_after_s + remove_after_s]
+        out += [r.replica_id for r in stopped[keep:] if due(r)]
     return out
+
+
+def keepwarm_steps(replicas: Sequence[ReplicaView], plans: Mapping[str, Plan], now: float,
+                   remove_after_s: float) -> list[tuple[str, str]]:
+    """``(step, replica_id)`` for the idle replicas of ``auto`` versions: ``pause``, ``stop``, ``prewarm``
+    (start a stopped one: it waits paused for the call its version's idle times predict) or ``remove``.
+
+    ``plans`` holds each version's plan for its current idle period (``runtime_proxy.keepwarm``); a version
+    without one (busy: another of its replicas has a call in flight) has its idle replicas judged by the
+    fallback alone, from their own last use. A stopped replica is removed ``remove_after_s`` after its plan
+    no longer wants memory, down to the version's ``keep``, as the fixed rules do.
+    """
+    def plan_of(r: ReplicaView) -> Plan:
+        return plans.get(r.version_key) or fixed_plan(r.last_used, r.idle_timeout_s)
+
+    mine = [r for r in replicas if r.auto and not r.keep_warm]
+    steps: list[tuple[str, str]] = []
+    for r in mine:
+        if r.in_flight == 0 and r.state in ("running", "paused", "stopped"):
+            step = plan_of(r).action(r.state, now)
+            if step is not None:
+                steps.append((step, r.replica_id))
+    prewarming = {rid for step, rid in steps if step == "prewarm"}
+    gone = _removable(mine, lambda r: r.replica_id not in prewarming and now >= plan_of(r).release_at + remove_after_s)
+    return steps + [("remove", rid) for rid in gone]
 
 
 def replicas_to_evict(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from runtime_proxy import lifecycle, policy
 from runtime_proxy.harness_client import HarnessClient
+from runtime_proxy.keepwarm import IdleTracker
 from runtime_proxy.lifecycle import State
 from shared.errors import ApiError
 from shared.messages import VersionSpec
@@ -52,7 +53,7 @@ class Replica:
             replica_id=self.replica_id, version_key=self.spec.key, state=self.state.reported,
             in_flight=self.in_flight, last_used=self.last_used,
             idle_timeout_s=self.spec.idle_timeout_s, keep_warm=self.spec.keep_warm,
-            memory_mb=self.spec.memory_mb, keep=self.spec.capacity.min,
+            memory_mb=self.spec.memory_mb, keep=self.spec.capacity.min, auto=self.spec.idle_auto,
         )
 
 
@@ -69,6 +70,8 @@ class VersionPool:
         self.waiting = 0
         self.waiting_on_demand = 0  # batch waiters let these go first
         self.failure: ApiError | None = None  # the last start's failure, for waiters
+        # The version's idle periods here (~1 KB whatever the traffic): what "auto" idle timeouts plan from.
+        self.idle = IdleTracker()
         self._pulse = asyncio.Event()
 
     def changed(self) -> None:

@@ -44,6 +44,8 @@ log = logging.getLogger("lukewarm.proxy")
 
 CONTAINER_UID = 65534
 STOP_TIMEOUT_S = 5.0
+# Versions with no replica here whose pools (and idle-time histograms, ~1 KB each) are kept.
+MAX_IDLE_POOLS = 4096
 
 
 def same_image(a: VersionSpec, b: VersionSpec) -> bool:
@@ -190,7 +192,8 @@ class ReplicaManager:
         for rid in policy.replicas_to_stop(views, now, self.settings.pause_stop_after_s):
             if await self._freeze(rid, State.STOPPING, State.STOPPED):
                 done["stopped"].append(rid)
-        done["removed"] = []
+        done["removed"], done["prewarmed"] = [], []
+        await self._keepwarm_round(now, done)
         views = [r.view() for r in self.replicas.values()]
         for rid in policy.replicas_to_remove(views, now, self.settings.pause_stop_after_s,
                                              self.settings.stop_remove_after_s):
@@ -207,7 +210,49 @@ class ReplicaManager:
                 await self._retire(replica)
                 done["evicted"].append(rid)
         done["images"] = await self.prune_images(now)
+        self._prune_pools()
         return done
+
+    async def _keepwarm_round(self, now: float, done: dict[str, list[str]]) -> None:
+        """The "auto" versions' steps (``policy.keepwarm_steps``), each re-checked against the replica now."""
+        plans = {}
+        for key, pool in self._pools.items():
+            live = [r for r in pool.replicas if r.spec.idle_auto]
+            plan = pool.idle.plan(live[0].spec.idle_timeout_s) if live else None
+            if plan is not None:
+                plans[key] = plan
+        views = [r.view() for r in self.replicas.values()]
+        for step, rid in policy.keepwarm_steps(views, plans, now, self.settings.stop_remove_after_s):
+            replica = self.replicas.get(rid)
+            if replica is None or replica.in_flight:
+                continue
+            if step == "pause" and await self._freeze(rid, State.PAUSING, State.PAUSED):
+                done["paused"].append(rid)
+            elif step == "stop":
+                # Straight from running when its window ended before the pause was due.
+                if replica.state is State.RUNNING:
+                    await self._freeze(rid, State.PAUSING, State.PAUSED)
+                if await self._freeze(rid, State.STOPPING, State.STOPPED):
+                    done["stopped"].append(rid)
+            elif step == "prewarm" and replica.state is State.STOPPED and not self._pool(replica.spec.key).having(
+                    State.STARTING):
+                log.info("pre-warming replica %s of %s: its idle times say a call is due", rid, replica.spec.key)
+                replica.move(State.STARTING)
+                self._own(self._boot_stopped(replica, self.clock() + self.settings.ready_timeout_s),
+                          f"prewarm-{rid}")
+                done["prewarmed"].append(rid)
+            elif step == "remove" and replica.state is State.STOPPED:
+                log.info("removing replica %s of %s: stopped and no call predicted", rid, replica.spec.key)
+                await self._retire(replica)
+                done["removed"].append(rid)
+
+    def _prune_pools(self) -> None:
+        """Forget versions with nothing here (no replica, no waiter) beyond the newest MAX_IDLE_POOLS: a
+        tenant deploying version after version must not grow the proxy's memory for good."""
+        empty = [(pool.idle.last_call, key) for key, pool in self._pools.items()
+                 if not pool.replicas and not pool.waiting]
+        for _, key in sorted(empty)[:max(0, len(empty) - MAX_IDLE_POOLS)]:
+            del self._pools[key]
 
     async def follow_registry(self) -> list[str]:
         """Replicas of versions retired (or withdrawn and their number reused) since they started are
@@ -317,6 +362,7 @@ class ReplicaManager:
         replica.in_flight += 1
         replica.batch_in_flight += batch
         replica.last_used = self.clock()  # not idle: the reaper must not pause it under us
+        self._pool(replica.spec.key).idle.started(replica.last_used)
         kind, timings = replica.take_start()
         if kind == "warm" and replica.state is State.RESUMING:
             kind = "lukewarm"
@@ -333,7 +379,9 @@ class ReplicaManager:
         replica.in_flight -= 1
         replica.batch_in_flight -= batch
         replica.last_used = self.clock()
-        self._pool(replica.spec.key).changed()
+        pool = self._pool(replica.spec.key)
+        pool.idle.finished(replica.last_used)
+        pool.changed()
 
     async def _forget_other_code(self, pool: VersionPool, spec: VersionSpec) -> None:
         """A version number withdrawn after a failed pre-warm and reused names other code: its old

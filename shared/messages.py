@@ -116,8 +116,9 @@ class VersionSpec:
         return cls(**values)
 
 
-# What an "auto" idle timeout falls back to while a version's idle times say too little to predict.
-AUTO_FALLBACK_IDLE_S = 300.0
+# What an "auto" idle timeout falls back to while a version's idle times say too little to predict, and
+# what it prices a start at (memory-seconds): the 10-minute keep-alive that loadtests.keepwarm compares with.
+AUTO_FALLBACK_IDLE_S = 600.0
 
 # The settings a client may give at deploy time, and which of them PATCH may change.
 DEPLOY_FIELDS = {

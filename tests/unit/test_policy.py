@@ -1,9 +1,13 @@
 """The proxy's lifecycle policy: pure decisions from replica snapshots."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from runtime_proxy.policy import ReplicaView, backoff_s, replicas_to_evict, replicas_to_pause, replicas_to_stop
+from runtime_proxy.keepwarm import Plan
+from runtime_proxy.policy import (ReplicaView, backoff_s, keepwarm_steps, replicas_to_evict, replicas_to_pause,
+                                  replicas_to_stop)
 
 NOW = 10_000.0
 
@@ -201,3 +205,53 @@ def test_replicas_to_remove(replicas: list[ReplicaView], expected: list[str]) ->
     from runtime_proxy.policy import replicas_to_remove
 
     assert replicas_to_remove(replicas, 60.0, 20, 30) == expected  # idle 10 + 20 + 30 s at t=60 since 0
+
+
+# ---- "auto" idle timeouts: keepwarm_steps ------------------------------------------------
+
+
+def auto(rid: str, state: str, key: str = "c/m/main/1", in_flight: int = 0, keep: int = 0,
+         keep_warm: bool = False, last_used: float = NOW) -> ReplicaView:
+    return ReplicaView(replica_id=rid, version_key=key, state=state, in_flight=in_flight, last_used=last_used,
+                       idle_timeout_s=300.0, keep_warm=keep_warm, memory_mb=512, keep=keep, auto=True)
+
+
+# Idle since NOW: stop at once, pre-warm at +100, hold until +140 (what a two-minute timer plans).
+TIMER = Plan("histogram", NOW, NOW, NOW, NOW + 100, NOW + 140)
+
+
+@pytest.mark.parametrize(
+    ("replica", "at", "steps"),
+    [
+        (auto("r", "running"), NOW + 1, [("stop", "r")]),
+        (auto("r", "paused"), NOW + 1, [("stop", "r")]),
+        (auto("r", "stopped"), NOW + 50, []),
+        (auto("r", "stopped"), NOW + 101, [("prewarm", "r")]),
+        (auto("r", "running"), NOW + 101, [("pause", "r")]),  # pre-warmed: waits frozen
+        (auto("r", "paused"), NOW + 120, []),
+        (auto("r", "paused"), NOW + 141, [("stop", "r")]),  # the call never came
+        (auto("r", "stopped"), NOW + 141 + 86_400, [("remove", "r")]),
+        (auto("r", "stopped", keep=1), NOW + 141 + 86_400, []),  # capacity.min keeps it on disk
+        (auto("r", "running", in_flight=1), NOW + 1, []),
+        (auto("r", "running", keep_warm=True), NOW + 1, []),
+        (auto("r", "starting"), NOW + 1, []),
+    ],
+)
+def test_keepwarm_steps_follow_the_versions_plan(replica: ReplicaView, at: float,
+                                                 steps: list[tuple[str, str]]) -> None:
+    assert keepwarm_steps([replica], {replica.version_key: TIMER}, at, remove_after_s=86_400) == steps
+
+
+def test_keepwarm_steps_without_a_plan_use_the_fallback_from_the_replicas_own_last_use() -> None:
+    idle = auto("idle", "running", last_used=NOW - 301)
+    fresh = auto("fresh", "running", last_used=NOW - 10)
+    assert keepwarm_steps([idle, fresh], {}, NOW, remove_after_s=86_400) == [("stop", "idle")]
+
+
+def test_the_fixed_rules_leave_auto_versions_alone_and_keepwarm_steps_leave_fixed_ones() -> None:
+    fixed = view("f", idle_s=10_000)
+    mine = dataclasses.replace(fixed, replica_id="a", auto=True)
+    assert replicas_to_pause([fixed, mine], NOW) == ["f"]
+    assert replicas_to_stop([dataclasses.replace(fixed, state="paused"), dataclasses.replace(mine, state="paused")],
+                            NOW, stop_after_s=0) == ["f"]
+    assert keepwarm_steps([fixed, mine], {}, NOW, remove_after_s=0) == [("stop", "a")]
