@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -439,6 +439,14 @@ class DockerRuntime:
             oom_killed=bool(state.get("OOMKilled")),
             detail=state.get("Error") or "",
         )
+
+    async def exited(self, handles: Collection[str]) -> set[str]:
+        if not handles:
+            return set()
+        # Ids only (quiet), of Lukewarm's live containers: a few bytes per replica to parse, whatever the labels.
+        alive = await self._call(self._docker().api.containers, quiet=True,
+                                 filters={"status": ["running", "paused"], "label": "lukewarm.replica"})
+        return set(handles) - {str(c["Id"]) for c in alive}
 
     async def list_replicas(self, proxy_id: str) -> list[FoundReplica]:
         containers = await self._call(

@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from runtime_proxy.runtime import ExitInfo, FoundReplica, LaunchSpec, RuntimeFailure, harness_env
@@ -110,6 +111,9 @@ class ProcessRuntime:
             return None
         # The kernel's OOM killer sends SIGKILL; without cgroups we cannot tell it apart.
         return ExitInfo(exit_code=proc.returncode)
+
+    async def exited(self, handles: Collection[str]) -> set[str]:
+        return {h for h in handles if (proc := self._procs.get(h)) is None or proc.returncode is not None}
 
     def owns_peer(self, handle: str, pid: int) -> bool:
         proc = self._procs.get(handle)

@@ -775,9 +775,14 @@ class ReplicaManager:
 
     async def check_alive(self) -> list[str]:
         """Retire idle replicas whose process died while nobody was talking to them."""
-        dead = []
-        for replica in list(self.replicas.values()):
-            if replica.in_flight or replica.state not in (State.RUNNING, State.PAUSED):
+        dead: list[str] = []
+        idle = [r for r in self.replicas.values() if not r.in_flight and r.state in (State.RUNNING, State.PAUSED)]
+        try:
+            gone = await self.runtime.exited([r.handle for r in idle])
+        except RuntimeFailure:
+            return dead
+        for replica in idle:
+            if replica.handle not in gone:
                 continue
             try:
                 info = await self.runtime.exit_info(replica.handle)

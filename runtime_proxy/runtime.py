@@ -7,6 +7,7 @@ manager only ever talks to this interface.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
@@ -103,6 +104,11 @@ class Runtime(Protocol):
 
     async def exit_info(self, handle: str) -> ExitInfo | None:
         """None while the replica is running or paused."""
+        ...
+
+    async def exited(self, handles: Collection[str]) -> set[str]:
+        """Those of ``handles`` no longer running or paused (or gone), in one cheap question: the reaper
+        asks every round for every replica, and a ``docker inspect`` each held the loop for the GIL."""
         ...
 
     async def list_replicas(self, proxy_id: str) -> list[FoundReplica]: ...

@@ -168,6 +168,24 @@ async def test_container_killed_mid_request_fails_at_once_then_recovers(stack: S
     assert status == 200, body
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["running", "paused"])
+async def test_a_container_that_dies_while_idle_is_retired_and_the_next_call_served(stack: Stack, frozen: bool) -> None:
+    """The reaper notices an idle replica's container is gone (one cheap question to the engine per round,
+    not an inspect per replica) and forgets it; the next call starts a fresh one."""
+    pid = stack.proxies[0].proxy_id
+    await stack.deploy("echo", stack.image, entrypoint="models:echo", idle_timeout_s=0.5 if frozen else 600)
+    assert (await stack.call("echo", "a"))[0] == 200
+    if frozen:
+        await wait_until(lambda: status_of(pid, "echo") == ["paused"], 20, "the idle replica to be paused", 0.1)
+    [victim] = containers(pid, model="echo")
+    subprocess.run(["docker", "kill", victim["Id"]], check=True, capture_output=True, timeout=30)
+    await wait_until(lambda: not any(r["version"].split("/")[1] == "echo" for r in _replicas(stack)), 20,
+                     "the dead replica to be forgotten", 0.1)
+    status, body, headers = await stack.call("echo", "b")
+    assert status == 200 and body == {"data": {"echo": "b"}}
+    assert 'start;desc="cold"' in headers["Server-Timing"]
+
+
 def _replicas(stack: Stack) -> list[dict[str, Any]]:
     from ingress import state
 
