@@ -27,6 +27,7 @@ from ingress.requestlog import RequestLog
 from ingress.usage import USAGE, UsageCounter
 from ingress.view import StateView
 from shared.background import Periodic, cancel_and_wait
+from shared.eventloop import settle_after_startup
 from shared.http import LIMITS, BodyLimits, error_middleware
 from shared.metrics import IngressMetrics
 from shared.redisclient import connect
@@ -93,6 +94,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     flusher.start()
     usage_flusher.start()
     reconciler.start()
+    settle_after_startup()  # fewer and shorter loop stalls from here on (shared/eventloop.py)
     yield
     await reconciler.stop()  # first: its warm calls use the proxy client, its lease Redis
     view.stopping = True

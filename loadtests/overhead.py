@@ -1,24 +1,34 @@
 """What Lukewarm adds on a warm call: through ingress + proxy vs. directly on the container's socket.
 
-``python -m loadtests.overhead [--runtime docker|process] [--n 2000] [--concurrency 32]``
+``python -m loadtests.overhead [--runtime docker|process] [--n 2000] [--concurrency 32] [--no-process]
+[--wrk-seconds 5]``
 
 Deploys an echo model, warms it, then in one run and in alternating rounds
-(so machine noise hits both paths alike) measures:
+(so machine noise hits every path alike) measures:
 
 - latency at concurrency 1 over ``--n`` calls each: through the ingress (one
   aiohttp ClientSession, keep-alive) and direct on the replica's Unix socket
   (``HarnessClient``, the proxy's own adapter);
-- throughput (rps) of both at ``--concurrency`` for ``--seconds`` each;
+- the same through an ingress in its own process (``python -m ingress``, as in
+  production; ``--no-process`` skips it): ``process`` in the JSON, with its own
+  ``added_p50_ms``, ``added_p99_ms`` and ``rps_ratio`` against the same direct runs;
+- throughput (rps) of each at ``--concurrency`` for ``--seconds`` each;
 - CPU per call of each process (this one = client + in-process ingress, the
-  proxy, the harness), from /proc, to show where the added time goes.
+  ingress process, the proxy, the harness), from /proc, to show where the added time goes;
+- when ``wrk`` is on PATH: ``wrk`` against the ingress process at concurrency 1 and
+  ``--concurrency`` (``wrk`` in the JSON: its own latency histogram, no Python client in the way).
 
+The headline keys (``added_p50_ms``, ``added_p99_ms``, ``rps_ratio``) stay the in-process ingress's.
 Prints a table, then as the last line one JSON object (``"bench": "overhead"``).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,8 +36,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadtests.common import (BenchStack, bench_stack, cpu_seconds, default_runtime, descendants, log, p50, p99,
-                              report, run_async)
+from loadtests.common import (BenchStack, IngressProcess, bench_stack, cpu_seconds, default_runtime, descendants,
+                              log, p50, p99, report, run_async)
 from runtime_proxy.harness_client import HarnessClient
 
 ECHO_SOURCE = "def echo(x):\n    return x\n"
@@ -87,8 +97,8 @@ class _Bracket:
 
 
 def through_call(stack: BenchStack, session: aiohttp.ClientSession, model: str,
-                 errors: list[str]) -> Call:
-    url = f"{stack.url}/v1/{model}/latest"
+                 errors: list[str], base_url: str | None = None) -> Call:
+    url = f"{base_url or stack.url}/v1/{model}/latest"
     body = orjson.dumps({"data": PAYLOAD})
     headers = stack.call_headers()
     timeout = aiohttp.ClientTimeout(total=30)
@@ -142,10 +152,49 @@ async def throughput(call: Call, concurrency: int, seconds: float) -> tuple[int,
     return done, time.perf_counter() - t0
 
 
+# ---- wrk (a C client: the latency it sees is the server side's alone) ---------------------------
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = os.getenv("LW_BODY")
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = os.getenv("LW_KEY")
+wrk.headers["Host"] = os.getenv("LW_HOST")
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("LWRESULT %f %f %f %f %d %d %d\\n", latency:percentile(50), latency:percentile(99),
+    latency:percentile(99.9), latency.max, summary.requests, e.connect + e.read + e.write + e.timeout + e.status,
+    summary.duration))
+end
+"""
+
+
+async def run_wrk(url: str, stack: BenchStack, connections: int, seconds: float) -> dict[str, float]:
+    """``wrk`` POSTing the echo payload to ``url`` for ``seconds`` with ``connections`` connections."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT)
+    try:
+        env = {**os.environ, "LW_BODY": orjson.dumps({"data": PAYLOAD}).decode(), "LW_KEY": stack.key,
+               "LW_HOST": f"{stack.customer_name}.localhost"}
+        proc = await asyncio.create_subprocess_exec(
+            "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", f.name, url, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    finally:
+        os.unlink(f.name)
+    line = next((ln for ln in out.decode().splitlines() if ln.startswith("LWRESULT")), "")
+    if not line:
+        raise RuntimeError(f"wrk gave no result: {out.decode()[-500:]} {err.decode()[-500:]}")
+    p50_us, p99_us, p999_us, max_us, requests, errors, duration_us = (float(x) for x in line.split()[1:])
+    return {"p50_ms": p50_us / 1000, "p99_ms": p99_us / 1000, "p999_ms": p999_us / 1000, "max_ms": max_us / 1000,
+            "rps": requests / (duration_us / 1e6), "errors": errors, "connections": connections}
+
+
 # ---- the benchmark ---------------------------------------------------------------------------
 
 
-async def bench(runtime: str, n: int, concurrency: int, rounds: int, seconds: float) -> None:
+async def bench(runtime: str, n: int, concurrency: int, rounds: int, seconds: float, process: bool = True,
+                wrk_seconds: float = 5.0) -> None:
     t_begin = time.perf_counter()
     log(f"starting a stack (runtime {runtime})")
     async with bench_stack(runtime=runtime, proxies=1, replica_concurrency=1) as stack:
@@ -160,73 +209,126 @@ async def bench(runtime: str, n: int, concurrency: int, rounds: int, seconds: fl
         _, replica_id, sock = (await stack.replica_sockets())[0]
         log(f"replica {replica_id}: socket {sock}")
 
-        errors: list[str] = []
-        proxy_pid = stack.proxies[0].pid
-        assert proxy_pid is not None
-        hpids = await asyncio.to_thread(harness_pids, stack, proxy_pid)
-        meter = CpuMeter({
-            "bench+ingress": lambda: time.process_time(),
-            "proxy": lambda: cpu_seconds([proxy_pid]),
-            "harness": lambda: cpu_seconds(hpids),
-        })
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            client = HarnessClient(str(sock), max_idle=max(concurrency, 4))
-            paths = {"through": through_call(stack, session, "echo", errors),
-                     "direct": direct_call(client, errors)}
-            try:
-                # Warm both paths (connections, caches, the proxy's cost book).
-                for name, call in paths.items():
-                    await latencies(call, 200)
-                    await throughput(call, concurrency, 0.3)
-                lat: dict[str, list[float]] = {"through": [], "direct": []}
-                served: dict[str, list[float]] = {"through": [0, 0.0], "direct": [0, 0.0]}
-                per_round = max(1, n // rounds)
-                for r in range(rounds):
-                    order = ["through", "direct"] if r % 2 == 0 else ["direct", "through"]
-                    for name in order:
-                        with meter.measure(f"lat-{name}"):
-                            lat[name] += await latencies(paths[name], per_round)
-                    for name in order:
-                        with meter.measure(f"rps-{name}"):
-                            done, elapsed = await throughput(paths[name], concurrency, seconds / rounds)
-                        served[name][0] += done
-                        served[name][1] += elapsed
-                    log(f"round {r + 1}/{rounds}: through p50 {p50(lat['through']):.3f} ms, "
-                        f"direct p50 {p50(lat['direct']):.3f} ms")
-            finally:
-                client.close()
-        if errors:
-            log(f"{len(errors)} failed calls, first: {errors[0]}")
+        ingress: IngressProcess | None = None
+        if process:
+            ingress = IngressProcess(stack.redis_url, stack.state_root, "bench")
+            await ingress.start()
+            log(f"ingress process {ingress.proc.pid if ingress.proc else '?'} on {ingress.url}")
+        try:
+            result = await _measure(stack, ingress, n, concurrency, rounds, seconds, wrk_seconds)
+        finally:
+            if ingress is not None:
+                ingress.stop()
+    result.update({"runtime": runtime, "cold_call_ms": cold_ms, "wall_s": time.perf_counter() - t_begin})
+    _report(result, concurrency, rounds)
 
-    through_rps = served["through"][0] / served["through"][1]
-    direct_rps = served["direct"][0] / served["direct"][1]
+
+async def _measure(stack: BenchStack, ingress: IngressProcess | None, n: int, concurrency: int, rounds: int,
+                   seconds: float, wrk_seconds: float) -> dict[str, Any]:
+    _, _, sock = (await stack.replica_sockets())[0]
+    errors: list[str] = []
+    proxy_pid = stack.proxies[0].pid
+    assert proxy_pid is not None
+    hpids = await asyncio.to_thread(harness_pids, stack, proxy_pid)
+    groups: dict[str, Callable[[], float]] = {
+        "bench+ingress": lambda: time.process_time(),
+        "proxy": lambda: cpu_seconds([proxy_pid]),
+        "harness": lambda: cpu_seconds(hpids),
+    }
+    if ingress is not None and ingress.proc is not None:
+        ingress_pid = ingress.proc.pid
+        groups["ingress-process"] = lambda: cpu_seconds([ingress_pid])
+    meter = CpuMeter(groups)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client = HarnessClient(str(sock), max_idle=max(concurrency, 4))
+        paths = {"through": through_call(stack, session, "echo", errors), "direct": direct_call(client, errors)}
+        if ingress is not None:
+            paths["process"] = through_call(stack, session, "echo", errors, base_url=ingress.url)
+        lat: dict[str, list[float]] = {name: [] for name in paths}
+        served: dict[str, list[float]] = {name: [0, 0.0] for name in paths}
+        try:
+            # Warm every path (connections, caches, the proxy's cost book).
+            for call in paths.values():
+                await latencies(call, 200)
+                await throughput(call, concurrency, 0.3)
+            per_round = max(1, n // rounds)
+            names = list(paths)
+            for r in range(rounds):
+                order = names[r % len(names):] + names[:r % len(names)]  # each path leads in turn
+                for name in order:
+                    with meter.measure(f"lat-{name}"):
+                        lat[name] += await latencies(paths[name], per_round)
+                for name in order:
+                    with meter.measure(f"rps-{name}"):
+                        done, elapsed = await throughput(paths[name], concurrency, seconds / rounds)
+                    served[name][0] += done
+                    served[name][1] += elapsed
+                log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} p50 {p50(v):.3f} ms" for k, v in lat.items()))
+        finally:
+            client.close()
+    wrk: dict[str, Any] = {}
+    if ingress is not None and shutil.which("wrk") and wrk_seconds > 0:
+        for connections in (1, concurrency):
+            with meter.measure(f"wrk-c{connections}"):
+                wrk[f"c{connections}"] = await run_wrk(f"{ingress.url}/v1/echo/latest", stack, connections,
+                                                       wrk_seconds)
+            log(f"wrk c={connections}: {wrk[f'c{connections}']}")
+    if errors:
+        log(f"{len(errors)} failed calls, first: {errors[0]}")
+
+    rps = {name: served[name][0] / served[name][1] for name in paths}
     result: dict[str, Any] = {
-        "bench": "overhead", "runtime": runtime, "n": len(lat["through"]),
+        "bench": "overhead", "n": len(lat["through"]),
         "through_p50_ms": p50(lat["through"]), "through_p99_ms": p99(lat["through"]),
         "direct_p50_ms": p50(lat["direct"]), "direct_p99_ms": p99(lat["direct"]),
         "added_p50_ms": p50(lat["through"]) - p50(lat["direct"]),
         "added_p99_ms": p99(lat["through"]) - p99(lat["direct"]),
-        "through_rps": through_rps, "direct_rps": direct_rps, "rps_ratio": through_rps / direct_rps,
-        "concurrency": concurrency, "errors": len(errors), "cold_call_ms": cold_ms,
+        "through_rps": rps["through"], "direct_rps": rps["direct"], "rps_ratio": rps["through"] / rps["direct"],
+        "concurrency": concurrency, "errors": len(errors),
     }
+    if "process" in paths:
+        result["process"] = {
+            "through_p50_ms": p50(lat["process"]), "through_p99_ms": p99(lat["process"]),
+            "added_p50_ms": p50(lat["process"]) - p50(lat["direct"]),
+            "added_p99_ms": p99(lat["process"]) - p99(lat["direct"]),
+            "through_rps": rps["process"], "rps_ratio": rps["process"] / rps["direct"],
+        }
+    if wrk:
+        result["wrk"] = wrk
     cpu_us: dict[str, dict[str, float]] = {}
     for phase, acc in meter.totals.items():
         kind, name = phase.split("-", 1)
-        calls = len(lat[name]) if kind == "lat" else served[name][0]
+        if kind == "wrk":
+            calls = wrk[name]["rps"] * wrk_seconds
+        else:
+            calls = len(lat[name]) if kind == "lat" else served[name][0]
         cpu_us[phase] = {k: v / max(calls, 1) * 1e6 for k, v in acc.items()}
     result["cpu_us_per_call"] = cpu_us
-    result["wall_s"] = time.perf_counter() - t_begin
+    result["_lat"], result["_rps"] = lat, rps
+    return result
 
+
+def _report(result: dict[str, Any], concurrency: int, rounds: int) -> None:
+    lat: dict[str, list[float]] = result.pop("_lat")
+    rps: dict[str, float] = result.pop("_rps")
+    cpu_us = result["cpu_us_per_call"]
     rows: list[list[Any]] = [["path", "p50 ms", "p99 ms", f"rps @c={concurrency}",
-                              "cpu µs/call bench+ingress", "proxy", "harness"]]
-    for name in ("through", "direct"):
+                              "cpu µs/call bench+ingress", "ingress process", "proxy", "harness"]]
+    for name in lat:
         c = cpu_us.get(f"lat-{name}", {})
-        rows.append([name, p50(lat[name]), p99(lat[name]), served[name][0] / served[name][1],
-                     c.get("bench+ingress", 0.0), c.get("proxy", 0.0), c.get("harness", 0.0)])
-    rows.append(["added / ratio", result["added_p50_ms"], result["added_p99_ms"], result["rps_ratio"], "", "", ""])
-    print(f"overhead: runtime {runtime}, n={len(lat['through'])} per path, {rounds} alternating rounds, "
-          f"errors {len(errors)}")
+        rows.append([name, p50(lat[name]), p99(lat[name]), rps[name], c.get("bench+ingress", 0.0),
+                     c.get("ingress-process", 0.0), c.get("proxy", 0.0), c.get("harness", 0.0)])
+    rows.append(["added / ratio", result["added_p50_ms"], result["added_p99_ms"], result["rps_ratio"],
+                 "", "", "", ""])
+    if "process" in result:
+        proc = result["process"]
+        rows.append(["added / ratio (process)", proc["added_p50_ms"], proc["added_p99_ms"], proc["rps_ratio"],
+                     "", "", "", ""])
+    for name, w in result.get("wrk", {}).items():
+        rows.append([f"wrk {name} (process)", w["p50_ms"], w["p99_ms"], w["rps"], "", "", "", ""])
+    print(f"overhead: runtime {result['runtime']}, n={len(lat['through'])} per path, {rounds} rounds, "
+          f"errors {result['errors']}")
     report(rows, result)
 
 
@@ -238,9 +340,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=8.0, help="throughput time per path, over all rounds")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--no-process", action="store_true",
+                        help="skip the ingress in its own process (python -m ingress)")
+    parser.add_argument("--wrk-seconds", type=float, default=5.0,
+                        help="wrk time per concurrency against the ingress process (when wrk is on PATH; 0: skip)")
     args = parser.parse_args(argv)
     runtime = args.runtime or default_runtime()
-    run_async(bench(runtime, args.n, args.concurrency, max(1, args.rounds), args.seconds))
+    run_async(bench(runtime, args.n, args.concurrency, max(1, args.rounds), args.seconds,
+                    process=not args.no_process, wrk_seconds=args.wrk_seconds))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from runtime_proxy.usage import UsageMeter
 from runtime_proxy.versions import VersionSource
 from shared import serving
 from shared.background import Periodic
+from shared.eventloop import settle_after_startup
 from shared.http import LIMITS, BodyLimits, error_middleware
 from shared.metrics import ProxyMetrics
 from shared.redisclient import connect
@@ -145,6 +146,7 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         metering.start()
         log.info("proxy %s up (runtime %s, epoch %d, %d replicas adopted)",
                  settings.proxy_id, rt.name, heartbeat.epoch, adopted)
+        settle_after_startup()  # fewer and shorter loop stalls from here on (shared/eventloop.py)
         yield
         await reaper.stop()
         await metering.stop()

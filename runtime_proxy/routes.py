@@ -23,6 +23,7 @@ from shared.http import json_response, read_body
 from shared.logs import REQUEST_ID
 from shared.messages import ChunkCall, ChunkRequest
 from shared.metrics import CONTENT_TYPE, ProxyMetrics
+from shared.serving import FAST_ROUTES, FastAnswer, FastRequest
 from shared.settings import ProxySettings
 from shared.signing import BadSignature, ReplayGuard
 
@@ -45,19 +46,21 @@ RESOLVE_PATH = "/internal/v1/images/resolve"
 RESOLVE_TIMEOUT_S = 300.0
 
 
+def _check_signature(app: web.Application, method: str, raw_path: str, body: bytes, headers: dict[str, str]) -> None:
+    try:
+        app[REPLAYS].check(app[SIGNING_KEY], method, raw_path, body, headers, time.time())
+    except BadSignature as exc:
+        raise Unauthorized(f"internal call refused: {exc}") from None
+
+
 async def _authorized_body(request: web.Request) -> bytes:
     """The request's body once its signature checks out; 401 otherwise (the reason goes to no one else)."""
     body = await read_body(request)  # bounded by the app's BodyLimits, like every other body
-    try:
-        request.app[REPLAYS].check(request.app[SIGNING_KEY], request.method, request.raw_path, body,
-                                   dict(request.headers), time.time())
-    except BadSignature as exc:
-        raise Unauthorized(f"internal call refused: {exc}") from None
+    _check_signature(request.app, request.method, request.raw_path, body, dict(request.headers))
     return body
 
 
-async def _call(request: web.Request, needs_inputs: bool) -> ChunkCall:
-    body = await _authorized_body(request)
+def _parse_call(body: bytes, needs_inputs: bool) -> ChunkCall:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -65,20 +68,23 @@ async def _call(request: web.Request, needs_inputs: bool) -> ChunkCall:
     return ChunkCall.from_dict(data, needs_inputs)
 
 
-def _refuse_when_draining(request: web.Request) -> None:
-    if request.app[DRAINING].is_set():
+async def _call(request: web.Request, needs_inputs: bool) -> ChunkCall:
+    return _parse_call(await _authorized_body(request), needs_inputs)
+
+
+def _refuse_when_draining(app: web.Application) -> None:
+    if app[DRAINING].is_set():
         # Nothing ran: the ingress sends the chunk to another proxy (or holds it until one beats).
         raise NoCapacity("this proxy is stopping", "draining", retry_after_s=1)
 
 
-async def run_chunk(request: web.Request) -> web.Response:
-    _refuse_when_draining(request)
-    call = await _call(request, needs_inputs=True)
+async def _run_chunk(app: web.Application, call: ChunkCall) -> tuple[bytes, bool]:
+    """The chunk's answer (JSON) and whether it was a copy's (joined a run in flight, or replayed)."""
     REQUEST_ID.set(call.request_id)  # the ingress's id: on this proxy's log lines and the model's
-    spec = await request.app[VERSIONS].get(call.version, call.created_at)
+    spec = await app[VERSIONS].get(call.version, call.created_at)
     chunk = ChunkRequest(spec=spec, inputs=call.inputs, timeout_s=call.timeout_s, request_id=call.request_id,
                          batch=call.batch, chunk_id=call.chunk_id)
-    manager, meter = request.app[MANAGER], request.app[METRICS]
+    manager, meter = app[MANAGER], app[METRICS]
 
     async def work(on_start: Callable[[], None]) -> bytes:
         try:
@@ -87,20 +93,35 @@ async def run_chunk(request: web.Request) -> web.Response:
             meter.chunk(exc.status)
             raise
         meter.chunk(200, result.start, result.timings)
-        return orjson.dumps(result.to_dict())
+        return orjson.dumps(result)  # a dataclass: orjson writes what ChunkResult.to_dict gives, without the copy
 
     # A deploy's number is reused only with a new created_at: the id is scoped to exactly what runs.
     key = f"{spec.key}@{spec.created_at!r}/{call.chunk_id}" if call.chunk_id else ""
-    answer, copy = await request.app[LEDGER].run(key, work)
+    answer, copy = await app[LEDGER].run(key, work)
     if copy:
         meter.copies.labels("answered").inc()
+    return answer, copy
+
+
+async def run_chunk(request: web.Request) -> web.Response:
+    _refuse_when_draining(request.app)
+    answer, copy = await _run_chunk(request.app, await _call(request, needs_inputs=True))
     headers = {COPY_HEADER: "1"} if copy else None
     return web.Response(body=answer, content_type="application/json", headers=headers)
 
 
+async def run_chunk_fast(request: FastRequest) -> FastAnswer:
+    """``run_chunk`` on the lean server (shared/serving.py): the same checks, answers and errors."""
+    app = request.app
+    _refuse_when_draining(app)
+    _check_signature(app, request.method, request.path, request.body, request.headers)
+    answer, copy = await _run_chunk(app, _parse_call(request.body, needs_inputs=True))
+    return 200, answer, ({COPY_HEADER: "1"} if copy else None)
+
+
 async def warm(request: web.Request) -> web.Response:
     """Pre-warm: a ready replica of the version here, without running anything on it."""
-    _refuse_when_draining(request)
+    _refuse_when_draining(request.app)
     call = await _call(request, needs_inputs=False)
     spec = await request.app[VERSIONS].get(call.version, call.created_at)
     kind, timings = await request.app[MANAGER].warm(spec, call.timeout_s, call.replicas)
@@ -147,6 +168,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    # The warm path skips aiohttp's request machinery; the aiohttp route stays for the same calls over TLS
+    # or any server without the lean protocol.
+    app[FAST_ROUTES] = {("POST", CHUNKS_PATH): run_chunk_fast}
     app.router.add_post(CHUNKS_PATH, run_chunk)
     app.router.add_post(WARM_PATH, warm)
     app.router.add_get(STATE_PATH, state)

@@ -16,6 +16,15 @@ What a listener guarantees (``Listener`` holds the numbers):
 A slow *body* is the app's to bound: it arrives while a handler runs, and
 ``shared.http.read_body`` answers 408 when it is late.
 
+Hot routes (the proxy's chunk calls) can skip aiohttp: an app that sets
+``app[FAST_ROUTES]`` has those ``(method, path)`` pairs served by ``FastHandler``,
+a lean HTTP/1.1 server protocol (httptools) that keeps every promise above —
+the connection cap (it counts among the server's connections), the head
+deadline, the one error shape, the body limit (413 before reading it whole)
+and deadline (408), the access log, a handler cancelled when its client goes
+away (with ``handler_cancellation``), and the drain on shutdown. A connection
+whose first request is for another route is handed to aiohttp as it is.
+
 ``start_server`` sets up and listens (the caller owns the runner); ``run``
 serves until SIGINT/SIGTERM and then drains, for ``python -m ingress`` and
 ``python -m runtime_proxy``.
@@ -28,12 +37,17 @@ import logging
 import signal
 import socket
 import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
+import httptools
 from aiohttp import web
 
 from shared.errors import ApiError, unavailable
+from shared.http import LIMITS, BodyLimits
 from shared.logs import ACCESS_LOG_FORMAT
 from shared.settings import IngressSettings, ProxySettings
 from shared.tls import context_from_files
@@ -51,6 +65,24 @@ SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
 # aiohttp's 128 overflows under a burst of new connections: the kernel then drops SYNs, and
 # clients wait a whole retransmit (1 s and up). The kernel caps it at net.core.somaxconn.
 BACKLOG = 1024
+
+
+@dataclasses.dataclass(slots=True)
+class FastRequest:
+    """One request a fast route gets: the whole body has arrived, within the app's limits."""
+
+    app: web.Application
+    method: str
+    path: str  # as sent, with the query
+    headers: dict[str, str]  # names as sent; a repeated header keeps its last value (as dict(CIMultiDict))
+    body: bytes
+    remote: str
+
+
+# (status, JSON body, extra headers)
+FastAnswer = tuple[int, bytes, "dict[str, str] | None"]
+FastRoute = Callable[[FastRequest], Awaitable[FastAnswer]]
+FAST_ROUTES = web.AppKey("fast_routes", dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +188,296 @@ class JsonErrorHandler(web.RequestHandler):
         return response
 
 
+class _Parsed:
+    """httptools callbacks for one request (head and body within the caps)."""
+
+    __slots__ = ("url", "headers", "head_bytes", "body", "body_bytes", "head_done", "complete", "max_body",
+                 "error")
+
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.head_bytes = 0
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.head_done = self.complete = False
+        self.error: ApiError | None = None
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Pipelined()  # a second request in the same bytes: parsing stops after the first
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > FAST_MAX_HEAD_BYTES:
+            self.error = ApiError(414, "too_large", "request line too long")
+            raise self.error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > FAST_MAX_HEAD_BYTES or len(self.headers) >= FAST_MAX_HEADERS:
+            self.error = ApiError(431, "too_large", "request head too large")
+            raise self.error
+        self.headers[name.decode("latin-1")] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        length = next((v for k, v in self.headers.items() if k.lower() == "content-length"), None)
+        if length is not None and length.strip().isdigit() and int(length) > self.max_body:
+            self.error = ApiError(413, "too_large",
+                                  f"body of {int(length)} bytes is over the limit of {self.max_body} bytes")
+            raise self.error
+
+    def on_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        if self.body_bytes > self.max_body:
+            self.error = ApiError(413, "too_large", f"body is over the limit of {self.max_body} bytes")
+            raise self.error
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class _Pipelined(Exception):
+    pass
+
+
+FAST_MAX_HEAD_BYTES = 64 * 1024
+FAST_MAX_HEADERS = 100
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class FastHandler(asyncio.Protocol):
+    """Serves ``FAST_ROUTES`` on one connection, one request at a time, without aiohttp's per-request machinery
+    (its request, response and middleware objects cost more than the chunk's own work on a warm call).
+
+    It registers among ``server``'s connections, so the connection cap counts it and ``runner.cleanup`` drains
+    it like aiohttp's own (``close`` / ``shutdown``). The first request for any other route hands the
+    connection, bytes as received, to aiohttp's handler (``make_fallback``).
+    """
+
+    def __init__(self, server: web.Server, app: web.Application, routes: dict[tuple[str, str], FastRoute],
+                 make_fallback: Callable[[], asyncio.Protocol], header_timeout_s: float, body_timeout_s: float,
+                 max_body: int, access_log: logging.Logger | None) -> None:
+        self._server = server
+        self._app = app
+        self._routes = routes
+        self._make_fallback = make_fallback
+        self._loop = asyncio.get_running_loop()
+        self._header_timeout_s = header_timeout_s
+        self._body_timeout_s = body_timeout_s
+        self._max_body = max_body
+        self._access_log = access_log if access_log is not None and access_log.isEnabledFor(logging.INFO) else None
+        self._cancel_on_lost = server.handler_cancellation
+        self._transport: asyncio.Transport | None = None
+        self._remote = ""
+        self._parsed: _Parsed | None = None
+        self._parser: Any = None
+        self._pending = b""  # bytes of the request being received, kept until the route is known
+        self._sniffed = False  # this connection's route is known to be fast
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # ---- connection ------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._remote = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
+        self._server._connections[self] = self._transport  # type: ignore[index]  # noqa: SLF001
+        self._await_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self._task
+        if task is not None and not task.done():
+            if self._cancel_on_lost:
+                task.cancel()  # its client is gone (a hedge lost, a request failed): see runtime_proxy/ledger.py
+            task.add_done_callback(lambda _: self._forget())
+        else:
+            self._forget()
+
+    def _forget(self) -> None:
+        self._server._connections.pop(self, None)  # type: ignore[call-overload]  # noqa: SLF001
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        """Stop after the request in flight (aiohttp's ``pre_shutdown``); close now when idle."""
+        self._closing = True
+        if self._task is None and self._transport is not None:
+            self._transport.close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """Wait up to ``timeout`` for the request in flight, then cancel it; the connection is closed."""
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                task.cancel()
+                await asyncio.wait({task}, timeout=timeout)
+        if self._transport is not None:
+            self._transport.close()
+
+    # ---- deadlines: one lazily re-armed timer per connection -------------------------------------------
+
+    def _await_head(self) -> None:
+        self._deadline = self._loop.time() + self._header_timeout_s
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._transport is None or self._task is not None:
+            return  # gone, or a handler runs: re-armed once it has answered
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        parsed = self._parsed
+        if parsed is not None and parsed.head_done:
+            self._refuse(ApiError(408, "timeout", f"the body did not arrive within {self._body_timeout_s:g} s"))
+        else:
+            self._transport.close()  # no complete head in time (slow-loris): closed, as aiohttp does
+
+    # ---- requests ----------------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._task is not None or self._closing:
+            # A client that pipelines: held until the answer in flight went out.
+            self._pending += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        if not self._sniffed:
+            self._pending += data
+            line_end = self._pending.find(b"\r\n")
+            if line_end < 0:
+                if len(self._pending) > FAST_MAX_HEAD_BYTES:
+                    self._refuse(ApiError(414, "too_large", "request line too long"))
+                return
+            method, _, rest = self._pending[:line_end].partition(b" ")
+            path = rest.rpartition(b" ")[0].decode("latin-1")
+            if (method.decode("latin-1"), path) not in self._routes:
+                self._hand_over()
+                return
+            self._sniffed = True
+            data, self._pending = self._pending, b""
+        if self._parser is None:
+            self._parsed = _Parsed(self._max_body)
+            self._parser = httptools.HttpRequestParser(self._parsed)
+        parsed = self._parsed
+        assert parsed is not None
+        was_head_done = parsed.head_done
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(ApiError(400, "bad_request", "protocol upgrades are not served here"))
+            return
+        except httptools.HttpParserError as exc:
+            if not parsed.complete:
+                self._refuse(parsed.error or ApiError(400, "bad_request", f"malformed HTTP request: {exc}"))
+                return
+            # Pipelined requests: serving each would need the bytes of each, and this internal port's clients
+            # never pipeline. The first is answered, then the connection closes (the rest go unanswered).
+            self._closing = True
+        if parsed.head_done and not was_head_done and not parsed.complete:
+            self._deadline = self._loop.time() + self._body_timeout_s  # the body's own deadline
+        if parsed.complete:
+            self._start(parsed)
+
+    def _hand_over(self) -> None:
+        """This connection is for aiohttp: its handler takes the transport and the bytes received so far."""
+        transport, data = self._transport, self._pending
+        self._pending = b""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server._connections.pop(self, None)  # type: ignore[call-overload]  # noqa: SLF001
+        if transport is None:
+            return
+        handler = self._make_fallback()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if data:
+            handler.data_received(data)
+
+    def _start(self, parsed: _Parsed) -> None:
+        keep_alive = self._parser.should_keep_alive()
+        method = self._parser.get_method().decode("latin-1")
+        path = parsed.url.decode("latin-1")
+        body = b"".join(parsed.body)
+        self._parser = None
+        self._parsed = None
+        self._sniffed = False  # the next request may be for another route (then aiohttp takes over)
+        route = self._routes.get((method, path.partition("?")[0]))
+        request = FastRequest(self._app, method, path, parsed.headers, body, self._remote)
+        self._task = self._loop.create_task(self._serve(route, request, keep_alive and not self._closing))
+
+    async def _serve(self, route: FastRoute | None, request: FastRequest, keep_alive: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            if route is None:
+                raise ApiError(404, "not_found", "Not Found")
+            status, body, headers = await route(request)
+        except ApiError as exc:
+            status, body, headers = exc.status, exc.json_bytes(), exc.headers
+        except asyncio.CancelledError:
+            self._task = None
+            if self._transport is not None:
+                self._transport.close()
+            raise
+        except Exception:  # noqa: BLE001 - the last line of defence answers, and logs why
+            incident = uuid.uuid4().hex[:12]
+            log.exception("unhandled error %s on %s %s", incident, request.method, request.path)
+            status, body, headers = 500, ApiError(500, "internal", f"internal error (incident {incident})").json_bytes(), None
+        self._answer(status, body, headers, keep_alive)
+        if self._access_log is not None:
+            self._log_access(request, status, len(body), time.perf_counter() - t0)
+        self._task = None
+        if self._transport is None:
+            return
+        if not keep_alive or self._closing:
+            self._transport.close()
+            return
+        self._await_head()
+        if self._pending:
+            data, self._pending = self._pending, b""
+            self._feed(data)
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str] | None, keep_alive: bool) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
+        if not keep_alive:
+            extra += "Connection: close\r\n"
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n{extra}\r\n").encode("latin-1")
+        self._transport.write(head + body)
+
+    def _refuse(self, error: ApiError) -> None:
+        """Answer a request that cannot be served (malformed, too large, too slow) and close."""
+        self._closing = True
+        self._answer(error.status, error.json_bytes(), error.headers, keep_alive=False)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _log_access(self, request: FastRequest, status: int, size: int, seconds: float) -> None:
+        assert self._access_log is not None
+        agent = request.headers.get("User-Agent", "-")
+        line = f'{self._remote} "{request.method} {request.path} HTTP/1.1" {status} {size} {seconds:.6f} "{agent}"'
+        self._access_log.info("%s request_id=-", line)
+
+
 def _phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -219,8 +541,10 @@ class GuardedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         if len(server.connections) < self._max_connections:
-            # What Server.__call__ builds, with JSON error answers (its kwargs are the runner's).
-            return JsonErrorHandler(server, loop=asyncio.get_running_loop(), **server._kwargs)  # noqa: SLF001
+            app = getattr(self._runner, "app", None)
+            if isinstance(app, web.Application) and FAST_ROUTES in app and self._ssl_context is None:
+                return self._fast_handler(server, app, app[FAST_ROUTES])
+            return self._aiohttp_handler(server)
         self.refused += 1
         loop = asyncio.get_running_loop()
         if loop.time() - self._last_warning >= REFUSE_LOG_INTERVAL_S:
@@ -228,6 +552,21 @@ class GuardedSite(web.BaseSite):
             log.warning("at the limit of %d open connections: refusing new ones with 503 (%d so far)",
                         self._max_connections, self.refused)
         return _Refusal(loop, self._answer)
+
+
+    @staticmethod
+    def _aiohttp_handler(server: web.Server) -> web.RequestHandler:
+        # What Server.__call__ builds, with JSON error answers (its kwargs are the runner's).
+        return JsonErrorHandler(server, loop=asyncio.get_running_loop(), **server._kwargs)  # noqa: SLF001
+
+    def _fast_handler(self, server: web.Server, app: web.Application,
+                      routes: dict[tuple[str, str], FastRoute]) -> FastHandler:
+        limits = app.get(LIMITS) or BodyLimits()
+        kwargs = server._kwargs  # noqa: SLF001 - the runner's: keep-alive timeout and access log
+        return FastHandler(server, app, routes, lambda: self._aiohttp_handler(server),
+                           header_timeout_s=float(kwargs.get("keepalive_timeout", 75.0)),
+                           body_timeout_s=limits.timeout_s, max_body=app._client_max_size,  # noqa: SLF001
+                           access_log=kwargs.get("access_log"))
 
 
 def check_bindable(host: str, port: int, reuse_port: bool = False) -> None:

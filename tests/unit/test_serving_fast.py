@@ -1,0 +1,242 @@
+"""shared.serving's lean protocol for ``FAST_ROUTES`` over real sockets: it answers like the app would, hands
+other routes to aiohttp on the same connection, and keeps the listener's bounds (body size, head and body
+deadlines, malformed input, the connection cap, cancellation when the client leaves, the drain)."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from shared.errors import ApiError
+from shared.serving import FAST_ROUTES, FastAnswer, FastRequest, Listener, bound_port, start_server
+
+IO_TIMEOUT_S = 10.0
+HEADER_TIMEOUT_S = 1.0
+CANCELLED = web.AppKey("cancelled", asyncio.Event)
+Scenario = Callable[[], Coroutine[Any, Any, None]]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run_on(request: pytest.FixtureRequest) -> Callable[[Scenario], None]:
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    if request.param == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+
+    def run(scenario: Scenario) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(asyncio.wait_for(scenario(), 60))
+
+    return run
+
+
+def fast_app(max_body: int = 1024) -> web.Application:
+    app = web.Application(client_max_size=max_body)
+    app[CANCELLED] = asyncio.Event()
+
+    async def echo(request: FastRequest) -> FastAnswer:
+        if request.body == b"raise":
+            raise ApiError(409, "conflict", "asked to refuse", {"Retry-After": "3"})
+        if request.body == b"crash":
+            raise RuntimeError("boom")
+        if request.body.startswith(b"sleep"):
+            try:
+                await asyncio.sleep(float(request.body[5:]))
+            except asyncio.CancelledError:
+                request.app[CANCELLED].set()
+                raise
+        return 200, orjson.dumps({"body": request.body.decode(), "sig": request.headers.get("X-Sig", ""),
+                                  "path": request.path}), {"X-Copy": "1"}
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"hello": True})
+
+    app[FAST_ROUTES] = {("POST", "/fast"): echo}
+    app.router.add_get("/hello", hello)
+    return app
+
+
+async def serving(app: web.Application, max_connections: int = 100) -> tuple[web.AppRunner, int]:
+    runner = await start_server(app, Listener("127.0.0.1", 0, max_connections=max_connections,
+                                              header_timeout_s=HEADER_TIMEOUT_S), handler_cancellation=True)
+    return runner, bound_port(runner)
+
+
+def post(body: bytes, path: str = "/fast", extra: bytes = b"") -> bytes:
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nX-Sig: abc\r\n" + extra +
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT_S)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), IO_TIMEOUT_S)
+    return status, headers, body
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), IO_TIMEOUT_S) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_fast_route_answers_and_keeps_the_connection(run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for i in range(3):
+                writer.write(post(f"x{i}".encode()))
+                status, headers, body = await read_answer(reader)
+                assert status == 200 and headers["x-copy"] == "1"
+                assert headers["content-type"] == "application/json"
+                assert orjson.loads(body) == {"body": f"x{i}", "sig": "abc", "path": "/fast"}
+            # Another route on the same connection: aiohttp takes over, as it is.
+            writer.write(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, _, body = await read_answer(reader)
+            assert status == 200 and orjson.loads(body) == {"hello": True}
+            writer.close()
+        finally:
+            await runner.cleanup()
+
+    run_on(scenario)
+
+
+def test_errors_in_the_one_shape(run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(b"raise"))
+            status, headers, body = await read_answer(reader)
+            assert (status, headers["retry-after"]) == (409, "3")
+            assert orjson.loads(body) == {"error": "asked to refuse", "type": "conflict"}
+            writer.write(post(b"crash"))
+            status, _, body = await read_answer(reader)
+            assert status == 500 and orjson.loads(body)["type"] == "internal"
+            writer.close()
+        finally:
+            await runner.cleanup()
+
+    run_on(scenario)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (post(b"x" * 2000), 413),  # over client_max_size, refused on its Content-Length
+    (b"POST /fast HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n" + b"x" * 2048 + b"\r\n0\r\n\r\n",
+     413),  # over the limit without a Content-Length
+    (b"POST /fast HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n", 400),
+    (b"POST /fast HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n", 431),
+])
+def test_bad_requests_are_refused_and_closed(run_on: Callable[[Scenario], None], request_bytes: bytes,
+                                             status: int) -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_bytes)
+            got, _, body = await read_answer(reader)
+            assert got == status and "error" in orjson.loads(body)
+            assert await closed(reader)
+            writer.close()
+        finally:
+            await runner.cleanup()
+
+    run_on(scenario)
+
+
+def test_a_head_that_never_ends_is_cut_off(run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /fast HTTP/1.1\r\nHost: t\r\n")  # the head never completes
+            t0 = asyncio.get_running_loop().time()
+            assert await closed(reader)
+            assert asyncio.get_running_loop().time() - t0 < HEADER_TIMEOUT_S + 2
+            writer.close()
+        finally:
+            await runner.cleanup()
+
+    run_on(scenario)
+
+
+def test_a_body_that_never_ends_gets_408() -> None:
+    async def scenario() -> None:
+        app = fast_app()
+        from shared.http import LIMITS, BodyLimits
+        app[LIMITS] = BodyLimits(timeout_s=0.5)
+        runner, port = await serving(app)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /fast HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+            status, _, body = await read_answer(reader)
+            assert status == 408 and orjson.loads(body)["type"] == "timeout"
+            writer.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_cancels_its_handler_and_cleanup_drains() -> None:
+    async def scenario() -> None:
+        app = fast_app()
+        runner, port = await serving(app)
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(b"sleep5"))
+            await asyncio.sleep(0.2)
+            writer.close()
+            await asyncio.wait_for(app[CANCELLED].wait(), IO_TIMEOUT_S)
+            # A request in flight at shutdown is awaited (it finishes within the drain's timeout).
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(b"sleep0.3"))
+            await asyncio.sleep(0.1)
+        finally:
+            await runner.cleanup()
+        status, _, _ = await read_answer(reader)
+        assert status == 200
+
+    asyncio.run(scenario())
+
+
+def test_fast_connections_count_toward_the_cap() -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app(), max_connections=1)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(b"a"))
+            assert (await read_answer(reader))[0] == 200
+            reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+            writer2.write(post(b"b"))
+            status, headers, _ = await read_answer(reader2)
+            assert status == 503 and headers["retry-after"] == "1"
+            writer.close()
+            writer2.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_pipelined_requests_get_the_first_answer_then_a_close() -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(b"one") + post(b"two"))
+            status, headers, body = await read_answer(reader)
+            assert status == 200 and orjson.loads(body)["body"] == "one" and headers["connection"] == "close"
+            assert await closed(reader)
+            writer.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
