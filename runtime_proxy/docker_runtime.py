@@ -360,7 +360,7 @@ class DockerRuntime:
                 await freezer.freeze(file)
                 return
             except freezer.FreezeFailed as exc:
-                raise RuntimeFailure("runtime_error", f"could not pause: {exc}") from exc
+                raise RuntimeFailure("pause_refused", f"could not pause: {exc}") from exc
             except OSError:
                 pass  # the cgroup is not ours to write after all (or just went): ask dockerd
         await self._call(self._docker().api.pause, handle)

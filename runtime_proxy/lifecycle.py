@@ -43,7 +43,7 @@ _REPORTED = {
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.RUNNING, State.DEAD}),
     State.RUNNING: frozenset({State.PAUSING, State.STOPPING, State.DEAD}),
-    State.PAUSING: frozenset({State.PAUSED, State.DEAD}),
+    State.PAUSING: frozenset({State.PAUSED, State.RUNNING, State.DEAD}),  # running: the freeze was undone
     State.PAUSED: frozenset({State.RESUMING, State.STOPPING, State.DEAD}),
     State.RESUMING: frozenset({State.RUNNING, State.DEAD}),
     State.STOPPING: frozenset({State.STOPPED, State.DEAD}),

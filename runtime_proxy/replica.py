@@ -91,5 +91,6 @@ class VersionPool:
 
     @property
     def coming(self) -> int:
-        """Request slots on replicas still starting: what the waiting requests may expect soon."""
-        return sum(r.concurrency for r in self.replicas if r.state is State.STARTING)
+        """Request slots on replicas still starting, or being paused (the pause completes in milliseconds and
+        the waiter thaws it then): what the waiting requests may expect soon, so that none starts another."""
+        return sum(r.concurrency for r in self.replicas if r.state in (State.STARTING, State.PAUSING))

@@ -764,7 +764,11 @@ class ReplicaManager:
                 replica.client.close()
         except RuntimeFailure as exc:
             log.warning("could not %s replica %s: %s", after.value, replica_id, exc)
-            await self._retire(replica)
+            if exc.type == "pause_refused" and replica.state is during:
+                replica.move(State.RUNNING)  # thawed again, whole: it serves on and is paused another time
+                self._pool(replica.spec.key).changed()
+            else:
+                await self._retire(replica)
             return False
         if replica.state is during:
             replica.move(after)

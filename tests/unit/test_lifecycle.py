@@ -9,7 +9,8 @@ from runtime_proxy.lifecycle import TRANSITIONS, IllegalTransition, State, trans
 
 ALLOWED = {
     (State.STARTING, State.RUNNING), (State.RUNNING, State.PAUSING), (State.RUNNING, State.STOPPING),
-    (State.PAUSING, State.PAUSED), (State.PAUSED, State.RESUMING), (State.PAUSED, State.STOPPING),
+    (State.PAUSING, State.PAUSED), (State.PAUSING, State.RUNNING),  # a freeze undone: it runs on
+    (State.PAUSED, State.RESUMING), (State.PAUSED, State.STOPPING),
     (State.RESUMING, State.RUNNING), (State.STOPPING, State.STOPPED), (State.STOPPED, State.STARTING),
 }
 
