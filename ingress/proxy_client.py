@@ -46,7 +46,10 @@ class ProxyClient:
         self._key = derive_key(secret)
         self.max_answer_bytes = max_answer_bytes
         self.connect_timeout_s = connect_timeout_s
-        self._idle: dict[str, list[Connection]] = {}
+        # Per proxy and path: the proxy serves its chunk route on a lean server that keeps a connection
+        # only while every request on it is a chunk (one that began with another route is aiohttp's for
+        # good), so chunk calls never reuse a connection another route opened.
+        self._idle: dict[tuple[str, str], list[Connection]] = {}
         self._addresses: dict[str, tuple[str, int]] = {}
 
     def _address(self, url: str) -> tuple[str, int]:
@@ -91,9 +94,9 @@ class ProxyClient:
         try:
             async with asyncio.timeout(timeout_s + ANSWER_GRACE_S):
                 try:
-                    status, headers, data = await self._exchange(url, head(), body, reuse=True)
+                    status, headers, data = await self._exchange(url, path, head(), body, reuse=True)
                 except _StaleConnection:
-                    status, headers, data = await self._exchange(url, head(), body, reuse=False)
+                    status, headers, data = await self._exchange(url, path, head(), body, reuse=False)
         except TimeoutError:
             raise DeadlinePassed("deadline passed before the model answered") from None
         try:
@@ -107,8 +110,9 @@ class ProxyClient:
             raise ApiError.from_body(status, answer, {"Retry-After": retry_after.decode()} if retry_after else None)
         return answer
 
-    async def _exchange(self, url: str, head: bytes, body: bytes, reuse: bool) -> tuple[int, dict[bytes, bytes], bytes]:
-        idle = self._idle.setdefault(url, [])
+    async def _exchange(self, url: str, path: str, head: bytes, body: bytes,
+                        reuse: bool) -> tuple[int, dict[bytes, bytes], bytes]:
+        idle = self._idle.setdefault((url, path), [])
         pooled = reuse and bool(idle)
         conn = idle.pop() if pooled else await self._connect(url)
         try:
