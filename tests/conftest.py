@@ -18,6 +18,8 @@ import redis.asyncio as aredis
 
 from tests.support import stack
 
+pytest_plugins = ["tests.support.loops"]  # the run_on fixture: a scenario on asyncio's loop and on uvloop's
+
 TEST_REDIS_URL = os.environ.get("LUKEWARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 

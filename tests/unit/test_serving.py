@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
@@ -18,6 +17,7 @@ from aiohttp import web
 from loadtests.common import wait_until
 from shared.serving import Listener, bound_port, start_server
 from shared.tls import make_dev_ca, server_context
+from tests.support.loops import Scenario  # and the run_on fixture (tests/conftest.py)
 
 HEADER_TIMEOUT_S = 1.0
 # Bounds every read. Without the header deadline a silent connection would stay open for aiohttp's
@@ -27,21 +27,6 @@ HEAD = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 RELEASE = web.AppKey("release", asyncio.Event)
 
 
-Scenario = Callable[[], Coroutine[Any, Any, None]]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run_on(request: pytest.FixtureRequest) -> Callable[[Scenario], None]:
-    """Runs a scenario on each loop: the daemons run on uvloop (shared.eventloop), whose transports differ."""
-    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    if request.param == "uvloop":
-        factory = pytest.importorskip("uvloop").new_event_loop
-
-    def run(scenario: Scenario) -> None:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(asyncio.wait_for(scenario(), 60))
-
-    return run
 
 
 def tiny_app() -> web.Application:

@@ -4,8 +4,7 @@ deadlines, malformed input, the connection cap, cancellation when the client lea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -13,24 +12,11 @@ from aiohttp import web
 
 from shared.errors import ApiError
 from shared.serving import FAST_ROUTES, FastAnswer, FastRequest, Listener, bound_port, start_server
+from tests.support.loops import Scenario  # and the run_on fixture (tests/conftest.py)
 
 IO_TIMEOUT_S = 10.0
 HEADER_TIMEOUT_S = 1.0
 CANCELLED = web.AppKey("cancelled", asyncio.Event)
-Scenario = Callable[[], Coroutine[Any, Any, None]]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run_on(request: pytest.FixtureRequest) -> Callable[[Scenario], None]:
-    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    if request.param == "uvloop":
-        factory = pytest.importorskip("uvloop").new_event_loop
-
-    def run(scenario: Scenario) -> None:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(asyncio.wait_for(scenario(), 60))
-
-    return run
 
 
 def fast_app(max_body: int = 1024) -> web.Application:
