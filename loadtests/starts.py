@@ -196,7 +196,9 @@ async def bench(rounds: int, warm_n: int) -> None:
     log("starting a stack (docker, one proxy with a fast reaper)")
     try:
         async with bench_stack(runtime="docker", proxies=1, reaper_interval_s=REAPER_INTERVAL_S,
-                               max_replicas=rounds + 8) as stack:
+                               max_replicas=rounds + 8, max_replicas_per_customer=rounds + 8) as stack:
+            # Room for every round's cold version: else the per-customer quota (half the host) evicts
+            # the lukewarm replica from round 10 on, and its pause is never seen.
             image = await asyncio.to_thread(stack.model, f"starts-{tag}", ECHO_SOURCE)
             raw = RawContainers(stack.state_root / "raw", image, tag)
             try:
