@@ -105,7 +105,8 @@ class Dispatcher:
             or await self._hold(spec, deadline)
         # A scan of the fleet's replicas: once per request, shared by its chunks.
         may_start = self._may_start(spec)
-        choices = spread(choices, spec.key, self._sent.get(spec.key, {}), may_start)
+        choices = spread(choices, spec.key, self._sent.get(spec.key, {}), may_start,
+                         self.costs.costs(spec.key).infer_ms)
         if not choices:
             raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)
         if len(inputs) < 2 * MIN_CHUNK:

@@ -4,6 +4,18 @@ Ranking is by expected latency: the start cost of the tier the proxy offers
 for this version (warm < lukewarm < cold, measured per version) plus the
 queue wait in front of it. Ties go to power-of-two choices on load, so that
 equal proxies share work without herding.
+
+What a heartbeat says is read for what it means for the next request:
+
+- the queue in front of a warm replica counts the requests waiting at the
+  proxy for a slot, not only the slots taken (``in_flight`` never exceeds a
+  replica's concurrency: twenty queued requests are not one);
+- a replica still starting is half a cold start away on average, plus the
+  requests already waiting for it: cheaper than a host without the model,
+  where a concurrent request would start a second replica of it;
+- a host's load (for the cold-start penalty and for power-of-two choices)
+  counts its waiting requests and the replicas it is starting, so that cold
+  starts do not herd onto the host already busiest starting.
 """
 from __future__ import annotations
 
@@ -68,6 +80,15 @@ class ProxyState:
     def in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas)
 
+    @property
+    def load(self) -> int:
+        """Work here now or about to be: slots taken, requests waiting for one, and replicas starting."""
+        return self.in_flight + sum(n for _, n in self.waiting) + sum(1 for r in self.replicas if r.state == "starting")
+
+    def waiting_for(self, version: str) -> int:
+        """Requests waiting here for a slot on a replica of ``version``."""
+        return next((n for v, n in self.waiting if v == version), 0)
+
     @classmethod
     def from_heartbeat(cls, data: dict[str, Any]) -> "ProxyState":
         """From a heartbeat as Redis holds it (``shared.messages.ProxyHeartbeat``); raises when malformed."""
@@ -116,16 +137,31 @@ def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[s
     """The best tier this proxy offers for ``version`` and its expected latency (ms)."""
     mine = [r for r in proxy.replicas if r.version == version]
     running = [r for r in mine if r.state == "running"]
+    waiting = proxy.waiting_for(version)
     if running:
-        best = min(running, key=lambda r: r.in_flight / max(1, r.concurrency))
-        queued = max(0, best.in_flight - best.concurrency + 1) / max(1, best.concurrency)
-        return WARM, queued * costs.infer_ms
+        return WARM, warm_queue(running, waiting) * costs.infer_ms
     if any(r.state in {"paused", "stopped"} for r in mine):
         return LUKEWARM, costs.lukewarm_ms
-    # A cold start on a busy host competes for its CPU with what already runs there.
-    load_penalty = proxy.in_flight * costs.infer_ms
+    starting = sum(max(1, r.concurrency) for r in mine if r.state == "starting")
+    if starting or waiting:
+        # A start under way here (the first waiter of a version with no replica starts one at once, before
+        # the heartbeat can show it): on average half of it is left, and the requests waiting for it go first.
+        ahead = max(0, waiting - max(1, starting) + 1) / max(1, starting)
+        return COLD, costs.cold_ms / 2 + ahead * costs.infer_ms
+    # A cold start on a busy host competes for its CPU with what already runs or starts there.
+    load_penalty = proxy.load * costs.infer_ms
     full = len(proxy.replicas) >= proxy.max_replicas
     return COLD, costs.cold_ms + load_penalty + (costs.cold_ms if full else 0.0)
+
+
+def warm_queue(running: Sequence[ReplicaState], waiting: int) -> float:
+    """Inference times a new request waits for a slot on ``running`` (one version's running replicas on one
+    host) with ``waiting`` requests already queued there: 0 when a slot is free and nobody waits."""
+    if not waiting:
+        best = min(running, key=lambda r: r.in_flight / max(1, r.concurrency))
+        return max(0, best.in_flight - best.concurrency + 1) / max(1, best.concurrency)
+    slots = sum(max(1, r.concurrency) for r in running)
+    return max(0, sum(r.in_flight for r in running) + waiting - slots + 1) / slots
 
 
 def alive(proxies: Iterable[ProxyState], now: float, max_age_s: float) -> list[ProxyState]:
@@ -139,8 +175,8 @@ def choose_proxies(
     """Every live proxy not excluded, best first.
 
     Among equal expected latencies the order comes from power-of-two
-    choices: two random candidates are compared on load and the lighter
-    goes first, repeated until none are left.
+    choices: two random candidates are compared on load (``ProxyState.load``)
+    and the lighter goes first, repeated until none are left.
     """
     scored = []
     for p in alive(proxies, now, max_age_s):
@@ -165,7 +201,7 @@ def _power_of_two(group: list[Choice], rng: random.Random) -> list[Choice]:
     out: list[Choice] = []
     while len(pool) > 1:
         a, b = rng.sample(range(len(pool)), 2)
-        pick = a if pool[a].proxy.in_flight <= pool[b].proxy.in_flight else b
+        pick = a if pool[a].proxy.load <= pool[b].proxy.load else b
         out.append(pool.pop(pick))
     out.extend(pool)
     return out

@@ -42,9 +42,14 @@ The proxy side is the same for every policy and follows
   per replica, the proxy's default concurrency): a running replica with room,
   else a paused one thawed (the request takes it at once and waits for the
   thaw), else a stopped one booted (one at a time, no room made first: the proxy
-  does not), else, while more requests wait than replicas are starting, a new
-  replica created cold: first ``replicas_to_evict(..., evict_running=True)`` over
-  views where a replica whose version has waiters counts as busy (``_make_room``),
+  does not), else a new replica created cold when ``runtime_proxy.replica.start_pays``
+  says so (the same function the proxy calls): at once when the version has no
+  replica here, never while its only replicas are still starting, and otherwise
+  once the requests beyond the starting ones would wait longer than a start
+  (measured here: the pool's moving averages of a slot's hold time and of a cold
+  start, the request longest in flight counting as at least that long; a timed
+  re-check when that could change with nothing else happening). Room is made
+  first: ``replicas_to_evict(..., evict_running=True)`` over views where a replica whose version has waiters counts as busy (``_make_room``),
   and when the host is still full the start fails and that version's waiters get
   503 unless another start of it is under way. New replicas of a version already
   here need the ingress's ``may_start`` (fewer than ``capacity.max`` running or
@@ -116,6 +121,7 @@ from ingress.router import ProxyState, ReplicaState, StartCosts, choose_proxies
 from ingress.spread import spread
 from runtime_proxy import policy
 from runtime_proxy.policy import ReplicaView
+from runtime_proxy.replica import DEFAULT_START_MS, MEASURE_ALPHA, start_due_in_ms, start_pays
 from shared.messages import Capacity, VersionSpec
 from shared.settings import ProxySettings
 
@@ -363,6 +369,7 @@ class Request:
     refusals: int = 0  # 503s it got (the client came back after Retry-After)
     failed: bool = False  # refused MAX_ATTEMPTS times: the client gave up
     predict_ms: float = math.nan  # when it was handed to the model (waits for a core from there)
+    took_ms: float = math.nan  # when it took its slot (the proxy times a chunk's hold of it from there)
     done_ms: float = math.nan
 
     @property
@@ -381,6 +388,7 @@ class Replica:
     start_kind: str = ""  # THAW, STOPPED or COLD until the first request after the start takes it
     start_ms: float = 0.0  # how long that start took
     ready_ms: float = 0.0  # when the start ends (ends, for a running one)
+    taken_ms: float = 0.0  # when the request holding its slot took it (while in_flight)
     holding: Request | None = None  # the request waiting on this replica's thaw
 
     @property
@@ -395,10 +403,29 @@ class Pool:
 
     replicas: list[Replica] = dataclasses.field(default_factory=list)
     waiters: collections.deque[Request] = dataclasses.field(default_factory=collections.deque)
+    # VersionPool's measurements: how long a request holds a slot, and a cold start (moving averages).
+    infer_ms: float | None = None
+    start_ms: float | None = None
+    recheck_ms: float | None = None  # a scheduled re-examination of the waiters (start_due_in_ms)
 
     @property
     def coming(self) -> int:
         return sum(1 for r in self.replicas if r.state == STARTING)
+
+    @property
+    def serving(self) -> int:
+        return sum(1 for r in self.replicas if r.state in (RUNNING, RESUMING))
+
+    def wants_start(self, now: float) -> tuple[bool, float | None]:
+        """``VersionPool.wants_start`` in ms: (start another now?, else in how many ms that may change)."""
+        infer_ms = self.infer_ms or 0.0
+        start_ms = self.start_ms if self.start_ms is not None else DEFAULT_START_MS
+        taken = [r.taken_ms for r in self.replicas if r.in_flight]
+        oldest_ms = now - min(taken) if taken else 0.0
+        waiting, coming, serving = len(self.waiters), self.coming, self.serving
+        if start_pays(waiting, coming, serving, max(infer_ms, oldest_ms), start_ms):
+            return True, None
+        return False, start_due_in_ms(waiting, coming, serving, infer_ms, start_ms, oldest_ms) if taken else None
 
     @property
     def load(self) -> int:
@@ -514,7 +541,7 @@ def route_lukewarm(fleet: Fleet, req: Request, now: float, rng: random.Random) -
     choices = choose_proxies(proxies, name, now, rng, fleet.costs.costs(name), max_age_s=math.inf)
     if fleet.cfg.spread:
         sent = {str(h.index): h.pools[req.arrival.model].load for h in fleet.hosts if req.arrival.model in h.pools}
-        choices = spread(choices, name, sent, req.may_start)
+        choices = spread(choices, name, sent, req.may_start, fleet.costs.costs(name).infer_ms)
     return int(choices[0].proxy.proxy_id)
 
 
@@ -649,10 +676,33 @@ def serve(fleet: Fleet, host: Host, model: int, now: float) -> None:
             pool.waiters.remove(req)
             take(fleet, host, replica, req, now)
             continue
-        # Another replica only while more wait than are coming: with the ingress's leave, or as the first here.
-        wants = (req.may_start or not pool.replicas) and len(pool.waiters) > pool.coming
-        if wants and not start_more(fleet, host, model, now):
-            break
+        # Another replica with the ingress's leave, or as the first here; only once the queue would outlast
+        # a start (runtime_proxy.replica.start_pays), else the waiters look again when that may change.
+        if not (req.may_start or not pool.replicas):
+            continue
+        pays, due_ms = pool.wants_start(now)
+        if pays:
+            if not start_more(fleet, host, model, now):
+                break
+        elif due_ms is not None:
+            recheck(fleet, host, model, now + due_ms + 1e-6)
+
+
+def recheck(fleet: Fleet, host: Host, model: int, at_ms: float) -> None:
+    """The waiters' timed wake-up (``VersionPool.wait_change(timeout_s)``), one per pool at a time."""
+    pool = host.pools[model]
+    if pool.recheck_ms is None or at_ms < pool.recheck_ms:
+        pool.recheck_ms = at_ms
+        fleet.schedule(at_ms, on_recheck, (host, model, at_ms))
+
+
+def on_recheck(fleet: Fleet, payload: tuple[Host, int, float], now: float) -> None:
+    host, model, at_ms = payload
+    pool = host.pools[model]
+    if pool.recheck_ms != at_ms:
+        return  # superseded by an earlier one
+    pool.recheck_ms = None
+    serve(fleet, host, model, now)
 
 
 def pick(pool: Pool) -> Replica | None:
@@ -726,7 +776,7 @@ def refuse(fleet: Fleet, host: Host, pool: Pool, now: float) -> None:
 def take(fleet: Fleet, host: Host, replica: Replica, req: Request, now: float) -> None:
     """``_take``: the request holds the replica's slot; it met the replica's start if it waited for it."""
     replica.in_flight += 1
-    replica.last_used = now
+    replica.last_used = replica.taken_ms = req.took_ms = now
     req.tier = WARM
     if replica.start_kind:
         # The first request after a start reports it (Replica.take_start); it met it if it was waiting.
@@ -763,6 +813,8 @@ def on_ready(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
     host, replica = payload
     if host.replicas.get(replica.uid) is not replica or replica.state != STARTING:
         return
+    if replica.start_kind == COLD:
+        _note_start(host.pools[replica.model], replica.start_ms)
     replica.state, replica.last_used = RUNNING, now
     host.snapshot = None
     serve(fleet, host, replica.model, now)
@@ -787,10 +839,20 @@ def on_done(fleet: Fleet, payload: tuple[Host, Replica, Request], now: float) ->
     replica.in_flight -= 1
     replica.last_used = now
     host.snapshot = None
+    pool = host.pools[replica.model]
+    pool.infer_ms = _ewma(pool.infer_ms, now - req.took_ms)
     learn(fleet, req, now)
     run_next(fleet, host, now)
     serve(fleet, host, replica.model, now)
     idle_timer(fleet, host, replica, now)
+
+
+def _ewma(old: float | None, sample: float) -> float:
+    return sample if old is None else old + MEASURE_ALPHA * (sample - old)
+
+
+def _note_start(pool: Pool, ms: float) -> None:
+    pool.start_ms = _ewma(pool.start_ms, ms)
 
 
 def learn(fleet: Fleet, req: Request, now: float) -> None:

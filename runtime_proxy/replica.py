@@ -12,6 +12,46 @@ from runtime_proxy.lifecycle import State
 from shared.errors import ApiError
 from shared.messages import VersionSpec
 
+# What starting one more replica here is taken to cost until this host has timed one of the version (ms).
+DEFAULT_START_MS = 400.0
+# A start is added once the queue it spares would last this many starts (the ingress autoscaler's
+# cold_start_patience, at the proxy).
+START_PATIENCE = 1.0
+MEASURE_ALPHA = 0.2  # weight of the newest sample in the pool's moving averages
+
+
+def start_pays(waiting: int, coming: int, serving: int, service_ms: float, start_ms: float,
+               patience: float = START_PATIENCE) -> bool:
+    """Whether one more replica should start for the requests waiting here (pure).
+
+    ``waiting``: requests waiting for a slot; ``coming``: slots on replicas already starting;
+    ``serving``: slots on replicas that take requests now (running, or thawing); ``service_ms``: how long
+    a request holds a slot (measured, or longer when one in flight has already run longer);
+    ``start_ms``: what a start costs. Nothing serving nor coming: start at once (every request would wait
+    for one anyway). Only replicas coming: wait for them (they are part-way through the start that
+    another would begin). Else the requests beyond the coming slots, drained by the serving slots, would
+    wait ``(waiting - coming) / serving * service_ms``: a start pays once that outlasts ``patience``
+    starts. A queue of a few fast requests behind a busy replica waits for it, as in ``ingress.autoscale``.
+    """
+    beyond = waiting - coming
+    if beyond <= 0:
+        return False
+    if serving <= 0:
+        return coming <= 0
+    return beyond / serving * service_ms >= start_ms * patience
+
+
+def start_due_in_ms(waiting: int, coming: int, serving: int, infer_ms: float, start_ms: float,
+                    oldest_ms: float, patience: float = START_PATIENCE) -> float | None:
+    """When (ms from now) ``start_pays`` turns true if nothing else changes: the request longest in flight
+    has run ``oldest_ms`` so far, and every ms it runs on raises the service time by one. None: never by
+    itself (nobody beyond the coming slots, or nothing serving)."""
+    beyond = waiting - coming
+    if beyond <= 0 or serving <= 0:
+        return None
+    needed_ms = start_ms * patience * serving / beyond  # the service time at which the queue outlasts a start
+    return 0.0 if infer_ms >= needed_ms else max(0.0, needed_ms - oldest_ms)
+
 
 @dataclasses.dataclass(eq=False)
 class Replica:
@@ -72,14 +112,56 @@ class VersionPool:
         self.failure: ApiError | None = None  # the last start's failure, for waiters
         # The version's idle periods here (~1 KB whatever the traffic): what "auto" idle timeouts plan from.
         self.idle = IdleTracker()
+        # Measured here (moving averages; None until timed): how long a chunk holds a slot, and a cold start.
+        self.infer_ms: float | None = None
+        self.start_ms: float | None = None
+        self._taken: list[float] = []  # when each chunk in flight took its slot, oldest first
         self._pulse = asyncio.Event()
 
     def changed(self) -> None:
         self._pulse.set()
         self._pulse = asyncio.Event()
 
-    async def wait_change(self) -> None:
-        await self._pulse.wait()
+    async def wait_change(self, timeout_s: float | None = None) -> None:
+        """Until the next ``changed()``, or ``timeout_s`` (a time-based decision falls due) if given."""
+        if timeout_s is None:
+            await self._pulse.wait()
+            return
+        try:
+            await asyncio.wait_for(self._pulse.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            pass
+
+    def took(self, now: float) -> None:
+        self._taken.append(now)
+
+    def released(self) -> None:
+        # Which chunk ended is not known: dropping the oldest keeps the oldest-in-flight estimate on the low side.
+        if self._taken:
+            self._taken.pop(0)
+
+    def note_infer(self, ms: float) -> None:
+        self.infer_ms = ms if self.infer_ms is None else self.infer_ms + MEASURE_ALPHA * (ms - self.infer_ms)
+
+    def note_start(self, ms: float) -> None:
+        self.start_ms = ms if self.start_ms is None else self.start_ms + MEASURE_ALPHA * (ms - self.start_ms)
+
+    def serving(self) -> int:
+        """Slots on replicas that take requests now (running, or thawing for the request that took it)."""
+        return sum(r.concurrency for r in self.replicas if r.state.takes_requests)
+
+    def wants_start(self, now: float) -> tuple[bool, float | None]:
+        """(whether another replica should start for the waiters now — ``start_pays`` —, else in how many
+        seconds that may change with nothing else happening). ``now`` on the manager's clock, in seconds."""
+        infer_ms = self.infer_ms or 0.0
+        start_ms = self.start_ms if self.start_ms is not None else DEFAULT_START_MS
+        oldest_ms = (now - self._taken[0]) * 1000 if self._taken else 0.0
+        serving = self.serving()
+        if start_pays(self.waiting, self.coming, serving, max(infer_ms, oldest_ms), start_ms):
+            return True, None
+        due = start_due_in_ms(self.waiting, self.coming, serving, infer_ms, start_ms, oldest_ms) \
+            if self._taken else None
+        return False, None if due is None else due / 1000 + 0.001
 
     def pick(self) -> Replica | None:
         """The replica with room and the fewest requests in flight (ties: most recently used, it is warmest)."""

@@ -3,8 +3,9 @@
 Guarantees: a chunk either gets outputs or a clear ``ApiError`` before its
 deadline; a version runs on as many replicas here as its load asks, up to its
 ``capacity.max`` and the host's budgets (a chunk that finds every replica busy
-starts another in the background and takes whichever slot frees first: a
-paused or stopped replica is resumed before a cold one is started); a replica
+takes whichever slot frees first; a paused or stopped replica is resumed for it
+at once, and another replica is started in the background once the queue would
+outlast a start — ``replica.start_pays`` —, or at once when none is here); a replica
 that dies fails its in-flight chunks at once (the socket closes) and the next
 chunk gets a fresh replica; a version whose replicas fail to start is not
 restarted in a tight loop (backoff). Lifecycle moves go through
@@ -127,6 +128,7 @@ class ReplicaManager:
         status, body = await asyncio.shield(call)
         timings["infer_ms"] = (self.clock() - t_infer) * 1000
         timings["total_ms"] = (self.clock() - t0) * 1000
+        self._pool(req.spec.key).note_infer(timings["infer_ms"])  # how long a chunk holds a slot: start_pays
         if status != 200 or not isinstance(body, dict):
             message = body.get("error") if isinstance(body, dict) else None
             raise ReplicaFailed(str(message or f"the harness answered status {status}")[:500], "harness_error")
@@ -346,9 +348,15 @@ class ReplicaManager:
                     starting = pool.having(State.STARTING, State.RESUMING)
                     if pool.failure is not None and pool.failure is not seen_failure and not starting:
                         raise pool.failure
-                    if resumed is None and (may_start or not pool.replicas) and pool.waiting > pool.coming:
-                        self._start_more(pool, spec, deadline, preempt_batch=not batch)
-                    await pool.wait_change()
+                    recheck_s = None
+                    if resumed is None and (may_start or not pool.replicas):
+                        # warm's extra replica is asked for: it starts whatever the queue. Otherwise another
+                        # replica starts only once the waiters' queue would outlast a start (start_pays).
+                        pays, recheck_s = (pool.waiting > pool.coming, None) if fresh else \
+                            pool.wants_start(self.clock())
+                        if pays:
+                            self._start_more(pool, spec, deadline, preempt_batch=not batch)
+                    await pool.wait_change(recheck_s)
         except TimeoutError:
             # Queued behind others' chunks or starts: no capacity in time, come back soon.
             raise unavailable("no replica had capacity for this chunk before its deadline", retry_after_s=1) from None
@@ -363,6 +371,7 @@ class ReplicaManager:
         replica.batch_in_flight += batch
         replica.last_used = self.clock()  # not idle: the reaper must not pause it under us
         self._pool(replica.spec.key).idle.started(replica.last_used)
+        self._pool(replica.spec.key).took(replica.last_used)
         kind, timings = replica.take_start()
         if kind == "warm" and replica.state is State.RESUMING:
             kind = "lukewarm"
@@ -381,6 +390,7 @@ class ReplicaManager:
         replica.last_used = self.clock()
         pool = self._pool(replica.spec.key)
         pool.idle.finished(replica.last_used)
+        pool.released()
         pool.changed()
 
     async def _forget_other_code(self, pool: VersionPool, spec: VersionSpec) -> None:
@@ -470,6 +480,8 @@ class ReplicaManager:
             self.backoff.clear(spec.key)
             pool.failure = None
             replica.start_kind = "cold"
+            # What another start would cost (the image is here now: its pull is not part of that).
+            pool.note_start(sum(v for k, v in replica.start_timings.items() if k != "pull_ms"))
             log.info("started replica %s of %s cold in %.0f ms (%s)", replica_id, spec.key,
                      sum(replica.start_timings.values()),
                      ", ".join(f"{k} {v:.0f}" for k, v in replica.start_timings.items()))

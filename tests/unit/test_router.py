@@ -27,9 +27,10 @@ def rep(state: str, in_flight: int = 0, concurrency: int = 1, version: str = V) 
     return ReplicaState(version=version, state=state, in_flight=in_flight, concurrency=concurrency)
 
 
-def proxy(pid: str, *replicas: ReplicaState, ts: float = NOW, max_replicas: int = 16, epoch: int = 1) -> ProxyState:
+def proxy(pid: str, *replicas: ReplicaState, ts: float = NOW, max_replicas: int = 16, epoch: int = 1,
+          waiting: dict[str, int] | None = None) -> ProxyState:
     return ProxyState(proxy_id=pid, url=f"http://{pid}:8081", epoch=epoch, ts=ts, replicas=tuple(replicas),
-                      max_replicas=max_replicas)
+                      max_replicas=max_replicas, waiting=tuple((waiting or {}).items()))
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,7 @@ def proxy(pid: str, *replicas: ReplicaState, ts: float = NOW, max_replicas: int 
         ((rep("running", in_flight=9), rep("paused")), 16, WARM, 45.0),
         ((rep("paused"),), 16, LUKEWARM, 25.0),
         ((rep("stopped"),), 16, LUKEWARM, 25.0),
-        ((rep("starting"),), 16, COLD, 400.0),
+        ((rep("starting"),), 16, COLD, 200.0),  # a start under way: half of it left on average
         ((), 16, COLD, 400.0),
         ((rep("running", version=OTHER),), 16, COLD, 400.0),
         ((rep("running", in_flight=2, version=OTHER),), 16, COLD, 410.0),  # a busy host costs a cold start more
@@ -234,7 +235,91 @@ async def test_from_heartbeat_reads_the_proxys_real_payload(tmp_path: Path) -> N
     assert state.in_flight == 1
     assert (state.waiting, state.memory_budget_mb, state.max_replicas_per_customer) == \
         ((("acme/churn/main/1", 2),), 1024, 2)
-    assert tier_and_wait(state, "acme/churn/main/1", COSTS) == (WARM, 0.0)
+    # One slot free of two, but two requests wait for a slot there: they take it, and we queue behind.
+    assert tier_and_wait(state, "acme/churn/main/1", COSTS) == (WARM, 5.0)
     assert tier_and_wait(state, "acme/churn/main/2", COSTS) == (LUKEWARM, 25.0)
     for replica in manager.replicas.values():
         replica.client.close()
+
+
+# ---- what a heartbeat means for the next request ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("replicas", "waiting", "tier", "ms"),
+    [
+        # in_flight never exceeds a replica's concurrency: the queue is in `waiting`
+        ((rep("running", in_flight=1),), 0, WARM, 5.0),
+        ((rep("running", in_flight=1),), 20, WARM, 105.0),  # 20 queued + the one running: 21 ahead
+        ((rep("running", in_flight=1), rep("running", in_flight=1)), 3, WARM, 10.0),  # (2 + 3 - 2 + 1) / 2
+        ((rep("running", in_flight=1, concurrency=4),), 0, WARM, 0.0),  # a free slot and nobody waiting
+        ((rep("running", in_flight=4, concurrency=4),), 4, WARM, 6.25),  # (4 + 4 - 4 + 1) / 4
+        ((rep("running", in_flight=0),), 1, WARM, 5.0),  # a slot just freed goes to the one waiting: we are next
+        ((rep("starting"),), 0, COLD, 200.0),
+        ((rep("starting"),), 3, COLD, 215.0),  # half a start, then the three waiting for it go first
+        ((rep("starting"), rep("starting")), 3, COLD, 205.0),  # two take the new slots; we follow the third
+        ((), 1, COLD, 205.0),  # a waiter and no replica yet: its start is under way, the heartbeat lags
+        ((rep("paused"),), 5, LUKEWARM, 25.0),
+    ],
+)
+def test_tier_and_wait_counts_the_requests_waiting_there(replicas: tuple[ReplicaState, ...], waiting: int,
+                                                         tier: str, ms: float) -> None:
+    p = proxy("p", *replicas, waiting={V: waiting} if waiting else None)
+    assert tier_and_wait(p, V, COSTS) == (tier, ms)
+
+
+def test_waiting_of_another_version_is_not_our_queue() -> None:
+    p = proxy("p", rep("running", in_flight=1), waiting={OTHER: 30})
+    assert tier_and_wait(p, V, COSTS) == (WARM, 5.0)
+
+
+def test_a_replica_still_starting_is_preferred_over_a_cold_host() -> None:
+    """A concurrent request waits for the start under way rather than start the model on a second host."""
+    proxies = [proxy("empty"), proxy("starting", rep("starting")), proxy("idle-other", rep("paused", version=OTHER))]
+    for seed in range(20):
+        chosen = choose_proxies(proxies, V, NOW, random.Random(seed), COSTS)
+        assert chosen[0].proxy.proxy_id == "starting" and chosen[0].tier == COLD
+
+
+def test_a_long_queue_at_the_starting_host_sends_the_next_one_elsewhere() -> None:
+    crowded = proxy("starting", rep("starting"), waiting={V: 60})  # 200 + 60 * 5 = 500 ms > a cold start
+    chosen = choose_proxies([crowded, proxy("empty")], V, NOW, random.Random(0), COSTS)
+    assert [c.proxy.proxy_id for c in chosen] == ["empty", "starting"]
+
+
+def test_a_long_queue_at_a_warm_replica_loses_to_a_paused_one() -> None:
+    queued = proxy("queued", rep("running", in_flight=1), waiting={V: 10})  # 11 ahead: 55 ms
+    chosen = choose_proxies([queued, proxy("paused", rep("paused"))], V, NOW, random.Random(0), COSTS)
+    assert [c.proxy.proxy_id for c in chosen] == ["paused", "queued"]
+
+
+@pytest.mark.parametrize(
+    ("busy", "calm"),
+    [
+        (proxy("busy", rep("starting", version=OTHER)), proxy("calm", rep("running", version=OTHER))),
+        (proxy("busy", rep("running", in_flight=1, version=OTHER), waiting={OTHER: 4}),
+         proxy("calm", rep("running", in_flight=1, version=OTHER))),
+        (proxy("busy", rep("starting", version=OTHER), rep("starting", version="x")),
+         proxy("calm", rep("starting", version=OTHER))),
+    ],
+)
+def test_cold_placement_avoids_hosts_busy_starting_or_queueing(busy: ProxyState, calm: ProxyState) -> None:
+    assert busy.load > calm.load
+    for seed in range(20):
+        chosen = choose_proxies([busy, calm], V, NOW, random.Random(seed), COSTS)
+        assert [c.proxy.proxy_id for c in chosen] == ["calm", "busy"]
+        assert chosen[0].tier == COLD and chosen[0].expected_ms < chosen[1].expected_ms
+
+
+def test_load_counts_slots_waiters_and_starts() -> None:
+    p = proxy("p", rep("running", in_flight=1), rep("starting", version=OTHER), rep("paused", version="x"),
+              waiting={V: 2, OTHER: 3})
+    assert (p.in_flight, p.load, p.waiting_for(V), p.waiting_for("nope")) == (1, 7, 2, 0)
+
+
+def test_power_of_two_compares_load_not_only_slots() -> None:
+    """Equal expected latencies (both warm with a free slot): the host with waiters of other versions loses."""
+    waited = proxy("waited", rep("running"), rep("running", in_flight=1, version=OTHER), waiting={OTHER: 5})
+    light = proxy("light", rep("running"), rep("running", in_flight=1, version=OTHER))
+    for seed in range(30):
+        assert choose_proxies([waited, light], V, NOW, random.Random(seed), COSTS)[0].proxy.proxy_id == "light"
