@@ -15,11 +15,20 @@ def _ewma(old: float | None, sample: float) -> float:
     return sample if old is None else old + ALPHA * (sample - old)
 
 
+def start_tier(start: str, timings: dict[str, float]) -> str:
+    """The tier a chunk's start cost belongs to: the proxy reports both a thaw and a stopped replica's boot
+    as ``lukewarm``; only a thaw has an ``unpause`` phase."""
+    if start == "lukewarm" and "unpause_ms" not in timings:
+        return "stopped"
+    return start
+
+
 @dataclasses.dataclass
 class _VersionCosts:
     lukewarm_ms: float | None = None
     cold_ms: float | None = None
     per_item_ms: float | None = None
+    stopped_ms: float | None = None
 
 
 class CostBook:
@@ -29,12 +38,15 @@ class CostBook:
         self.defaults = defaults
         self._by_version: dict[str, _VersionCosts] = {}
 
-    def record(self, version: str, start: str, start_ms: float, infer_ms: float, items: int) -> None:
+    def record(self, version: str, tier: str, start_ms: float, infer_ms: float, items: int) -> None:
+        """One chunk's answer: ``tier`` as ``start_tier`` names it (cold, lukewarm: a thaw, stopped, warm)."""
         entry = self._by_version.setdefault(version, _VersionCosts())
-        if start == "cold":
+        if tier == "cold":
             entry.cold_ms = _ewma(entry.cold_ms, start_ms)
-        elif start == "lukewarm":
+        elif tier == "lukewarm":
             entry.lukewarm_ms = _ewma(entry.lukewarm_ms, start_ms)
+        elif tier == "stopped":
+            entry.stopped_ms = _ewma(entry.stopped_ms, start_ms)
         if items > 0:
             entry.per_item_ms = _ewma(entry.per_item_ms, infer_ms / items)
 
@@ -51,4 +63,5 @@ class CostBook:
             lukewarm_ms=entry.lukewarm_ms if entry.lukewarm_ms is not None else self.defaults.lukewarm_ms,
             cold_ms=entry.cold_ms if entry.cold_ms is not None else self.defaults.cold_ms,
             infer_ms=entry.per_item_ms if entry.per_item_ms is not None else self.defaults.infer_ms,
+            stopped_ms=entry.stopped_ms if entry.stopped_ms is not None else self.defaults.stopped_ms,
         )

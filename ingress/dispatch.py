@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ingress.batching import chunk_ranges, plan_split
-from ingress.costs import CostBook
+from ingress.costs import CostBook, start_tier
 from ingress.proxy_client import ProxyClient, ProxyUnreachable
 from ingress.router import Choice, choose_proxies
 from ingress.spread import spread
@@ -272,7 +272,8 @@ class Dispatcher:
         return self._choices(spec, exclude)
 
     def _learn(self, spec: VersionSpec, result: ChunkResult, items: int) -> None:
-        self.costs.record(spec.key, result.start, start_ms(result.timings), result.timings.get("infer_ms", 0.0), items)
+        self.costs.record(spec.key, start_tier(result.start, result.timings), start_ms(result.timings),
+                          result.timings.get("infer_ms", 0.0), items)
 
     @staticmethod
     def _stitch(results: list[ChunkResult]) -> Outcome:

@@ -121,9 +121,10 @@ def _gpu(data: dict[str, Any]) -> GpuState:
 class StartCosts:
     """Expected start cost of a version per tier, in ms (moving averages, or defaults)."""
 
-    lukewarm_ms: float = 25.0
+    lukewarm_ms: float = 25.0  # a paused replica thawed
     cold_ms: float = 400.0
     infer_ms: float = 5.0
+    stopped_ms: float = 320.0  # a stopped replica started again: docker start and the model's load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +141,12 @@ def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[s
     waiting = proxy.waiting_for(version)
     if running:
         return WARM, warm_queue(running, waiting) * costs.infer_ms
-    if any(r.state in {"paused", "stopped"} for r in mine):
+    if any(r.state == "paused" for r in mine):
         return LUKEWARM, costs.lukewarm_ms
+    if any(r.state == "stopped" for r in mine):
+        # Lukewarm too, but a boot and the model's load, not a thaw: priced apart, or a stopped host would
+        # beat a warm replica with a short queue and pay a start the queue would have spared.
+        return LUKEWARM, costs.stopped_ms
     starting = sum(max(1, r.concurrency) for r in mine if r.state == "starting")
     if starting or waiting:
         # A start under way here (the first waiter of a version with no replica starts one at once, before

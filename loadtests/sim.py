@@ -138,7 +138,9 @@ STARTS = (STOPPED, COLD)
 STARTING, RUNNING, RESUMING, PAUSED, STOPPED_STATE = "starting", "running", "resuming", "paused", "stopped"
 LIVE = frozenset({STARTING, RUNNING, RESUMING, PAUSED})  # holds memory on the host
 # Start kinds as the proxy reports them to the ingress (its CostBook learns from these).
-REPORTED_KIND = {WARM: "warm", THAW: "lukewarm", STOPPED: "lukewarm", COLD: "cold"}
+# The tier the ingress's CostBook files an answer under (ingress.costs.start_tier: the proxy reports a thaw and
+# a stopped replica's boot both as lukewarm, and only the thaw carries an unpause phase).
+REPORTED_KIND = {WARM: "warm", THAW: "lukewarm", STOPPED: "stopped", COLD: "cold"}
 # A refused request's client comes back after the proxy's Retry-After (2 s, not compressed: a client's
 # wait), routed afresh; after this many refusals it gives up (counted, left out of the latencies).
 RETRY_AFTER_MS = 2000.0
@@ -498,7 +500,8 @@ class Fleet:
 
 
 def new_fleet(cfg: Config, models: list[Model]) -> Fleet:
-    defaults = StartCosts(lukewarm_ms=cfg.thaw_ms, cold_ms=cfg.cold_ms + cfg.load_ms, infer_ms=cfg.infer_ms)
+    defaults = StartCosts(lukewarm_ms=cfg.thaw_ms, cold_ms=cfg.cold_ms + cfg.load_ms, infer_ms=cfg.infer_ms,
+                          stopped_ms=cfg.stopped_ms + cfg.load_ms)
     return Fleet(cfg=cfg, models=models, hosts=[Host(index=i) for i in range(cfg.hosts)], costs=CostBook(defaults))
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingress.costs import ALPHA, CostBook
+from ingress.costs import ALPHA, CostBook, start_tier
 from ingress.router import StartCosts
 
 V = "acme/churn/main/1"
@@ -29,6 +29,9 @@ def test_unknown_version_gets_defaults() -> None:
          StartCosts(lukewarm_ms=25.0, cold_ms=1000.0 + ALPHA * 1000.0, infer_ms=10.0 + ALPHA * 10.0)),
         ([("lukewarm", 10.0, 1.0, 1), ("cold", 500.0, 1.0, 1), ("lukewarm", 20.0, 1.0, 1)],
          StartCosts(lukewarm_ms=10.0 + ALPHA * 10.0, cold_ms=500.0, infer_ms=1.0)),
+        # a stopped replica's boot is its own average: it never drags a thaw's up
+        ([("lukewarm", 2.0, 1.0, 1), ("stopped", 600.0, 1.0, 1)],
+         StartCosts(lukewarm_ms=2.0, cold_ms=400.0, infer_ms=1.0, stopped_ms=600.0)),
     ],
 )
 def test_record_then_costs(records: list[tuple[str, float, float, int]], expected: StartCosts) -> None:
@@ -39,6 +42,17 @@ def test_record_then_costs(records: list[tuple[str, float, float, int]], expecte
     assert got.lukewarm_ms == pytest.approx(expected.lukewarm_ms)
     assert got.cold_ms == pytest.approx(expected.cold_ms)
     assert got.infer_ms == pytest.approx(expected.infer_ms)
+    assert got.stopped_ms == pytest.approx(expected.stopped_ms)
+
+
+@pytest.mark.parametrize(("start", "timings", "tier"), [
+    ("lukewarm", {"unpause_ms": 0.2, "infer_ms": 1.0}, "lukewarm"),  # a thaw
+    ("lukewarm", {"start_ms": 250.0, "ready_ms": 80.0}, "stopped"),  # a stopped replica booted
+    ("cold", {"create_ms": 20.0, "start_ms": 250.0}, "cold"),
+    ("warm", {}, "warm"),
+])
+def test_start_tier_tells_a_thaw_from_a_boot(start: str, timings: dict[str, float], tier: str) -> None:
+    assert start_tier(start, timings) == tier
 
 
 def test_ewma_moves_toward_samples_and_converges() -> None:

@@ -44,7 +44,8 @@ def proxy(pid: str, *replicas: ReplicaState, ts: float = NOW, max_replicas: int 
         ((rep("running", in_flight=5), rep("running", in_flight=0)), 16, WARM, 0.0),  # least loaded replica
         ((rep("running", in_flight=9), rep("paused")), 16, WARM, 45.0),
         ((rep("paused"),), 16, LUKEWARM, 25.0),
-        ((rep("stopped"),), 16, LUKEWARM, 25.0),
+        ((rep("stopped"),), 16, LUKEWARM, 320.0),  # a boot and a load, not a thaw
+        ((rep("stopped"), rep("paused")), 16, LUKEWARM, 25.0),  # the paused one is thawed
         ((rep("starting"),), 16, COLD, 200.0),  # a start under way: half of it left on average
         ((), 16, COLD, 400.0),
         ((rep("running", version=OTHER),), 16, COLD, 400.0),
@@ -66,6 +67,9 @@ def test_tier_and_wait(replicas: tuple[ReplicaState, ...], max_replicas: int, ti
         # idle warm beats busy warm; a very busy warm replica loses even to a paused one
         ([proxy("busy", rep("running", in_flight=2)), proxy("idle", rep("running"))], ["idle", "busy"]),
         ([proxy("swamped", rep("running", in_flight=10)), proxy("paused", rep("paused"))], ["paused", "swamped"]),
+        # but a stopped replica is a boot away: a warm one with a short queue goes first, a paused one too
+        ([proxy("stopped", rep("stopped")), proxy("queued", rep("running", in_flight=10))], ["queued", "stopped"]),
+        ([proxy("stopped", rep("stopped")), proxy("paused", rep("paused"))], ["paused", "stopped"]),
         # cold on a loaded host is worse than cold on an idle one
         ([proxy("loaded", rep("running", in_flight=3, version=OTHER)), proxy("empty")], ["empty", "loaded"]),
     ],
