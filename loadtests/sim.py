@@ -409,6 +409,7 @@ class Pool:
     infer_ms: float | None = None
     start_ms: float | None = None
     recheck_ms: float | None = None  # a scheduled re-examination of the waiters (start_due_in_ms)
+    queued_since: float | None = None  # VersionPool.queued_since: waiters without a break since (ms)
 
     @property
     def coming(self) -> int:
@@ -425,9 +426,16 @@ class Pool:
         taken = [r.taken_ms for r in self.replicas if r.in_flight]
         oldest_ms = now - min(taken) if taken else 0.0
         waiting, coming, serving = len(self.waiters), self.coming, self.serving
-        if start_pays(waiting, coming, serving, max(infer_ms, oldest_ms), start_ms):
+        if waiting <= coming or not serving:
+            self.queued_since = None
+        elif self.queued_since is None:
+            self.queued_since = now
+        queued_ms = 0.0 if self.queued_since is None else now - self.queued_since
+        if start_pays(waiting, coming, serving, max(infer_ms, oldest_ms), start_ms, queued_ms=queued_ms):
+            self.queued_since = now
             return True, None
-        return False, start_due_in_ms(waiting, coming, serving, infer_ms, start_ms, oldest_ms) if taken else None
+        return False, start_due_in_ms(waiting, coming, serving, infer_ms, start_ms, oldest_ms,
+                                      queued_ms=queued_ms) if taken else None
 
     @property
     def load(self) -> int:
@@ -689,6 +697,8 @@ def serve(fleet: Fleet, host: Host, model: int, now: float) -> None:
                 break
         elif due_ms is not None:
             recheck(fleet, host, model, now + due_ms + 1e-6)
+    if not pool.waiters:
+        pool.queued_since = None  # VersionPool.queue_gone
 
 
 def recheck(fleet: Fleet, host: Host, model: int, at_ms: float) -> None:

@@ -21,7 +21,7 @@ MEASURE_ALPHA = 0.2  # weight of the newest sample in the pool's moving averages
 
 
 def start_pays(waiting: int, coming: int, serving: int, service_ms: float, start_ms: float,
-               patience: float = START_PATIENCE) -> bool:
+               patience: float = START_PATIENCE, queued_ms: float = 0.0) -> bool:
     """Whether one more replica should start for the requests waiting here (pure).
 
     ``waiting``: requests waiting for a slot; ``coming``: slots on replicas already starting;
@@ -32,25 +32,29 @@ def start_pays(waiting: int, coming: int, serving: int, service_ms: float, start
     another would begin). Else the requests beyond the coming slots, drained by the serving slots, would
     wait ``(waiting - coming) / serving * service_ms``: a start pays once that outlasts ``patience``
     starts. A queue of a few fast requests behind a busy replica waits for it, as in ``ingress.autoscale``.
+    ``queued_ms``: how long requests have stood in a queue here without a break (since the last start):
+    a queue that short requests keep refilling costs its waiters a start's time too, only spread out
+    (a fast model under a steady load one replica cannot keep up with), so a start pays then as well.
     """
     beyond = waiting - coming
     if beyond <= 0:
         return False
     if serving <= 0:
         return coming <= 0
-    return beyond / serving * service_ms >= start_ms * patience
+    return max(beyond / serving * service_ms, queued_ms) >= start_ms * patience
 
 
 def start_due_in_ms(waiting: int, coming: int, serving: int, infer_ms: float, start_ms: float,
-                    oldest_ms: float, patience: float = START_PATIENCE) -> float | None:
+                    oldest_ms: float, patience: float = START_PATIENCE, queued_ms: float = 0.0) -> float | None:
     """When (ms from now) ``start_pays`` turns true if nothing else changes: the request longest in flight
-    has run ``oldest_ms`` so far, and every ms it runs on raises the service time by one. None: never by
-    itself (nobody beyond the coming slots, or nothing serving)."""
+    has run ``oldest_ms`` so far, and every ms it runs on raises the service time by one; the queue has
+    stood ``queued_ms``. None: never by itself (nobody beyond the coming slots, or nothing serving)."""
     beyond = waiting - coming
     if beyond <= 0 or serving <= 0:
         return None
     needed_ms = start_ms * patience * serving / beyond  # the service time at which the queue outlasts a start
-    return 0.0 if infer_ms >= needed_ms else max(0.0, needed_ms - oldest_ms)
+    by_service = 0.0 if infer_ms >= needed_ms else max(0.0, needed_ms - oldest_ms)
+    return min(by_service, max(0.0, start_ms * patience - queued_ms))
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,6 +120,7 @@ class VersionPool:
         self.infer_ms: float | None = None
         self.start_ms: float | None = None
         self._taken: list[float] = []  # when each chunk in flight took its slot, oldest first
+        self.queued_since: float | None = None  # requests have waited here without a break since (start_pays)
         self._pulse = asyncio.Event()
 
     def changed(self) -> None:
@@ -128,7 +133,10 @@ class VersionPool:
             await self._pulse.wait()
             return
         try:
-            await asyncio.wait_for(self._pulse.wait(), max(0.0, timeout_s))
+            # asyncio.timeout, not wait_for: no task per wait (every waiter of a busy version re-waits on
+            # each slot freed).
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await self._pulse.wait()
         except TimeoutError:
             pass
 
@@ -157,11 +165,22 @@ class VersionPool:
         start_ms = self.start_ms if self.start_ms is not None else DEFAULT_START_MS
         oldest_ms = (now - self._taken[0]) * 1000 if self._taken else 0.0
         serving = self.serving()
-        if start_pays(self.waiting, self.coming, serving, max(infer_ms, oldest_ms), start_ms):
+        if self.waiting <= self.coming or not serving:
+            self.queued_since = None  # no queue for a serving replica (waiting for a start is not one)
+        elif self.queued_since is None:
+            self.queued_since = now
+        queued_ms = 0.0 if self.queued_since is None else (now - self.queued_since) * 1000
+        if start_pays(self.waiting, self.coming, serving, max(infer_ms, oldest_ms), start_ms, queued_ms=queued_ms):
+            self.queued_since = now  # the next start must be earned by a queue of its own
             return True, None
-        due = start_due_in_ms(self.waiting, self.coming, serving, infer_ms, start_ms, oldest_ms) \
-            if self._taken else None
+        due = start_due_in_ms(self.waiting, self.coming, serving, infer_ms, start_ms, oldest_ms,
+                              queued_ms=queued_ms) if self._taken else None
         return False, None if due is None else due / 1000 + 0.001
+
+    def queue_gone(self) -> None:
+        """Nobody waits here any more: a queue that forms again starts its clock afresh."""
+        if not self.waiting:
+            self.queued_since = None
 
     def pick(self) -> Replica | None:
         """The replica with room and the fewest requests in flight (ties: most recently used, it is warmest)."""

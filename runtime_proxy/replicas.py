@@ -363,6 +363,7 @@ class ReplicaManager:
         finally:
             pool.waiting -= 1
             pool.waiting_on_demand -= 0 if batch else 1
+            pool.queue_gone()
             if batch is False and pool.waiting:
                 pool.changed()  # a batch waiter that yielded to us may go now
 

@@ -91,6 +91,46 @@ def test_pool_with_no_replica_starts_at_once_and_then_waits_for_it() -> None:
     assert pool.wants_start(0.0) == (False, None)
 
 
+def test_a_queue_that_stands_as_long_as_a_start_earns_one_even_of_fast_requests() -> None:
+    """A fast model under a load one replica cannot keep up with: each waiter waits little, but the queue
+    never empties; once it has stood a start's time a start pays, and the next one must earn its own."""
+    pool = VersionPool()
+    pool.replicas = [_replica(State.RUNNING, in_flight=1)]
+    pool.note_infer(0.2)
+    pool.note_start(300.0)
+    pool.waiting = 30  # 30 x 0.2 ms: far shorter than a start
+
+    def at(t: float) -> tuple[bool, float | None]:
+        pool.released()
+        pool.took(t)  # requests keep completing: the one in flight is always fresh
+        return pool.wants_start(t)
+
+    assert at(10.0)[0] is False
+    assert at(10.2)[0] is False
+    assert at(10.3) == (True, None)  # the queue has stood 300 ms
+    assert at(10.31)[0] is False, "the clock starts again after a start"
+    assert at(10.61) == (True, None)
+    pool.waiting = 0
+    pool.queue_gone()
+    pool.waiting = 30
+    assert at(10.7)[0] is False, "a queue that formed again starts from nothing"
+
+
+def test_waiting_for_a_replica_being_started_is_not_a_standing_queue() -> None:
+    pool = VersionPool()
+    pool.replicas = [_replica(State.STARTING)]
+    pool.waiting = 5
+    assert pool.wants_start(0.0) == (False, None)
+    pool.replicas = [_replica(State.RUNNING)]  # up at 0.5 s: the queue's clock starts now, not at 0
+    assert pool.wants_start(0.5)[0] is False
+    assert pool.queued_since == 0.5
+
+
+@pytest.mark.parametrize(("queued_ms", "pays"), [(0.0, False), (299.0, False), (300.0, True)])
+def test_start_pays_on_a_standing_queue(queued_ms: float, pays: bool) -> None:
+    assert start_pays(30, 0, 1, 0.2, 300.0, queued_ms=queued_ms) is pays
+
+
 # ---- the simulator mirrors the rule ------------------------------------------------------------
 
 

@@ -213,7 +213,7 @@ def test_metrics_are_sane(runs: dict[str, dict[str, sim.Result]], shape: str, po
     assert math.isclose(r.start_fraction, r.cold_fraction + r.stopped_fraction)
     assert r.starts == r.cold + r.stopped and r.starts <= r.counters.cold_starts + r.counters.stopped_boots
     assert 0.0 < r.p50_ms <= r.p99_ms and len(r.latencies) == r.completed
-    assert r.start_fraction > 0.0  # a small fleet with tight budgets does start replicas
+    assert r.counters.cold_starts > 0  # a small fleet with tight budgets does start replicas (waited for or not)
 
 
 def test_figures_pick_the_baseline_with_fewest_starts() -> None:
