@@ -4,11 +4,20 @@ The hot path reads only this view. It is filled on demand (one GET on a
 miss), refreshed by Redis pub/sub events at once and by a short poll as a
 safety net, and keeps serving what it last saw while Redis is unreachable
 (``stale_s`` tells /readyz how long that has been).
+
+The fleet is kept incrementally (``ingress/index.py``): a poll reads the
+proxies' heartbeat scores in pages, fetches only the heartbeats that changed
+(or that went quiet, to notice expiry), and applies each one in O(its
+replicas), yielding to the loop every ``SLICE_S``: no poll holds the loop
+for long, whatever the fleet. Routing reads ``candidates`` (the holders of a
+version plus a few sampled hosts with room), never the whole fleet.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -16,8 +25,10 @@ from typing import TypeVar
 import orjson
 import redis.asyncio as redis
 
+from ingress import heartbeats
+from ingress.index import FleetIndex
 from ingress.registry import KeyRecord, Registry, hash_key
-from ingress.router import ProxyState
+from ingress.router import ProxyState, ReplicaState
 from shared import keys
 from shared.errors import not_found, unavailable
 from shared.messages import VersionSpec
@@ -30,6 +41,40 @@ T = TypeVar("T")
 RECOVERY_GRACE_S = 15.0
 # How long a warm call waits for the re-read of a key it knows (Redis answers in about a millisecond).
 STALE_KEY_WAIT_S = 0.25
+# The longest the heartbeat intake holds the loop before it yields (parsing and applying heartbeats).
+SLICE_S = 0.0005
+# A proxy whose score has not moved for this long (by this ingress's clock) has its heartbeat read
+# again at each poll, so that its expiry (TTL) is seen: live proxies beat every 2 s.
+QUIET_S = 5.0
+# The poll reads heartbeat scores no older than this (seconds, by this ingress's clock): older ones are
+# proxies long gone whose entry nobody removed (their heartbeat keys expired long ago).
+FLEET_WINDOW_S = 60.0
+# Cold candidates sampled per routing decision (power of d choices).
+SAMPLE_D = 2
+# How old a heartbeat may be and still be routed to (the dispatcher's own limit, ingress/app.py).
+PROXY_MAX_AGE_S = 15.0
+
+
+def _same_replicas(a: tuple[ReplicaState, ...], b: tuple[ReplicaState, ...]) -> bool:
+    """Equal in every field, the placement ones too (which ReplicaState's equality leaves out)."""
+    return a == b and all(x.memory_mb == y.memory_mb and x.cpus == y.cpus and x.gpu == y.gpu for x, y in zip(a, b))
+
+
+class _Turn:
+    """Cooperative slicing of a long piece of work: ``tick`` yields to the loop once ``SLICE_S`` is spent."""
+
+    __slots__ = ("end",)
+
+    def __init__(self) -> None:
+        self.end = time.perf_counter() + SLICE_S
+
+    async def tick(self) -> None:
+        if time.perf_counter() > self.end:
+            await self.now()
+
+    async def now(self) -> None:
+        await asyncio.sleep(0)
+        self.end = time.perf_counter() + SLICE_S
 
 
 def branch_id(customer: str, model: str, branch: str) -> str:
@@ -48,8 +93,11 @@ class StateView:
         self.pointers: dict[str, dict[str, int]] = {}
         self.versions: dict[str, VersionSpec] = {}
         self.keys: dict[str, tuple[KeyRecord, float]] = {}
-        self.proxies: dict[str, ProxyState] = {}
+        self._fleet = FleetIndex()
         self.epochs: dict[str, int] = {}
+        # proxy id → (the score its heartbeat was last read at, when by this clock): what changed since.
+        self._fetched: dict[str, tuple[float, float]] = {}
+        self._refreshing = asyncio.Lock()
         self.last_refresh = 0.0
         self.redis_ok = False
         self._dirty: set[str] = set()
@@ -136,8 +184,36 @@ class StateView:
         if state is not None:
             self._suspect_ts[proxy_id] = state.ts
 
+    @property
+    def proxies(self) -> FleetIndex:
+        """proxy id → its last heartbeat; a mapping that keeps the routing index right on every write."""
+        return self._fleet
+
+    @proxies.setter
+    def proxies(self, value: dict[str, ProxyState]) -> None:
+        self._fleet.clear()
+        self._fleet.update(value)
+
     def live_proxies(self) -> list[ProxyState]:
-        return list(self.proxies.values())
+        """Every proxy in the view: O(fleet). Not for the request path: there, ``candidates``."""
+        return list(self._fleet.values())
+
+    def candidates(self, version_key: str, rng: random.Random, d: int = SAMPLE_D, now: float | None = None,
+                   max_age_s: float = PROXY_MAX_AGE_S, exclude: frozenset[str] = frozenset()) -> list[ProxyState]:
+        """What ``choose_proxies`` needs to rank for ``version_key``: every proxy holding a replica of it
+        (warm or lukewarm, not excluded) and up to ``d`` live proxies with room sampled at random (cold
+        candidates: power of d choices). O(holders + d), whatever the fleet.
+
+        ``now`` defaults to ``routing_now()``; a caller wanting ``count`` distinct proxies (a pre-warm)
+        passes ``d=count``. Never empty while a live proxy outside ``exclude`` is in the view.
+        """
+        when = self.routing_now() if now is None else now
+        return self._fleet.candidates(version_key, rng, d, when, max_age_s, exclude)
+
+    def running_of(self, version_key: str) -> int:
+        """Replicas of ``version_key`` running or starting across the fleet (as of the last heartbeats),
+        what capacity.max is judged by: O(holders)."""
+        return self._fleet.running_of(version_key)
 
     def routing_now(self) -> float:
         """The time to judge heartbeats' age by.
@@ -195,32 +271,102 @@ class StateView:
     def apply_heartbeats(self, beats: list[dict[str, object]], keep_missing: bool = False) -> None:
         """Take the fleet as heartbeats describe it, ignoring any older than an epoch already seen.
 
-        ``keep_missing`` keeps known proxies that have no heartbeat now (just after an outage).
+        ``keep_missing`` keeps known proxies that have no heartbeat now (just after an outage). A whole
+        snapshot at once (tests, tools): the poll applies only what changed (``refresh``).
         """
-        fresh: dict[str, ProxyState] = dict(self.proxies) if keep_missing else {}
+        present: set[str] = set()
         for beat in beats:
             try:
                 state = ProxyState.from_heartbeat(beat)  # type: ignore[arg-type]
             except (KeyError, TypeError, ValueError):
                 continue
-            if state.epoch < self.epochs.get(state.proxy_id, 0):
-                continue  # a fenced-off process of an older start
-            if state.ts <= self._suspect_ts.get(state.proxy_id, -1.0):
-                continue  # the heartbeat of a proxy that refused us, not renewed since
-            self.epochs[state.proxy_id] = state.epoch
-            fresh[state.proxy_id] = state
-        self.proxies = fresh
+            if self._take(state):
+                present.add(state.proxy_id)
+        if not keep_missing:
+            for pid in [pid for pid in self._fleet if pid not in present]:
+                del self._fleet[pid]
+
+    def _take(self, state: ProxyState) -> bool:
+        """One heartbeat into the view, O(its replicas); False when it is ignored: the caller then leaves
+        the proxy out of the view, as a full poll did (unless it keeps missing proxies)."""
+        pid = state.proxy_id
+        if state.epoch < self.epochs.get(pid, 0) or state.ts <= self._suspect_ts.get(pid, -1.0):
+            # A fenced-off process of an older start, or the heartbeat of a proxy that refused us, not
+            # renewed since.
+            return False
+        held = self._fleet.get(pid)
+        if held is not None and held.epoch == state.epoch and held.ts > state.ts:
+            return True  # a late read of an older beat of the same start (two polls interleaved)
+        if held is not None and _same_replicas(held.replicas, state.replicas):
+            # Most beats of a big fleet repeat the replicas: keep the objects already held, so that
+            # the new ones die young (cheap for the collector) instead of replacing long-lived ones.
+            state = dataclasses.replace(state, replicas=held.replicas)
+        self.epochs[pid] = state.epoch
+        self._fleet[pid] = state
+        return True
+
+    def _take_raw(self, pid: str, raw: bytes | None, keep_missing: bool) -> None:
+        """The heartbeat read under ``pid``'s key: None when it expired or was withdrawn."""
+        state = None
+        if raw is not None:
+            try:
+                state = ProxyState.from_heartbeat(orjson.loads(raw))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                state = None  # malformed: skipped, as a full poll did
+        if state is not None and state.proxy_id == pid and self._take(state):
+            return
+        if not keep_missing:
+            self._fleet.pop(pid, None)
+
+    async def _intake(self, scores: dict[str, float], now: float, keep_missing: bool) -> int:
+        """Apply what changed in the fleet since the last poll; returns how many heartbeats were read.
+
+        Reads only the heartbeats whose score moved (or quiet ones, to see them expire), in pages; parses
+        and applies them in slices of at most ``SLICE_S`` between yields to the loop (each Redis reply
+        is parsed in a step of its own, too).
+        """
+        client = self.registry.redis
+        turn = _Turn()
+        wanted = []
+        for pid, score in scores.items():
+            seen = self._fetched.get(pid)
+            if seen is None or seen[0] != score or (pid in self._fleet and now - seen[1] > QUIET_S):
+                wanted.append(pid)
+            await turn.tick()
+        gone = []
+        for pid in self._fleet if not keep_missing else ():
+            if pid not in scores:
+                gone.append(pid)  # withdrawn (ZREM), or silent past the window
+            await turn.tick()
+        for pid in gone:
+            self._fleet.pop(pid, None)
+        for pid in [pid for pid in self._fetched if pid not in scores]:
+            del self._fetched[pid]
+        for page in heartbeats.pages(wanted):
+            raws = await heartbeats.fetch(client, page)
+            await turn.now()  # the reply's parse was a step: the heartbeats' starts another
+            for pid, raw in zip(page, raws):
+                self._fetched[pid] = (scores[pid], now)
+                self._take_raw(pid, raw, keep_missing)
+                await turn.tick()
+        return len(wanted)
 
     async def refresh(self) -> None:
-        """One poll: the fleet, then dirty and cached pointers. Raises when Redis is unreachable."""
+        """One poll: what changed in the fleet, then dirty and cached pointers. Raises when Redis is
+        unreachable. Polls run one at a time (a caller wanting fresh heartbeats waits for the one running)."""
+        async with self._refreshing:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         try:
-            beats = await self.registry.list_proxies()
+            start = self.clock()
+            scores = await heartbeats.scores(self.registry.redis, start - FLEET_WINDOW_S)
             now = self.clock()
             if not self.redis_ok and self.last_refresh and now - self._recovered_at > RECOVERY_GRACE_S:
                 # Back after an outage: proxies could not beat meanwhile and their keys
                 # expired. Until they beat again, judge the last view as of its time.
                 self._outage_s, self._recovered_at = now - self.last_refresh, now
-            self.apply_heartbeats(beats, keep_missing=self._recovering(now))
+            await self._intake(scores, now, keep_missing=self._recovering(now))
             branches = set(self.pointers) | self._dirty
             self._dirty = set()
             for bid in branches:

@@ -25,6 +25,8 @@ BENCHES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "model_starts": ((), ("--weights-mb", "50", "--rounds", "1", "--warm-n", "5")),
     "batch_scale": ((), ("--items", "200", "--reps", "1", "--proxies", "1,2")),
     "sim": ((), ("--requests", "5000")),
+    "fleet_scale": ((), ("--sizes", "10,100", "--versions", "10000", "--seconds", "2", "--route-s", "0.2",
+                         "--deploy-versions", "200")),
     "keepwarm": ((), ("--apps", "100", "--days", "3")),
     "slowloris": ((), ("--connections", "50", "--calls", "100", "--rounds", "1")),
     "scale": ((), ("--seconds", "4")),

@@ -1,0 +1,524 @@
+"""Fleet scale: what routing, heartbeat intake and Redis cost an ingress as the fleet grows (10 → 5000 proxies).
+
+Synthetic fleets of ``--sizes`` proxies (16 replicas each over ``--versions`` versions), measured in one run:
+
+- ``route_us``: µs per routing decision, ``choose_proxies(view.candidates(...))`` (the index: holders of
+  the version + d sampled hosts with room); baseline ``route_old_us``, ``choose_proxies(view.live_proxies())``
+  (every proxy, every replica: what the dispatcher did per request), and the ratio. Requests pick versions
+  by the same Zipf popularity the replicas were placed by; a version has at most ``--max-holders``
+  replicas (its capacity.max), so that the holders of a version do not grow with the fleet.
+- ``beat_us``: µs per heartbeat applied to the view (orjson + ``ProxyState.from_heartbeat`` + the index),
+  and the old full poll's synchronous block (parse every heartbeat, rebuild the fleet) as the baseline.
+- ``stall_ms``: the longest the event loop was held by one callback while the fleet's heartbeats arrive:
+  a writer process beats every proxy every 2 s into a throwaway Redis (SET with TTL + ZADD, as
+  ``runtime_proxy/heartbeat.py``), the view polls it every second (``view.refresh``). Measured by timing
+  every callback the loop runs (``Handle._run``); ``stall_ms`` is the loop thread's CPU time in the
+  longest one (what the code holds the loop for), ``stall_wall_ms`` its wall time (includes the OS
+  preempting this process on a busy machine). Baseline: the old poll (``Registry.list_proxies`` + a full
+  rebuild), same writer, same duration.
+- ``view_mb``: the view's memory for the fleet (tracemalloc), and the index's share of it.
+- Redis: keys and bytes per 1000 proxies (``MEMORY USAGE``), per 1000 versions (created through
+  ``Registry.create_version``), heartbeat bytes, commands and bytes an ingress reads per second, pub/sub
+  messages per second per ingress caused by the fleet (none: heartbeats do not go over pub/sub) and per
+  version deployed, Redis CPU per second of fleet.
+
+Prints a table, then the JSON line ``{"bench": "fleet_scale", "route_us": {"10": …}, "stall_ms": {…}, …}``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import gc
+import random
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio as aredis
+
+from ingress import heartbeats
+from ingress.index import FleetIndex
+from ingress.registry import Registry
+from ingress.router import ProxyState, StartCosts, choose_proxies
+from ingress.view import StateView
+from loadtests.common import log, report, throwaway_redis
+from shared import keys
+
+REPLICAS = 16
+BEAT_INTERVAL_S = 2.0  # runtime_proxy's heartbeat_interval_s
+BEAT_TTL_MS = 10_000
+POLL_S = 1.0  # the ingress's view_poll_interval_s
+NOW = 1_000_000.0
+STATES = ("running", "running", "paused", "stopped", "running")
+
+
+# ---- the synthetic fleet ------------------------------------------------------------------------
+
+
+def version_key(i: int) -> str:
+    return f"cust{i % 997}/model{i}/main/1"
+
+
+class Popularity:
+    """Zipf (s = 1) over ``n`` versions: which versions hold replicas, and which requests come."""
+
+    def __init__(self, n: int) -> None:
+        total, self.cdf = 0.0, []
+        for rank in range(1, n + 1):
+            total += 1.0 / rank
+            self.cdf.append(total)
+        self.total = total
+
+    def draw(self, rng: random.Random) -> int:
+        return min(bisect.bisect_left(self.cdf, rng.random() * self.total), len(self.cdf) - 1)
+
+
+def place(proxies: int, versions: int, max_holders: int, pop: Popularity, rng: random.Random) -> list[list[int]]:
+    """16 distinct versions per proxy, popular ones first, none on more than ``max_holders`` proxies."""
+    holders = [0] * versions
+    out = []
+    for _ in range(proxies):
+        mine: set[int] = set()
+        while len(mine) < REPLICAS:
+            v = pop.draw(rng)
+            if v in mine or holders[v] >= max_holders:
+                v = rng.randrange(versions)
+                if v in mine or holders[v] >= max_holders:
+                    continue
+            mine.add(v)
+            holders[v] += 1
+        out.append(sorted(mine))
+    return out
+
+
+def heartbeat(pid: str, placed: list[int], ts: float, rng: random.Random) -> dict[str, Any]:
+    """A heartbeat as a real proxy sends it (``ProxyHeartbeat.to_dict``): every field filled."""
+    replicas = []
+    for n, v in enumerate(placed):
+        state = STATES[(n + int(ts)) % len(STATES)] if rng.random() < 0.1 else STATES[n % len(STATES)]
+        replicas.append({
+            "replica_id": f"{pid}-r{n}", "version": version_key(v), "state": state,
+            "in_flight": rng.randrange(2) if state == "running" else 0, "concurrency": 1,
+            "idle_s": round(rng.random() * 60, 3), "memory_mb": 512, "cpus": 1.0, "gpu": False, "gpu_uuid": None,
+            "memory_used_mb": round(100 + rng.random() * 300, 1), "cpu_s": round(rng.random() * 1000, 2)})
+    return {"proxy_id": pid, "url": f"http://10.0.{hash(pid) % 250}.{hash(pid) % 199}:8081", "epoch": 1_700_000_000_000,
+            "ts": ts, "runtime": "docker", "started_at": ts - 3600,
+            "capacity": {"max_replicas": REPLICAS + 4, "replica_concurrency": 1, "cpus": 32.0, "load1": 3.5,
+                         "memory_mb": 128000, "memory_available_mb": 64000, "memory_budget_mb": 120000,
+                         "max_replicas_per_customer": 0},
+            "replicas": replicas, "waiting": {}, "gpus": [], "nvml": "no NVIDIA driver",
+            "images": [f"lukewarm-cust{v % 997}/model{v}:1" for v in placed[:8]]}
+
+
+class Fleet:
+    def __init__(self, size: int, versions: int, max_holders: int, pop: Popularity, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.ids = [f"proxy-{i:05}" for i in range(size)]
+        self.placed = place(size, versions, max_holders, pop, self.rng)
+
+    def beats(self, ts: float) -> list[dict[str, Any]]:
+        return [heartbeat(pid, placed, ts, self.rng) for pid, placed in zip(self.ids, self.placed)]
+
+
+# ---- what the ingress did before the index (the in-run baselines) -------------------------------
+
+
+def legacy_apply(view: StateView, beats: list[dict[str, Any]]) -> dict[str, ProxyState]:
+    """The old ``StateView.apply_heartbeats``: the whole fleet parsed and rebuilt at each poll."""
+    fresh: dict[str, ProxyState] = {}
+    for beat in beats:
+        try:
+            state = ProxyState.from_heartbeat(beat)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if state.epoch < view.epochs.get(state.proxy_id, 0):
+            continue
+        view.epochs[state.proxy_id] = state.epoch
+        fresh[state.proxy_id] = state
+    return fresh
+
+
+async def legacy_refresh(view: StateView, registry: Registry, read: list[int]) -> None:
+    """The old poll: ``Registry.list_proxies`` (ZRANGE of every id, one MGET of every heartbeat, orjson
+    each, in one step) and the whole fleet rebuilt."""
+    ids: list[Any] = list(await registry.redis.zrange(keys.PROXIES, 0, -1))
+    raws: list[Any] = await registry.redis.mget([keys.proxy_heartbeat(i.decode()) for i in ids]) if ids else []
+    read[0] += sum(len(r) for r in raws if r)
+    view.proxies = legacy_apply(view, [orjson.loads(r) for r in raws if r is not None])  # type: ignore[assignment]
+
+
+# ---- in-process figures: routing, per-heartbeat cost, memory -------------------------------------
+
+
+def timed_calls(fn: Callable[[int], object], min_calls: int, max_calls: int, min_s: float) -> float:
+    """µs per call of ``fn(i)``: at least ``min_calls`` and ``min_s``, at most ``max_calls``."""
+    gc.collect()
+    calls, started = 0, time.perf_counter()
+    while calls < max_calls and (calls < min_calls or time.perf_counter() - started < min_s):
+        fn(calls)
+        calls += 1
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def route_figures(view: StateView, pop: Popularity, versions: int, seed: int, min_s: float) -> dict[str, float]:
+    rng = random.Random(seed)
+    wanted = [version_key(pop.draw(rng)) for _ in range(4096)]
+    cold = version_key(versions + 1)  # held nowhere: d sampled hosts only
+    hottest = max((version_key(i) for i in range(min(versions, 200))), key=lambda v: len(view.proxies.holders(v)))
+    costs = StartCosts()
+
+    def new(i: int, v: str | None = None) -> object:
+        key = v or wanted[i % len(wanted)]
+        return choose_proxies(view.candidates(key, rng, now=NOW), key, NOW, rng, costs)
+
+    def old(i: int) -> object:
+        key = wanted[i % len(wanted)]
+        return choose_proxies(view.live_proxies(), key, NOW, rng, costs)
+
+    return {
+        "route_us": timed_calls(new, 2000, 200_000, min_s),
+        "route_old_us": timed_calls(old, 5, 20_000, min_s),
+        "route_cold_us": timed_calls(lambda i: new(i, cold), 1000, 100_000, min_s / 3),
+        "route_hot_us": timed_calls(lambda i: new(i, hottest), 1000, 100_000, min_s / 3),
+        "hot_holders": len(view.proxies.holders(hottest)),
+        "running_of_us": timed_calls(lambda i: view.running_of(wanted[i % len(wanted)]), 1000, 200_000, min_s / 3),
+        "running_old_us": timed_calls(lambda i: sum(1 for p in view.live_proxies() for r in p.replicas
+                                                    if r.version == wanted[i % len(wanted)]
+                                                    and r.state in ("running", "starting")), 5, 20_000, min_s / 3),
+    }
+
+
+def beat_figures(fleet: Fleet, view: StateView, min_s: float) -> dict[str, float]:
+    """µs per heartbeat applied (raw bytes → view + index), and the old poll's one synchronous block."""
+    raws = [orjson.dumps(b) for b in fleet.beats(NOW + 1)]
+    ids = fleet.ids
+    n = len(raws)
+
+    def apply(i: int) -> object:
+        view._take_raw(ids[i % n], raws[i % n], False)
+        return None
+
+    per_beat = timed_calls(apply, max(n, 2000), 200_000, min_s)
+    gc.collect()
+    started = time.perf_counter()
+    beats = [orjson.loads(r) for r in raws]  # what Registry.list_proxies did with the MGET reply
+    legacy_apply(view, beats)
+    return {"beat_us": per_beat, "old_poll_block_ms": (time.perf_counter() - started) * 1e3}
+
+
+def memory_figures(fleet: Fleet) -> dict[str, float]:
+    beats = fleet.beats(NOW)
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    plain = {b["proxy_id"]: ProxyState.from_heartbeat(b) for b in beats}
+    states_bytes = tracemalloc.get_traced_memory()[0] - base
+    index = FleetIndex(plain)
+    total = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    del index, plain
+    return {"view_mb": total / 2**20, "index_mb": (total - states_bytes) / 2**20}
+
+
+# ---- with Redis: stalls while heartbeats arrive, what Redis and the ingress pay ------------------
+
+
+def writer_main(url: str, size: int, versions: int, max_holders: int, seconds: float, seed: int) -> None:
+    """The fleet's proxies (a separate process): every heartbeat once at once, then each every 2 s."""
+    fleet = Fleet(size, versions, max_holders, Popularity(versions), seed)
+    client = redis.Redis.from_url(url)
+
+    def beat(pids: list[int]) -> None:
+        pipe = client.pipeline(transaction=False)
+        now = time.time()
+        for i in pids:
+            body = heartbeat(fleet.ids[i], fleet.placed[i], now, fleet.rng)
+            pipe.set(keys.proxy_heartbeat(fleet.ids[i]), orjson.dumps(body), px=BEAT_TTL_MS)
+            pipe.zadd(keys.PROXIES, {fleet.ids[i]: now})
+        pipe.execute()
+
+    for start in range(0, size, 200):
+        beat(list(range(start, min(size, start + 200))))
+    print("ready", flush=True)
+    tick_s, next_i, began = 0.02, 0, time.monotonic()
+    per_tick = size * tick_s / BEAT_INTERVAL_S
+    owed = 0.0
+    while time.monotonic() - began < seconds:
+        owed += per_tick
+        batch = [(next_i + k) % size for k in range(int(owed))]
+        owed -= len(batch)
+        next_i = (next_i + len(batch)) % size
+        if batch:
+            beat(batch)
+        time.sleep(tick_s)
+    client.close()
+
+
+class StallMeter:
+    """Times every callback the event loop runs (each task step, each reader): the longest holds.
+
+    Also times the cyclic garbage collector (``gc.callbacks``): a collection runs inside whichever
+    callback allocated last, and its pause is reported apart (``gc_max_ms``), and subtracted from the
+    callback it fell in for ``max_code_s`` (what the code itself holds the loop for).
+    """
+
+    def __init__(self) -> None:
+        self.max_wall_s = self.max_cpu_s = self.max_code_s = self.max_gc_s = 0.0
+        self.callbacks = 0
+        self._orig: Any = None
+        self._gc_in_step = 0.0
+        self._gc_start = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start = time.thread_time()
+        else:
+            took = time.thread_time() - self._gc_start
+            self._gc_in_step += took
+            self.max_gc_s = max(self.max_gc_s, took)
+
+    def __enter__(self) -> StallMeter:
+        self._orig = orig = asyncio.events.Handle._run
+        meter = self
+
+        def run(handle: asyncio.events.Handle) -> None:
+            meter._gc_in_step = 0.0
+            w, c = time.perf_counter(), time.thread_time()
+            orig(handle)
+            cpu = time.thread_time() - c
+            meter.max_wall_s = max(meter.max_wall_s, time.perf_counter() - w)
+            meter.max_cpu_s = max(meter.max_cpu_s, cpu)
+            meter.max_code_s = max(meter.max_code_s, cpu - meter._gc_in_step)
+            meter.callbacks += 1
+
+        asyncio.events.Handle._run = run  # type: ignore[method-assign,assignment]
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.events.Handle._run = self._orig  # type: ignore[method-assign]
+        gc.callbacks.remove(self._on_gc)
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool) -> dict[str, float]:
+    """Start the writer, follow the fleet with the view for ``seconds``, under the stall meter."""
+    sync = redis.Redis.from_url(url)
+    sync.flushdb()
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "loadtests.fleet_scale", "--writer", "--redis-url", url, "--sizes", str(size),
+         "--versions", str(args.versions), "--max-holders", str(args.max_holders),
+         "--seconds", str(args.seconds + 5), "--seed", str(args.seed)],
+        stdout=subprocess.PIPE, text=True)
+    client = aredis.Redis.from_url(url)
+    fetched_bytes = [0]
+    real_fetch = heartbeats.fetch
+
+    async def counting_fetch(c: Any, ids: Any) -> list[bytes | None]:
+        raws = await real_fetch(c, ids)
+        fetched_bytes[0] += sum(len(r) for r in raws if r)
+        return raws
+
+    try:
+        assert writer.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), 120)
+        if line.strip() != "ready":
+            raise RuntimeError(f"the heartbeat writer did not start: {line!r}")
+        await client.ping()  # the connection is set up before, as in a running ingress
+        registry = Registry(client)
+        view = StateView(registry)
+        heartbeats.fetch = counting_fetch  # type: ignore[assignment]
+        calls0, cpu0 = command_calls(sync), redis_cpu_s(sync)
+        polls, started = 0, time.monotonic()
+        with StallMeter() as meter:
+            while time.monotonic() - started < args.seconds:
+                began = time.monotonic()
+                await (legacy_refresh(view, registry, fetched_bytes) if legacy else view.refresh())
+                polls += 1
+                await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - began)))
+        elapsed = time.monotonic() - started
+        calls = {k: v - calls0.get(k, 0) for k, v in command_calls(sync).items()}
+        out = {"stall_ms": meter.max_cpu_s * 1e3, "stall_wall_ms": meter.max_wall_s * 1e3,
+               "stall_code_ms": meter.max_code_s * 1e3, "gc_max_ms": meter.max_gc_s * 1e3, "polls": polls,
+               "seen": len(view.proxies), "redis_cpu_per_s": (redis_cpu_s(sync) - cpu0) / elapsed,
+               "read_kb_per_s": fetched_bytes[0] / 1024 / elapsed,
+               "ingress_cmds_per_poll": (calls.get("zrange", 0) + calls.get("mget", 0)) / max(1, polls)}
+        if not legacy:
+            out.update(redis_costs(sync, size))
+        return out
+    finally:
+        heartbeats.fetch = real_fetch  # type: ignore[assignment]
+        writer.terminate()
+        writer.wait(10)
+        await client.aclose()
+        sync.close()
+
+
+def redis_costs(sync: redis.Redis, size: int) -> dict[str, float]:
+    """Keys and bytes per 1000 proxies: each proxy's heartbeat key and epoch counter, its lw:proxies entry."""
+    ids = [bytes(m).decode() for m in list(sync.zrange(keys.PROXIES, 0, -1))]  # type: ignore[arg-type]
+    sample = ids[:: max(1, len(ids) // 200)]
+    beat_bytes = sum(int(sync.memory_usage(keys.proxy_heartbeat(p)) or 0) for p in sample) / max(1, len(sample))
+    value_bytes = sum(int(sync.strlen(keys.proxy_heartbeat(p))) for p in sample) / max(1, len(sample))
+    zset = int(sync.memory_usage(keys.PROXIES) or 0)
+    sync.set(keys.proxy_epoch("proxy-probe"), 1_700_000_000_000)  # the writer takes no epochs: cost one
+    epoch_bytes = int(sync.memory_usage(keys.proxy_epoch("proxy-probe")) or 0)
+    sync.delete(keys.proxy_epoch("proxy-probe"))
+    beat_keys = int(sync.dbsize()) - 1  # all but lw:proxies
+    per_proxy = beat_bytes + zset / max(1, size) + epoch_bytes
+    return {"heartbeat_bytes": value_bytes, "redis_keys_per_1000_proxies": (beat_keys / max(1, size) + 1) * 1000,
+            "redis_kb_per_1000_proxies": per_proxy * 1000 / 1024}
+
+
+async def version_costs(url: str, n: int) -> dict[str, float]:
+    """Keys, bytes and pub/sub messages per 1000 versions deployed (10 versions per branch)."""
+    sync = redis.Redis.from_url(url)
+    sync.flushdb()
+    client = aredis.Redis.from_url(url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(keys.EVENTS_CHANNEL)
+    await pubsub.get_message(timeout=1.0)
+    try:
+        mem0, keys0 = int(sync.info("memory")["used_memory"]), int(sync.dbsize())
+        registry = Registry(client)
+        for i in range(n):
+            await registry.create_version("cust", f"model{i // 10}", "main",
+                                          {"image": f"lukewarm-cust/model{i // 10}:{i % 10}"})
+        messages = 0
+        while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2) is not None:
+            messages += 1
+        mem, count = int(sync.info("memory")["used_memory"]) - mem0, int(sync.dbsize()) - keys0
+        return {"redis_keys_per_1000_versions": count * 1000 / n, "redis_kb_per_1000_versions": mem / n * 1000 / 1024,
+                "pubsub_msgs_per_version_deployed": messages / n}
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+        sync.flushdb()
+        sync.close()
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+async def measure(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    pop = Popularity(args.versions)
+    per: dict[int, dict[str, float]] = {}
+    for size in sizes:
+        log(f"fleet of {size}: building {size * REPLICAS} replicas over {args.versions} versions")
+        fleet = Fleet(size, args.versions, args.max_holders, pop, args.seed)
+        view = StateView(Registry(None))  # type: ignore[arg-type]
+        view.apply_heartbeats(fleet.beats(NOW))
+        figures = {"versions_held": float(view.proxies.versions())}
+        figures |= route_figures(view, pop, args.versions, args.seed, args.route_s)
+        figures |= beat_figures(fleet, view, args.route_s)
+        figures |= memory_figures(fleet)
+        per[size] = figures
+        del fleet, view
+        gc.collect()
+        log(f"fleet of {size}: route {figures['route_us']:.1f} µs (old {figures['route_old_us']:.0f} µs), "
+            f"beat {figures['beat_us']:.1f} µs")
+    async with (throwaway_redis() if not args.redis_url else _given(args.redis_url)) as url:
+        versions = await version_costs(url, args.deploy_versions)
+        for size in sizes:
+            for legacy in (False, True):
+                log(f"fleet of {size}: heartbeats arriving for {args.seconds} s, {'old' if legacy else 'new'} poll")
+                got = await run_polls(url, size, args, legacy)
+                prefix = "old_" if legacy else ""
+                per[size] |= {prefix + k: v for k, v in got.items()}
+    publish(sizes, per, versions, args)
+
+
+class _given:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def __aenter__(self) -> str:
+        return self.url
+
+    async def __aexit__(self, *exc: object) -> None:
+        redis.Redis.from_url(self.url).flushdb()
+
+
+def publish(sizes: list[int], per: dict[int, dict[str, float]], versions: dict[str, float],
+            args: argparse.Namespace) -> None:
+    rows: list[list[Any]] = [["proxies", "route µs", "old µs", "ratio", "cold µs", "hot µs (holders)",
+                              "beat µs", "old poll ms", "stall ms", "code ms", "gc ms", "wall ms", "old stall ms", "view MB",
+                              "read kB/s", "Redis CPU"]]
+    for s in sizes:
+        f = per[s]
+        rows.append([s, f["route_us"], f["route_old_us"], f["route_old_us"] / f["route_us"], f["route_cold_us"],
+                     f"{f['route_hot_us']:.1f} ({int(f['hot_holders'])})", f["beat_us"], f["old_poll_block_ms"],
+                     f["stall_ms"], f["stall_code_ms"], f["gc_max_ms"], f["stall_wall_ms"], f["old_stall_ms"],
+                     f["view_mb"], f["read_kb_per_s"],
+                     f"{f['redis_cpu_per_s'] * 100:.1f}%"])
+
+    def by(key: str) -> dict[str, float]:
+        return {str(s): per[s][key] for s in sizes}
+
+    first, last = str(sizes[0]), str(sizes[-1])
+    route = by("route_us")
+    result: dict[str, Any] = {
+        "bench": "fleet_scale", "proxies": sizes, "replicas_per_proxy": REPLICAS, "versions": args.versions,
+        "max_holders": args.max_holders,
+        "route_us": route, "route_old_us": by("route_old_us"),
+        "route_ratio": {k: per[int(k)]["route_old_us"] / v for k, v in route.items()},
+        "route_growth": route[last] / route[first],
+        "route_cold_us": by("route_cold_us"), "route_hot_us": by("route_hot_us"),
+        "running_of_us": by("running_of_us"), "running_old_us": by("running_old_us"),
+        "beat_us": by("beat_us"), "old_poll_block_ms": by("old_poll_block_ms"),
+        "stall_ms": by("stall_ms"), "stall_code_ms": by("stall_code_ms"), "gc_max_ms": by("gc_max_ms"),
+        "stall_wall_ms": by("stall_wall_ms"),
+        "old_stall_ms": by("old_stall_ms"), "old_stall_wall_ms": by("old_stall_wall_ms"),
+        "stall_ratio": {str(s): per[s]["old_stall_ms"] / max(per[s]["stall_ms"], 1e-6) for s in sizes},
+        "view_mb": by("view_mb"), "index_mb": by("index_mb"),
+        "ingress_read_kb_per_s": by("read_kb_per_s"), "old_ingress_read_kb_per_s": by("old_read_kb_per_s"),
+        "ingress_cmds_per_poll": by("ingress_cmds_per_poll"), "redis_cpu_per_s": by("redis_cpu_per_s"),
+        "heartbeat_bytes": per[sizes[-1]]["heartbeat_bytes"],
+        "redis_kb_per_1000_proxies": per[sizes[-1]]["redis_kb_per_1000_proxies"],
+        "redis_keys_per_1000_proxies": per[sizes[-1]]["redis_keys_per_1000_proxies"],
+        "pubsub_msgs_per_s_per_ingress_from_fleet": 0,
+        **versions,
+        "goals_met": {"route_5000_le_50": route.get("5000", 0.0) <= 50 if "5000" in route else None,
+                      "route_growth_le_3": route[last] / route[first] <= 3,
+                      "stall_le_1ms": all(per[s]["stall_ms"] <= 1 for s in sizes),
+                      "stall_code_le_1ms": all(per[s]["stall_code_ms"] <= 1 for s in sizes)},
+    }
+    report(rows, result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.fleet_scale", description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10,100,1000,5000", help="proxies per synthetic fleet")
+    parser.add_argument("--versions", type=int, default=100_000)
+    parser.add_argument("--max-holders", type=int, default=8, help="replicas of one version at most (capacity.max)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="heartbeats arriving, per fleet and poll kind")
+    parser.add_argument("--route-s", type=float, default=0.6, help="seconds per timed routing figure")
+    parser.add_argument("--deploy-versions", type=int, default=1000, help="versions created to cost them in Redis")
+    parser.add_argument("--redis-url", default="", help="a Redis to use (flushed!); default: a throwaway one")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--writer", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.writer:
+        writer_main(args.redis_url, int(args.sizes), args.versions, args.max_holders, args.seconds, args.seed)
+        return
+    asyncio.run(measure(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The fleet index: holders per version and the room sampler kept right by every write, whatever the order."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ingress.index import FleetIndex, has_room
+from ingress.router import ProxyState, ReplicaState, choose_proxies
+
+NOW = 1000.0
+MAX_AGE_S = 15.0
+
+
+def proxy(pid: str, *replicas: tuple[str, str], ts: float = NOW, max_replicas: int = 4, epoch: int = 1,
+          waiting: tuple[tuple[str, int], ...] = (), in_flight: int = 0) -> ProxyState:
+    return ProxyState(pid, f"http://{pid}", epoch, ts, tuple(ReplicaState(v, s, in_flight, 1) for v, s in replicas),
+                      max_replicas=max_replicas, waiting=waiting)
+
+
+def scan_holders(fleet: dict[str, ProxyState], version: str) -> set[str]:
+    """What the index must say, by brute force over the whole fleet."""
+    return {pid for pid, p in fleet.items()
+            if any(r.version == version for r in p.replicas) or any(v == version and n for v, n in p.waiting)}
+
+
+def scan_running(fleet: dict[str, ProxyState], version: str) -> int:
+    return sum(1 for p in fleet.values() for r in p.replicas if r.version == version and r.state in ("running", "starting"))
+
+
+def test_holders_follow_replicas_added_removed_and_moved() -> None:
+    index = FleetIndex()
+    index["a"] = proxy("a", ("v1", "running"), ("v2", "paused"))
+    index["b"] = proxy("b", ("v1", "stopped"))
+    assert {p.proxy_id for p in index.holders("v1")} == {"a", "b"}
+    assert [p.proxy_id for p in index.holders("v2")] == ["a"]
+    index["a"] = proxy("a", ("v3", "starting"))  # a's next heartbeat: v1 and v2 gone, v3 starting
+    assert [p.proxy_id for p in index.holders("v1")] == ["b"]
+    assert index.holders("v2") == [] and index.versions() == 2
+    index["b"] = proxy("b")
+    index["c"] = proxy("c", ("v1", "running"))  # v1 moved from b to c
+    assert [p.proxy_id for p in index.holders("v1")] == ["c"]
+    del index["c"]
+    assert index.holders("v1") == [] and index.running_of("v3") == 1
+    assert index.pop("a").proxy_id == "a" and index.pop("zz", None) is None
+    assert index.versions() == 0 and index.with_room() == 1
+
+
+def test_a_version_with_requests_waiting_is_held_before_its_replica_shows() -> None:
+    index = FleetIndex({"a": proxy("a", waiting=(("v1", 3),)), "b": proxy("b", waiting=(("v1", 0),))})
+    assert [p.proxy_id for p in index.holders("v1")] == ["a"]
+    assert index.running_of("v1") == 0
+
+
+def test_dict_writes_of_every_kind_keep_the_index_right() -> None:
+    index = FleetIndex()
+    index.update({"a": proxy("a", ("v", "running"))}, b=proxy("b", ("v", "paused")))
+    index.setdefault("c", proxy("c", ("v", "running")))
+    assert {p.proxy_id for p in index.holders("v")} == {"a", "b", "c"}
+    index |= {"c": proxy("c")}
+    assert {p.proxy_id for p in index.holders("v")} == {"a", "b"}
+    pid, _ = index.popitem()
+    assert pid == "c" and index.running_of("v") == 1
+    index.clear()
+    assert index.holders("v") == [] and index.sample(random.Random(1), 2, NOW, MAX_AGE_S) == []
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_heartbeats_keep_the_index_equal_to_a_scan(seed: int) -> None:
+    rng = random.Random(seed)
+    versions = [f"v{i}" for i in range(12)]
+    index = FleetIndex()
+    plain: dict[str, ProxyState] = {}
+    for step in range(400):
+        pid = f"p{rng.randrange(30)}"
+        if rng.random() < 0.2:
+            index.pop(pid, None)
+            plain.pop(pid, None)
+        else:
+            reps = tuple((rng.choice(versions), rng.choice(["running", "paused", "stopped", "starting"]))
+                         for _ in range(rng.randrange(6)))
+            waiting = ((rng.choice(versions), rng.randrange(3)),) if rng.random() < 0.3 else ()
+            state = proxy(pid, *reps, ts=NOW - rng.choice([0.0, 1.0, 30.0]), waiting=waiting)
+            index[pid] = state
+            plain[pid] = state
+        assert dict(index) == plain
+        for version in versions:
+            assert {p.proxy_id for p in index.holders(version)} == scan_holders(plain, version)
+            assert index.running_of(version) == scan_running(plain, version)
+            found = index.candidates(version, rng, 2, NOW, MAX_AGE_S)
+            ids = [p.proxy_id for p in found]
+            assert len(ids) == len(set(ids)), "no proxy twice"
+            assert set(ids) >= scan_holders(plain, version), "every holder is a candidate"
+            assert len(set(ids) - scan_holders(plain, version)) <= 2, "at most d sampled"
+        assert index.with_room() == sum(1 for p in plain.values() if has_room(p))
+
+
+def test_sampler_draws_only_live_proxies_with_room_and_at_most_d() -> None:
+    fleet = {f"room{i}": proxy(f"room{i}") for i in range(20)}
+    fleet |= {f"full{i}": proxy(f"full{i}", *[("x", "running")] * 4) for i in range(20)}
+    fleet |= {f"stale{i}": proxy(f"stale{i}", ts=NOW - 16) for i in range(20)}
+    index = FleetIndex(fleet)
+    rng = random.Random(3)
+    seen: set[str] = set()
+    for _ in range(300):
+        picked = index.sample(rng, 3, NOW, MAX_AGE_S, skip={"room0"})
+        assert 1 <= len(picked) <= 3 and len({p.proxy_id for p in picked}) == len(picked)
+        assert all(p.proxy_id.startswith("room") and p.proxy_id != "room0" for p in picked)
+        seen.update(p.proxy_id for p in picked)
+    assert len(seen) == 19, "uniform over the live ones with room"
+
+
+def test_a_full_fleet_samples_full_hosts_and_a_stale_fleet_none() -> None:
+    full = FleetIndex({f"f{i}": proxy(f"f{i}", *[("x", "running")] * 4) for i in range(10)})
+    picked = full.sample(random.Random(1), 2, NOW, MAX_AGE_S)
+    assert len(picked) == 2 and all(p.proxy_id.startswith("f") for p in picked)
+    stale = FleetIndex({f"s{i}": proxy(f"s{i}", ts=NOW - 100) for i in range(10)})
+    assert stale.sample(random.Random(1), 2, NOW, MAX_AGE_S) == []
+    assert stale.candidates("v", random.Random(1), 2, NOW, MAX_AGE_S) == []
+
+
+def test_candidates_find_the_one_live_proxy_among_many_stale_ones() -> None:
+    """Sampling is bounded; when it finds nothing the fallback still routes to a live proxy."""
+    fleet = {f"s{i}": proxy(f"s{i}", ts=NOW - 100) for i in range(500)} | {"live": proxy("live")}
+    index = FleetIndex(fleet)
+    found = index.candidates("v", random.Random(2), 2, NOW, MAX_AGE_S)
+    assert [p.proxy_id for p in found] == ["live"]
+    assert index.candidates("v", random.Random(2), 2, NOW, MAX_AGE_S, exclude=frozenset({"live"})) == []
+
+
+def test_excluded_holders_and_samples_are_left_out() -> None:
+    index = FleetIndex({"a": proxy("a", ("v", "running")), "b": proxy("b"), "c": proxy("c")})
+    found = index.candidates("v", random.Random(1), 5, NOW, MAX_AGE_S, exclude=frozenset({"a", "b"}))
+    assert [p.proxy_id for p in found] == ["c"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_routing_over_candidates_matches_the_full_scan_for_held_versions(seed: int) -> None:
+    """Warm and lukewarm proxies are all candidates, so the best tier and its cost are the full scan's."""
+    rng = random.Random(seed)
+    fleet = {}
+    for i in range(60):
+        reps = [(f"v{rng.randrange(40)}", rng.choice(["running", "paused"])) for _ in range(rng.randrange(4))]
+        fleet[f"p{i}"] = proxy(f"p{i}", *reps, max_replicas=4, in_flight=rng.randrange(2))
+    index = FleetIndex(fleet)
+    for n in range(40):
+        version = f"v{n}"
+        full = choose_proxies(list(fleet.values()), version, NOW, random.Random(1))
+        fast = choose_proxies(index.candidates(version, random.Random(1), 2, NOW, MAX_AGE_S), version, NOW,
+                              random.Random(1))
+        held = scan_holders(fleet, version)
+        if not held:
+            assert fast[0].tier == full[0].tier == "cold"  # power of d choices: a sampled host, not the global best
+            continue
+        assert (fast[0].tier, fast[0].expected_ms) == (full[0].tier, full[0].expected_ms)
+        assert {c.proxy.proxy_id for c in full if c.proxy.proxy_id in held} <= {c.proxy.proxy_id for c in fast}
