@@ -21,12 +21,14 @@ from ingress.costs import CostBook, start_tier
 from ingress.proxy_client import ProxyClient, ProxyUnreachable
 from ingress.router import Choice, choose_proxies
 from ingress.spread import spread
-from ingress.view import StateView
+from ingress.view import SAMPLE_D, StateView
 from shared.errors import ReplicaFailed, deadline_exceeded, unavailable
 from shared.messages import ChunkRequest, ChunkResult, VersionSpec, start_ms
 
 # Below this many items a batch goes to one proxy: a second hop costs more than it saves.
 MIN_CHUNK = 32
+# The most proxies one request's chunks are spread over (each sampled, ranked and sent to).
+MAX_SPLIT_PROXIES = 64
 START_RANK = {"warm": 0, "lukewarm": 1, "cold": 2}
 
 
@@ -75,14 +77,16 @@ class Dispatcher:
 
     def _may_start(self, spec: VersionSpec) -> bool:
         """Whether a proxy may add a replica of ``spec``: fewer than ``capacity.max`` run across the fleet
-        (as of the last heartbeats; two ingresses may overshoot by a beat, and idle replicas pause soon)."""
-        running = sum(1 for proxy in self.view.live_proxies() for r in proxy.replicas
-                      if r.version == spec.key and r.state in ("running", "starting"))
-        return running < spec.capacity.max
+        (as of the last heartbeats; two ingresses may overshoot by a beat, and idle replicas pause soon).
+        O(the version's holders), whatever the fleet."""
+        return self.view.running_of(spec.key) < spec.capacity.max
 
-    def _choices(self, spec: VersionSpec, exclude: frozenset[str] = frozenset()) -> list[Choice]:
-        return choose_proxies(self.view.live_proxies(), spec.key, self.view.routing_now(), self.rng,
-                              self.costs.costs(spec.key), self.max_age_s, exclude)
+    def _choices(self, spec: VersionSpec, exclude: frozenset[str] = frozenset(), d: int = SAMPLE_D) -> list[Choice]:
+        """The proxies holding the version and ``d`` sampled ones with room (``StateView.candidates``),
+        ranked: the cost of a request's routing does not grow with the fleet."""
+        candidates = self.view.candidates(spec.key, self.rng, d=d, max_age_s=self.max_age_s, exclude=exclude)
+        return choose_proxies(candidates, spec.key, self.view.routing_now(), self.rng, self.costs.costs(spec.key),
+                              self.max_age_s, exclude)
 
     async def run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str,
                   batch: bool = False) -> Outcome:
@@ -101,7 +105,9 @@ class Dispatcher:
 
     async def _run(self, spec: VersionSpec, inputs: list[Any], deadline: float, request_id: str,
                    batch: bool) -> Outcome:
-        choices = self._choices(spec) or await self._fresh_choices(spec, frozenset()) \
+        # A big batch may be split over as many proxies as it has chunks' worth of items: sample that many.
+        d = max(SAMPLE_D, min(len(inputs) // MIN_CHUNK, MAX_SPLIT_PROXIES))
+        choices = self._choices(spec, d=d) or await self._fresh_choices(spec, frozenset(), d) \
             or await self._hold(spec, deadline)
         # A scan of the fleet's replicas: once per request, shared by its chunks.
         may_start = self._may_start(spec)
@@ -237,7 +243,7 @@ class Dispatcher:
 
         Raises the first failure (the version never got ready) or 503 when fewer proxies live.
         """
-        choices = (self._choices(spec) or await self._fresh_choices(spec, frozenset()))[:count]
+        choices = (self._choices(spec, d=count) or await self._fresh_choices(spec, frozenset(), count))[:count]
         if len(choices) < count:
             raise unavailable(f"{count} replicas asked for, {len(choices)} proxies alive", retry_after_s=2)
         chunk = ChunkRequest(spec=spec, inputs=[], timeout_s=max(0.0, deadline - self.clock()), request_id="prewarm")
@@ -263,13 +269,13 @@ class Dispatcher:
             delay_s = min(delay_s * 2, 1.0)
         return []
 
-    async def _fresh_choices(self, spec: VersionSpec, exclude: frozenset[str]) -> list[Choice]:
+    async def _fresh_choices(self, spec: VersionSpec, exclude: frozenset[str], d: int = SAMPLE_D) -> list[Choice]:
         """Candidates after re-reading the fleet: a proxy may have started since the last poll."""
         try:
             await asyncio.wait_for(self.view.refresh(), 2.0)
         except Exception:  # noqa: BLE001 - an unreachable registry just means no fresh candidates
             return []
-        return self._choices(spec, exclude)
+        return self._choices(spec, exclude, d)
 
     def _learn(self, spec: VersionSpec, result: ChunkResult, items: int) -> None:
         self.costs.record(spec.key, start_tier(result.start, result.timings), start_ms(result.timings),
