@@ -20,6 +20,8 @@ What a heartbeat says is read for what it means for the next request:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -76,18 +78,32 @@ class ProxyState:
     # Requests waiting at this proxy for a replica slot, per version key: load beyond what runs.
     waiting: tuple[tuple[str, int], ...] = dataclasses.field(default=(), compare=False)
 
-    @property
+    # Derived once per heartbeat, on first use (a heartbeat is read by every request routed until the next
+    # one: routing a request costs a few dict lookups per candidate, not a pass over its replicas).
+    @functools.cached_property
     def in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas)
 
-    @property
+    @functools.cached_property
     def load(self) -> int:
         """Work here now or about to be: slots taken, requests waiting for one, and replicas starting."""
         return self.in_flight + sum(n for _, n in self.waiting) + sum(1 for r in self.replicas if r.state == "starting")
 
+    @functools.cached_property
+    def by_version(self) -> dict[str, tuple[ReplicaState, ...]]:
+        """This proxy's replicas of each version."""
+        out: dict[str, list[ReplicaState]] = {}
+        for r in self.replicas:
+            out.setdefault(r.version, []).append(r)
+        return {v: tuple(rs) for v, rs in out.items()}
+
+    @functools.cached_property
+    def _waiting(self) -> dict[str, int]:
+        return dict(self.waiting)
+
     def waiting_for(self, version: str) -> int:
         """Requests waiting here for a slot on a replica of ``version``."""
-        return next((n for v, n in self.waiting if v == version), 0)
+        return self._waiting.get(version, 0)
 
     @classmethod
     def from_heartbeat(cls, data: dict[str, Any]) -> "ProxyState":
@@ -136,7 +152,7 @@ class Choice:
 
 def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[str, float]:
     """The best tier this proxy offers for ``version`` and its expected latency (ms)."""
-    mine = [r for r in proxy.replicas if r.version == version]
+    mine = proxy.by_version.get(version, ())
     running = [r for r in mine if r.state == "running"]
     waiting = proxy.waiting_for(version)
     if running:
@@ -184,28 +200,27 @@ def choose_proxies(
     and the lighter goes first, repeated until none are left.
     """
     scored = []
-    for p in alive(proxies, now, max_age_s):
-        if p.proxy_id in exclude:
+    for p in proxies:
+        if now - p.ts > max_age_s or p.proxy_id in exclude:
             continue
         tier, ms = tier_and_wait(p, version, costs)
-        scored.append(Choice(proxy=p, tier=tier, expected_ms=ms))
-    scored.sort(key=lambda c: round(c.expected_ms, 3))
+        scored.append((round(ms, 3), Choice(proxy=p, tier=tier, expected_ms=ms)))
+    scored.sort(key=lambda kc: kc[0])
     ordered: list[Choice] = []
-    i = 0
-    while i < len(scored):
-        j = i
-        while j < len(scored) and round(scored[j].expected_ms, 3) == round(scored[i].expected_ms, 3):
-            j += 1
-        ordered.extend(_power_of_two(scored[i:j], rng))
-        i = j
+    for _, group in itertools.groupby(scored, key=lambda kc: kc[0]):
+        ordered.extend(_power_of_two([c for _, c in group], rng))
     return ordered
 
 
-def _power_of_two(group: list[Choice], rng: random.Random) -> list[Choice]:
-    pool = list(group)
+def _power_of_two(pool: list[Choice], rng: random.Random) -> list[Choice]:
+    if len(pool) < 2:
+        return pool
     out: list[Choice] = []
     while len(pool) > 1:
-        a, b = rng.sample(range(len(pool)), 2)
+        # Two distinct candidates drawn uniformly (what rng.sample(range(n), 2) draws, for less).
+        a = rng.randrange(len(pool))
+        b = rng.randrange(len(pool) - 1)
+        b += b >= a
         pick = a if pool[a].proxy.load <= pool[b].proxy.load else b
         out.append(pool.pop(pick))
     out.extend(pool)
