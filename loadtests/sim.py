@@ -117,7 +117,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ingress.costs import CostBook
+from ingress.index import FleetIndex
 from ingress.router import ProxyState, ReplicaState, StartCosts, choose_proxies
+from ingress.view import SAMPLE_D
 from ingress.spread import spread
 from runtime_proxy import policy
 from runtime_proxy.policy import ReplicaView
@@ -501,6 +503,10 @@ class Fleet:
     rng: random.Random = dataclasses.field(default_factory=random.Random)
     counters: Counters = dataclasses.field(default_factory=Counters)
     evictions: list[Eviction] = dataclasses.field(default_factory=list)
+    # What the lukewarm ingress's view holds (ingress.index.FleetIndex): every host's heartbeat, indexed by the
+    # versions it holds; hosts changed since it was last brought up to date (their next heartbeat).
+    index: FleetIndex = dataclasses.field(default_factory=FleetIndex)
+    dirty: set[int] = dataclasses.field(default_factory=set)
 
     def schedule(self, at_ms: float, handler: Handler, payload: Any) -> None:
         self.seq += 1
@@ -510,10 +516,25 @@ class Fleet:
 def new_fleet(cfg: Config, models: list[Model]) -> Fleet:
     defaults = StartCosts(lukewarm_ms=cfg.thaw_ms, cold_ms=cfg.cold_ms + cfg.load_ms, infer_ms=cfg.infer_ms,
                           stopped_ms=cfg.stopped_ms + cfg.load_ms)
-    return Fleet(cfg=cfg, models=models, hosts=[Host(index=i) for i in range(cfg.hosts)], costs=CostBook(defaults))
+    fleet = Fleet(cfg=cfg, models=models, hosts=[Host(index=i) for i in range(cfg.hosts)], costs=CostBook(defaults))
+    fleet.dirty.update(range(cfg.hosts))  # every host's first heartbeat
+    return fleet
 
 
 # ---- what an ingress sees ----------------------------------------------------
+
+
+def changed(fleet: Fleet, host: Host) -> None:
+    """The host's state moved: its heartbeat is built again when next needed."""
+    host.snapshot = None
+    fleet.dirty.add(host.index)
+
+
+def sync_view(fleet: Fleet) -> None:
+    """Bring the ingress's view up to date with the hosts that changed (as their heartbeats would)."""
+    for i in fleet.dirty:
+        fleet.index[str(i)] = proxy_state(fleet, fleet.hosts[i])
+    fleet.dirty.clear()
 
 
 def proxy_state(fleet: Fleet, host: Host) -> ProxyState:
@@ -531,13 +552,10 @@ def proxy_state(fleet: Fleet, host: Host) -> ProxyState:
 
 
 def may_start(fleet: Fleet, model: int) -> bool:
-    """``Dispatcher._may_start``: fewer than capacity.max replicas running or starting across the fleet."""
-    running = 0
-    for host in fleet.hosts:
-        pool = host.pools.get(model)
-        if pool is not None:
-            running += sum(1 for r in pool.replicas if r.state in (RUNNING, STARTING))
-    return running < fleet.cfg.capacity_max
+    """``Dispatcher._may_start``: fewer than capacity.max replicas running or starting across the fleet
+    (``StateView.running_of``, from the holders)."""
+    sync_view(fleet)
+    return fleet.index.running_of(fleet.models[model].name) < fleet.cfg.capacity_max
 
 
 # ---- routing policies: (fleet, request, now, rng) -> host index --------------
@@ -547,8 +565,10 @@ Policy = Callable[[Fleet, Request, float, random.Random], int]
 
 def route_lukewarm(fleet: Fleet, req: Request, now: float, rng: random.Random) -> int:
     name = fleet.models[req.arrival.model].name
-    proxies = [proxy_state(fleet, h) for h in fleet.hosts]
+    sync_view(fleet)
+    # What the Dispatcher ranks: the version's holders and SAMPLE_D sampled hosts with room (the fleet index).
     # Heartbeats are taken as fresh (ts 0, any age accepted): the simulator models no staleness.
+    proxies = fleet.index.candidates(name, rng, SAMPLE_D, now, math.inf, frozenset())
     choices = choose_proxies(proxies, name, now, rng, fleet.costs.costs(name), max_age_s=math.inf)
     if fleet.cfg.spread:
         sent = {str(h.index): h.pools[req.arrival.model].load for h in fleet.hosts if req.arrival.model in h.pools}
@@ -640,7 +660,7 @@ def retire(fleet: Fleet, host: Host, r: Replica, reason: str = "") -> None:
     del host.replicas[r.uid]
     pool = host.pools[r.model]
     pool.replicas.remove(r)
-    host.snapshot = None
+    changed(fleet, host)
     if reason:
         fleet.counters.evicted += 1
         fleet.counters.evicted_running += r.state == RUNNING
@@ -674,7 +694,7 @@ def admit(fleet: Fleet, host: Host, req: Request, now: float) -> None:
     req.host = host.index
     host.load += 1
     host.pool(req.arrival.model).waiters.append(req)
-    host.snapshot = None
+    changed(fleet, host)
     serve(fleet, host, req.arrival.model, now)
 
 
@@ -767,7 +787,7 @@ def start_more(fleet: Fleet, host: Host, model: int, now: float) -> bool:
 def begin_start(fleet: Fleet, host: Host, replica: Replica, state: str, kind: str, cost_ms: float,
                 now: float) -> None:
     replica.state, replica.start_kind, replica.start_ms, replica.ready_ms = state, kind, cost_ms, now + cost_ms
-    host.snapshot = None
+    changed(fleet, host)
     fleet.schedule(now + cost_ms, on_thawed if state == RESUMING else on_ready, (host, replica))
 
 
@@ -783,7 +803,7 @@ def refuse(fleet: Fleet, host: Host, pool: Pool, now: float) -> None:
         else:
             fleet.schedule(now + RETRY_AFTER_MS, on_arrive, req)
     pool.waiters.clear()
-    host.snapshot = None
+    changed(fleet, host)
 
 
 def take(fleet: Fleet, host: Host, replica: Replica, req: Request, now: float) -> None:
@@ -796,7 +816,7 @@ def take(fleet: Fleet, host: Host, replica: Replica, req: Request, now: float) -
         if req.arrival.at_ms < replica.ready_ms:
             req.tier = replica.start_kind
         replica.start_kind = ""
-    host.snapshot = None
+    changed(fleet, host)
     if replica.state == RESUMING:
         replica.holding = req  # sent while the unpause is in flight: answered once it thaws
     else:
@@ -829,7 +849,7 @@ def on_ready(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
     if replica.start_kind == COLD:
         _note_start(host.pools[replica.model], replica.start_ms)
     replica.state, replica.last_used = RUNNING, now
-    host.snapshot = None
+    changed(fleet, host)
     serve(fleet, host, replica.model, now)
     idle_timer(fleet, host, replica, now)
 
@@ -837,7 +857,7 @@ def on_ready(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
 def on_thawed(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
     host, replica = payload
     replica.state = RUNNING
-    host.snapshot = None
+    changed(fleet, host)
     req, replica.holding = replica.holding, None
     if req is not None:
         to_core(fleet, host, replica, req, now)
@@ -851,7 +871,7 @@ def on_done(fleet: Fleet, payload: tuple[Host, Replica, Request], now: float) ->
     host.load -= 1
     replica.in_flight -= 1
     replica.last_used = now
-    host.snapshot = None
+    changed(fleet, host)
     pool = host.pools[replica.model]
     pool.infer_ms = _ewma(pool.infer_ms, now - req.took_ms)
     learn(fleet, req, now)
@@ -914,7 +934,7 @@ def freeze(fleet: Fleet, host: Host, rid: str, wanted: str, after: str, now: flo
     if replica is None or replica.in_flight or replica.state != wanted or host.pools[replica.model].waiters:
         return
     replica.state = after
-    host.snapshot = None
+    changed(fleet, host)
     cfg = fleet.cfg
     if after == PAUSED:
         fleet.counters.paused += 1
