@@ -343,6 +343,11 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool)
         registry = Registry(client)
         view = StateView(registry)
         heartbeats.fetch = counting_fetch  # type: ignore[assignment]
+        # The first poll of a new ingress reads the whole fleet and runs every code path for the first time
+        # (imports done on first use, first parses): timed apart, the steady state is what is measured.
+        with StallMeter() as first:
+            await (legacy_refresh(view, registry, fetched_bytes) if legacy else view.refresh())
+        fetched_bytes[0] = 0
         calls0, cpu0 = command_calls(sync), redis_cpu_s(sync)
         polls, started = 0, time.monotonic()
         with StallMeter() as meter:
@@ -354,6 +359,7 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool)
         elapsed = time.monotonic() - started
         calls = {k: v - calls0.get(k, 0) for k, v in command_calls(sync).items()}
         out = {"stall_ms": meter.max_cpu_s * 1e3, "stall_wall_ms": meter.max_wall_s * 1e3,
+               "first_poll_stall_ms": first.max_cpu_s * 1e3,
                "stall_code_ms": meter.max_code_s * 1e3, "gc_max_ms": meter.max_gc_s * 1e3, "polls": polls,
                "seen": len(view.proxies), "redis_cpu_per_s": (redis_cpu_s(sync) - cpu0) / elapsed,
                "read_kb_per_s": fetched_bytes[0] / 1024 / elapsed,
@@ -483,7 +489,7 @@ def publish(sizes: list[int], per: dict[int, dict[str, float]], versions: dict[s
         "running_of_us": by("running_of_us"), "running_old_us": by("running_old_us"),
         "beat_us": by("beat_us"), "old_poll_block_ms": by("old_poll_block_ms"),
         "stall_ms": by("stall_ms"), "stall_code_ms": by("stall_code_ms"), "gc_max_ms": by("gc_max_ms"),
-        "stall_wall_ms": by("stall_wall_ms"),
+        "stall_wall_ms": by("stall_wall_ms"), "first_poll_stall_ms": by("first_poll_stall_ms"),
         "old_stall_ms": by("old_stall_ms"), "old_stall_wall_ms": by("old_stall_wall_ms"),
         "stall_ratio": {str(s): per[s]["old_stall_ms"] / max(per[s]["stall_ms"], 1e-6) for s in sizes},
         "view_mb": by("view_mb"), "index_mb": by("index_mb"),
