@@ -22,22 +22,15 @@ from runtime_proxy.replicas import ReplicaManager
 from shared.messages import AUTO_FALLBACK_IDLE_S, ChunkRequest, VersionSpec
 from shared.settings import ProxySettings
 from tests.integration.test_lifecycle import containers, effective_status
+from tests.support.clock import ManualClock
 from tests.support.stack import remove_containers, wait_until
 
 pytestmark = [pytest.mark.timeout(180)]
 PERIOD_S = 120.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 10_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @contextlib.asynccontextmanager
-async def manager_on(clock: Clock, state_dir: Path) -> AsyncIterator[ReplicaManager]:
+async def manager_on(clock: ManualClock, state_dir: Path) -> AsyncIterator[ReplicaManager]:
     settings = ProxySettings(proxy_id=f"kw-{uuid.uuid4().hex[:8]}", state_dir=str(state_dir), proxy_secret="s")
     runtime = DockerRuntime()
     manager = ReplicaManager(runtime, settings, install_harness(state_dir), clock=clock)
@@ -63,30 +56,30 @@ def docker_state(manager: ReplicaManager) -> str:
 async def test_a_timer_like_version_is_stopped_between_calls_and_prewarmed_before_the_next(
     state_dir: Path, model_image: str,
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(10_000.0)
     spec = VersionSpec("acme", "timer", "main", 1, model_image, entrypoint="models:echo",
                        idle_timeout_s=AUTO_FALLBACK_IDLE_S, idle_auto=True)
     async with manager_on(clock, state_dir) as manager:
         for i in range(12):  # a call every two minutes: the histogram has seen enough to trust it
-            clock.t = 10_000.0 + i * PERIOD_S
+            clock.now = 10_000.0 + i * PERIOD_S
             assert (await call(manager, spec, i))[0] == {"echo": i}
-        last = clock.t
+        last = clock.now
         [replica] = manager.replicas.values()
         assert replica.state is State.RUNNING
 
         # Half way to the next call: no memory is worth holding, the replica is stopped (a fixed
         # 300 s idle timeout would still hold it running).
-        clock.t = last + 40
+        clock.now = last + 40
         done = await manager.reap_once()
         assert done["stopped"] == [replica.replica_id] and replica.state is State.STOPPED
         assert docker_state(manager) == "exited"
 
         # Shortly before the call is due: started again in the background, then frozen to wait for it.
-        clock.t = last + 110
+        clock.now = last + 110
         done = await manager.reap_once()
         assert done["prewarmed"] == [replica.replica_id]
         await wait_until(lambda: replica.state is State.RUNNING, 60, "the pre-warmed replica to be up", 0.05)
-        clock.t = last + 111
+        clock.now = last + 111
         done = await manager.reap_once()
         assert done["paused"] == [replica.replica_id]
         assert docker_state(manager) == "paused"
@@ -94,7 +87,7 @@ async def test_a_timer_like_version_is_stopped_between_calls_and_prewarmed_befor
         assert file is not None and freezer.is_frozen(file)
 
         # The call finds it paused: a thaw, not a start.
-        clock.t = last + PERIOD_S
+        clock.now = last + PERIOD_S
         output, kind = await call(manager, spec, "due")
         assert output == {"echo": "due"} and kind == "lukewarm"
         assert docker_state(manager) == "running"
@@ -103,18 +96,18 @@ async def test_a_timer_like_version_is_stopped_between_calls_and_prewarmed_befor
 async def test_an_auto_version_with_too_few_calls_keeps_the_fallback_timeout(
     state_dir: Path, model_image: str,
 ) -> None:
-    clock = Clock()
+    clock = ManualClock(10_000.0)
     spec = VersionSpec("acme", "new", "main", 1, model_image, entrypoint="models:echo",
                        idle_timeout_s=60.0, idle_auto=True)
     async with manager_on(clock, state_dir) as manager:
         assert (await call(manager, spec, 1))[0] == {"echo": 1}
         [replica] = manager.replicas.values()
-        clock.t += 29
+        clock.now += 29
         assert (await manager.reap_once())["paused"] == [] and replica.state is State.RUNNING
-        clock.t += 2  # paused soon (a thaw costs ~1 ms) ...
+        clock.now += 2  # paused soon (a thaw costs ~1 ms) ...
         assert (await manager.reap_once())["paused"] == [replica.replica_id]
         assert docker_state(manager) == "paused"
-        clock.t += 30  # ... and past the fallback freed at once (no pause-then-stop hour under "auto")
+        clock.now += 30  # ... and past the fallback freed at once (no pause-then-stop hour under "auto")
         done = await manager.reap_once()
         assert done["stopped"] == [replica.replica_id]
         assert docker_state(manager) == "exited"
@@ -126,7 +119,7 @@ async def test_versions_with_nothing_here_are_forgotten_beyond_a_bound(
     """A tenant deploying and calling version after version must not grow the proxy's memory for good:
     pools (with their idle-time histograms) of versions with no replica are kept up to a bound, newest."""
     monkeypatch.setattr("runtime_proxy.replicas.MAX_IDLE_POOLS", 3)
-    clock = Clock()
+    clock = ManualClock(10_000.0)
     async with manager_on(clock, state_dir) as manager:
         for i in range(10):
             pool = manager._pool(f"acme/m/main/{i}")

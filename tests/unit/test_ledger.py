@@ -8,17 +8,10 @@ import pytest
 
 from loadtests.common import wait_until
 from runtime_proxy.ledger import ChunkLedger
+from tests.support.clock import ManualClock
 
 pytestmark = pytest.mark.timeout(10)
 WAIT_S = 5.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Work:
@@ -67,7 +60,7 @@ async def test_an_empty_id_or_a_zero_window_never_deduplicates() -> None:
 
 
 async def test_answers_are_forgotten_after_the_window() -> None:
-    clock = Clock()
+    clock = ManualClock(0.0)
     ledger, work = ChunkLedger(10.0, 2**20, clock), Work()
     work.release.set()
     await ledger.run("a", work)

@@ -12,6 +12,7 @@ from ingress import heartbeats
 from ingress.registry import Registry
 from ingress.view import QUIET_S, StateView
 from shared import keys
+from tests.support.clock import ManualClock
 
 
 def beat(pid: str, epoch: int = 1, ts: float = 1000.0, *versions: str, **extra: Any) -> dict[str, Any]:
@@ -31,17 +32,9 @@ async def withdraw(client: Any, pid: str) -> None:
     await client.zrem(keys.PROXIES, pid)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(1000.0)
 
 
 @pytest.fixture
@@ -63,7 +56,7 @@ def holders(view: StateView, version: str) -> set[str]:
 
 
 async def test_a_poll_reads_only_the_heartbeats_that_changed(
-        registry: Registry, client: Any, clock: Clock, fetched: list[str]) -> None:
+        registry: Registry, client: Any, clock: ManualClock, fetched: list[str]) -> None:
     view = StateView(registry, clock=clock)
     for i in range(5):
         await publish(client, beat(f"p{i}", 1, 1000.0, "v1" if i < 2 else "v2"))
@@ -80,7 +73,7 @@ async def test_a_poll_reads_only_the_heartbeats_that_changed(
 
 
 async def test_withdrawn_and_expired_proxies_leave_the_view_and_the_index(
-        registry: Registry, client: Any, clock: Clock, fetched: list[str]) -> None:
+        registry: Registry, client: Any, clock: ManualClock, fetched: list[str]) -> None:
     view = StateView(registry, clock=clock)
     for pid in ("a", "b", "c"):
         await publish(client, beat(pid, 1, 1000.0, "v"))
@@ -100,7 +93,7 @@ async def test_withdrawn_and_expired_proxies_leave_the_view_and_the_index(
 
 
 async def test_fencing_and_suspicion_hold_through_incremental_polls(
-        registry: Registry, client: Any, clock: Clock) -> None:
+        registry: Registry, client: Any, clock: ManualClock) -> None:
     view = StateView(registry, clock=clock)
     await publish(client, beat("p", 3, 1000.0, "v"))
     await view.refresh()
@@ -121,7 +114,7 @@ async def test_fencing_and_suspicion_hold_through_incremental_polls(
     assert view.proxies["p"].epoch == 4 and holders(view, "v") == {"p"}
 
 
-async def test_malformed_heartbeats_are_skipped(registry: Registry, client: Any, clock: Clock) -> None:
+async def test_malformed_heartbeats_are_skipped(registry: Registry, client: Any, clock: ManualClock) -> None:
     view = StateView(registry, clock=clock)
     await publish(client, beat("ok", 1, 1000.0))
     await client.set(keys.proxy_heartbeat("bad"), b"not json")
@@ -132,7 +125,7 @@ async def test_malformed_heartbeats_are_skipped(registry: Registry, client: Any,
     assert set(view.proxies) == {"ok"}
 
 
-async def test_entries_older_than_the_window_are_not_read(registry: Registry, client: Any, clock: Clock,
+async def test_entries_older_than_the_window_are_not_read(registry: Registry, client: Any, clock: ManualClock,
                                                           fetched: list[str]) -> None:
     view = StateView(registry, clock=clock)
     await publish(client, beat("old", 1, 100.0))
@@ -149,7 +142,7 @@ async def test_score_pages_miss_nobody_even_with_equal_scores(client: Any, monke
 
 
 async def test_a_big_fleet_is_taken_in_slices_that_yield_to_the_loop(
-        registry: Registry, client: Any, clock: Clock) -> None:
+        registry: Registry, client: Any, clock: ManualClock) -> None:
     view = StateView(registry, clock=clock)
     for i in range(600):
         await publish(client, beat(f"p{i}", 1, 1000.0, *[f"v{(i * 16 + j) % 1000}" for j in range(16)]))
