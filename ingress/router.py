@@ -105,6 +105,17 @@ class ProxyState:
         """Requests waiting here for a slot on a replica of ``version``."""
         return self._waiting.get(version, 0)
 
+    @functools.cached_property
+    def _offers(self) -> dict[str, tuple[str, float]]:
+        return {}
+
+    def offer(self, version: str) -> tuple[str, float]:
+        """``offer`` for a version held here, worked out once per heartbeat (prices are applied per request)."""
+        found = self._offers.get(version)
+        if found is None:
+            found = self._offers[version] = offer(self.by_version.get(version, ()), self.waiting_for(version))
+        return found
+
     @classmethod
     def from_heartbeat(cls, data: dict[str, Any]) -> "ProxyState":
         """From a heartbeat as Redis holds it (``shared.messages.ProxyHeartbeat``); raises when malformed."""
@@ -152,27 +163,44 @@ class Choice:
 
 def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[str, float]:
     """The best tier this proxy offers for ``version`` and its expected latency (ms)."""
-    mine = proxy.by_version.get(version, ())
-    running = [r for r in mine if r.state == "running"]
-    waiting = proxy.waiting_for(version)
-    if running:
-        return WARM, warm_queue(running, waiting) * costs.infer_ms
-    if any(r.state == "paused" for r in mine):
-        return LUKEWARM, costs.lukewarm_ms
-    if any(r.state == "stopped" for r in mine):
-        # Lukewarm too, but a boot and the model's load, not a thaw: priced apart, or a stopped host would
-        # beat a warm replica with a short queue and pay a start the queue would have spared.
-        return LUKEWARM, costs.stopped_ms
-    starting = sum(max(1, r.concurrency) for r in mine if r.state == "starting")
-    if starting or waiting:
-        # A start under way here (the first waiter of a version with no replica starts one at once, before
-        # the heartbeat can show it): on average half of it is left, and the requests waiting for it go first.
-        ahead = max(0, waiting - max(1, starting) + 1) / max(1, starting)
-        return COLD, costs.cold_ms / 2 + ahead * costs.infer_ms
+    if version in proxy.by_version:
+        kind, units = proxy.offer(version)
+        if kind == "warm":
+            return WARM, units * costs.infer_ms
+        if kind == "paused":
+            return LUKEWARM, costs.lukewarm_ms
+        if kind == "stopped":
+            # Lukewarm too, but a boot and the model's load, not a thaw: priced apart, or a stopped host would
+            # beat a warm replica with a short queue and pay a start the queue would have spared.
+            return LUKEWARM, costs.stopped_ms
+        if kind == "starting":
+            return COLD, costs.cold_ms / 2 + units * costs.infer_ms
+    elif proxy.waiting_for(version):
+        # Waiters and no replica shown: the first waiter of a version starts one at once, before the heartbeat
+        # can show it.
+        return COLD, costs.cold_ms / 2 + proxy.waiting_for(version) * costs.infer_ms
     # A cold start on a busy host competes for its CPU with what already runs or starts there.
     load_penalty = proxy.load * costs.infer_ms
     full = len(proxy.replicas) >= proxy.max_replicas
     return COLD, costs.cold_ms + load_penalty + (costs.cold_ms if full else 0.0)
+
+
+def offer(replicas: Sequence[ReplicaState], waiting: int) -> tuple[str, float]:
+    """What one host offers a request of a version it holds ``replicas`` of, with ``waiting`` requests queued
+    there, as (kind, units): ``warm`` (units: inference times to wait for a slot), ``paused``, ``stopped``,
+    ``starting`` (units: inference times of the requests ahead once the start is done) or ``cold``."""
+    running = [r for r in replicas if r.state == "running"]
+    if running:
+        return "warm", warm_queue(running, waiting)
+    if any(r.state == "paused" for r in replicas):
+        return "paused", 0.0
+    if any(r.state == "stopped" for r in replicas):
+        return "stopped", 0.0
+    starting = sum(max(1, r.concurrency) for r in replicas if r.state == "starting")
+    if starting or waiting:
+        # A start under way here: on average half of it is left, and the requests waiting for it go first.
+        return "starting", max(0, waiting - max(1, starting) + 1) / max(1, starting)
+    return "cold", 0.0
 
 
 def warm_queue(running: Sequence[ReplicaState], waiting: int) -> float:
@@ -218,8 +246,9 @@ def _power_of_two(pool: list[Choice], rng: random.Random) -> list[Choice]:
     out: list[Choice] = []
     while len(pool) > 1:
         # Two distinct candidates drawn uniformly (what rng.sample(range(n), 2) draws, for less).
-        a = rng.randrange(len(pool))
-        b = rng.randrange(len(pool) - 1)
+        n = len(pool)
+        a = int(rng.random() * n)
+        b = int(rng.random() * (n - 1))
         b += b >= a
         pick = a if pool[a].proxy.load <= pool[b].proxy.load else b
         out.append(pool.pop(pick))
