@@ -78,9 +78,13 @@ class ProcessRuntime:
         proc = self._procs.get(handle)
         if proc is None or proc.returncode is not None:
             return
-        # A stopped process cannot act on SIGTERM until continued.
+        # A stopped process cannot act on SIGTERM until continued. It may exit on the SIGTERM and be reaped
+        # (asyncio's child watcher) before the SIGCONT: gone is what a stop wants, not an error.
         for sig in (signal.SIGTERM, signal.SIGCONT):
-            os.kill(proc.pid, sig)
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                break
         try:
             await asyncio.wait_for(proc.wait(), timeout_s)
         except TimeoutError:
