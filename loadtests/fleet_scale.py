@@ -15,7 +15,9 @@ Synthetic fleets of ``--sizes`` proxies (16 replicas each over ``--versions`` ve
   every callback the loop runs (``Handle._run``); ``stall_ms`` is the loop thread's CPU time in the
   longest one (what the code holds the loop for), ``stall_wall_ms`` its wall time (includes the OS
   preempting this process on a busy machine). Baseline: the old poll (``Registry.list_proxies`` + a full
-  rebuild), same writer, same duration.
+  rebuild), same writer, same duration. ``lag_ms``: the same stalls as a 1 ms sleep sees them (how late
+  it wakes; wall time), the one figure that also works with ``--uvloop`` (the daemons' loop, whose
+  callbacks do not go through ``Handle._run``: there ``stall_ms`` reads 0).
 - ``view_mb``: the view's memory for the fleet (tracemalloc), and the index's share of it.
 - Redis: keys and bytes per 1000 proxies (``MEMORY USAGE``), per 1000 versions (created through
   ``Registry.create_version``), heartbeat bytes, commands and bytes an ingress reads per second, pub/sub
@@ -47,7 +49,7 @@ from ingress.index import FleetIndex
 from ingress.registry import Registry
 from ingress.router import ProxyState, StartCosts, choose_proxies
 from ingress.view import StateView
-from loadtests.common import log, report, throwaway_redis
+from loadtests.common import log, report, run_async, throwaway_redis
 from shared import keys
 
 REPLICAS = 16
@@ -306,6 +308,31 @@ class StallMeter:
         gc.callbacks.remove(self._on_gc)
 
 
+class LagProbe:
+    """The loop's lateness as a task sees it: a sleep of ``PROBE_S`` that wakes late was held up by whatever
+    ran meanwhile. Wall time, and it works on any loop (uvloop's callbacks bypass ``StallMeter``)."""
+
+    PROBE_S = 0.001
+
+    def __init__(self) -> None:
+        self.max_lag_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._stop = False
+
+    async def _run(self) -> None:
+        while not self._stop:
+            t = time.perf_counter()
+            await asyncio.sleep(self.PROBE_S)
+            self.max_lag_s = max(self.max_lag_s, time.perf_counter() - t - self.PROBE_S)
+
+    def __enter__(self) -> LagProbe:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True  # the task ends at its next wake-up (within PROBE_S)
+
+
 def command_calls(client: redis.Redis) -> dict[str, int]:
     stats = client.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
@@ -350,7 +377,8 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool)
         fetched_bytes[0] = 0
         calls0, cpu0 = command_calls(sync), redis_cpu_s(sync)
         polls, started = 0, time.monotonic()
-        with StallMeter() as meter:
+        probe = LagProbe()
+        with StallMeter() as meter, probe:
             while time.monotonic() - started < args.seconds:
                 began = time.monotonic()
                 await (legacy_refresh(view, registry, fetched_bytes) if legacy else view.refresh())
@@ -363,7 +391,8 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool)
                "stall_code_ms": meter.max_code_s * 1e3, "gc_max_ms": meter.max_gc_s * 1e3, "polls": polls,
                "seen": len(view.proxies), "redis_cpu_per_s": (redis_cpu_s(sync) - cpu0) / elapsed,
                "read_kb_per_s": fetched_bytes[0] / 1024 / elapsed,
-               "ingress_cmds_per_poll": (calls.get("zrange", 0) + calls.get("mget", 0)) / max(1, polls)}
+               "ingress_cmds_per_poll": (calls.get("zrange", 0) + calls.get("mget", 0)) / max(1, polls),
+               "lag_ms": probe.max_lag_s * 1e3}
         if not legacy:
             out.update(redis_costs(sync, size))
         return out
@@ -490,6 +519,7 @@ def publish(sizes: list[int], per: dict[int, dict[str, float]], versions: dict[s
         "beat_us": by("beat_us"), "old_poll_block_ms": by("old_poll_block_ms"),
         "stall_ms": by("stall_ms"), "stall_code_ms": by("stall_code_ms"), "gc_max_ms": by("gc_max_ms"),
         "stall_wall_ms": by("stall_wall_ms"), "first_poll_stall_ms": by("first_poll_stall_ms"),
+        "lag_ms": by("lag_ms"), "old_lag_ms": by("old_lag_ms"), "loop": "uvloop" if args.uvloop else "asyncio",
         "old_stall_ms": by("old_stall_ms"), "old_stall_wall_ms": by("old_stall_wall_ms"),
         "stall_ratio": {str(s): per[s]["old_stall_ms"] / max(per[s]["stall_ms"], 1e-6) for s in sizes},
         "view_mb": by("view_mb"), "index_mb": by("index_mb"),
@@ -518,12 +548,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deploy-versions", type=int, default=1000, help="versions created to cost them in Redis")
     parser.add_argument("--redis-url", default="", help="a Redis to use (flushed!); default: a throwaway one")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--uvloop", action="store_true",
+                        help="run on uvloop, as the daemons do (then only lag_ms sees stalls: uvloop's callbacks "
+                             "bypass the per-callback meter)")
     parser.add_argument("--writer", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.writer:
         writer_main(args.redis_url, int(args.sizes), args.versions, args.max_holders, args.seconds, args.seed)
         return
-    asyncio.run(measure(args))
+    if args.uvloop:
+        run_async(measure(args))
+    else:
+        asyncio.run(measure(args))
 
 
 if __name__ == "__main__":
