@@ -141,12 +141,16 @@ class VersionPool:
             pass
 
     def took(self, now: float) -> None:
+        """A chunk took a slot of this version's: what scale-out (``wants_start``) and the idle times
+        ("auto" idle timeouts) are measured from."""
         self._taken.append(now)
+        self.idle.started(now)
 
-    def released(self) -> None:
+    def released(self, now: float) -> None:
         # Which chunk ended is not known: dropping the oldest keeps the oldest-in-flight estimate on the low side.
         if self._taken:
             self._taken.pop(0)
+        self.idle.finished(now)
 
     def note_infer(self, ms: float) -> None:
         self.infer_ms = ms if self.infer_ms is None else self.infer_ms + MEASURE_ALPHA * (ms - self.infer_ms)

@@ -251,6 +251,8 @@ class ReplicaManager:
     def _prune_pools(self) -> None:
         """Forget versions with nothing here (no replica, no waiter) beyond the newest MAX_IDLE_POOLS: a
         tenant deploying version after version must not grow the proxy's memory for good."""
+        if len(self._pools) <= MAX_IDLE_POOLS:
+            return  # every reaper round: no pass over the pools while they cannot be over the bound
         empty = [(pool.idle.last_call, key) for key, pool in self._pools.items()
                  if not pool.replicas and not pool.waiting]
         for _, key in sorted(empty)[:max(0, len(empty) - MAX_IDLE_POOLS)]:
@@ -371,7 +373,6 @@ class ReplicaManager:
         replica.in_flight += 1
         replica.batch_in_flight += batch
         replica.last_used = self.clock()  # not idle: the reaper must not pause it under us
-        self._pool(replica.spec.key).idle.started(replica.last_used)
         self._pool(replica.spec.key).took(replica.last_used)
         kind, timings = replica.take_start()
         if kind == "warm" and replica.state is State.RESUMING:
@@ -390,8 +391,7 @@ class ReplicaManager:
         replica.batch_in_flight -= batch
         replica.last_used = self.clock()
         pool = self._pool(replica.spec.key)
-        pool.idle.finished(replica.last_used)
-        pool.released()
+        pool.released(replica.last_used)
         pool.changed()
 
     async def _forget_other_code(self, pool: VersionPool, spec: VersionSpec) -> None:

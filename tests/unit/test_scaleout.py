@@ -77,7 +77,7 @@ def test_pool_measures_and_decides() -> None:
     assert pool.wants_start(100.07) == (True, None)  # the running request has run 70 ms: the queue is slow
     pool.note_infer(80.0)
     assert pool.infer_ms == pytest.approx(40.0)  # a moving average
-    pool.released()  # nothing in flight: no time-based wake-up, and 2 x 40 ms < 120 ms
+    pool.released(100.0)  # nothing in flight: no time-based wake-up, and 2 x 40 ms < 120 ms
     assert pool.wants_start(100.0) == (False, None)
     pool.note_infer(200.0)
     assert pool.wants_start(100.0) == (True, None)  # 2 x 72 ms >= 120 ms
@@ -101,7 +101,7 @@ def test_a_queue_that_stands_as_long_as_a_start_earns_one_even_of_fast_requests(
     pool.waiting = 30  # 30 x 0.2 ms: far shorter than a start
 
     def at(t: float) -> tuple[bool, float | None]:
-        pool.released()
+        pool.released(t)
         pool.took(t)  # requests keep completing: the one in flight is always fresh
         return pool.wants_start(t)
 
