@@ -181,8 +181,8 @@ class FleetIndex(dict[str, ProxyState]):
     def running_of(self, version: str, states: Container[str] = RUNNING_STATES) -> int:
         """Replicas of ``version`` in ``states`` (running or starting) across the fleet: O(holders)."""
         get = super().__getitem__
-        return sum(1 for pid in self._holders.get(version, ()) for r in get(pid).replicas
-                   if r.version == version and r.state in states)
+        return sum(1 for pid in self._holders.get(version, ()) for r in get(pid).by_version.get(version, ())
+                   if r.state in states)
 
     def sample(self, rng: random.Random, d: int, now: float, max_age_s: float,
                skip: Container[str] = frozenset()) -> list[ProxyState]:

@@ -110,7 +110,8 @@ class ProxyState:
         return {}
 
     def offer(self, version: str) -> tuple[str, float]:
-        """``offer`` for a version held here, worked out once per heartbeat (prices are applied per request)."""
+        """``offer`` for a version held or waited for here, worked out once per heartbeat (prices are applied
+        per request)."""
         found = self._offers.get(version)
         if found is None:
             found = self._offers[version] = offer(self.by_version.get(version, ()), self.waiting_for(version))
@@ -163,7 +164,9 @@ class Choice:
 
 def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[str, float]:
     """The best tier this proxy offers for ``version`` and its expected latency (ms)."""
-    if version in proxy.by_version:
+    # A version with a replica here, or with requests waiting for one (the first waiter of a version starts
+    # one at once, before the heartbeat can show it); a bare cold start otherwise.
+    if version in proxy.by_version or proxy.waiting_for(version):
         kind, units = proxy.offer(version)
         if kind == "warm":
             return WARM, units * costs.infer_ms
@@ -175,10 +178,6 @@ def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[s
             return LUKEWARM, costs.stopped_ms
         if kind == "starting":
             return COLD, costs.cold_ms / 2 + units * costs.infer_ms
-    elif proxy.waiting_for(version):
-        # Waiters and no replica shown: the first waiter of a version starts one at once, before the heartbeat
-        # can show it.
-        return COLD, costs.cold_ms / 2 + proxy.waiting_for(version) * costs.infer_ms
     # A cold start on a busy host competes for its CPU with what already runs or starts there.
     load_penalty = proxy.load * costs.infer_ms
     full = len(proxy.replicas) >= proxy.max_replicas
