@@ -28,6 +28,7 @@ from ingress.usage import USAGE, UsageCounter
 from ingress.view import StateView
 from shared.background import Periodic, cancel_and_wait
 from shared.eventloop import settle_after_startup
+from shared.heap import HeapKeeper
 from shared.http import LIMITS, BodyLimits, error_middleware
 from shared.metrics import IngressMetrics
 from shared.redisclient import connect
@@ -85,6 +86,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     poller = Periodic("view-refresh", settings.view_poll_interval_s, view.refresh)
     flusher = Periodic("request-log", 0.5, request_log.flush)
     usage_flusher = Periodic("usage", settings.usage_flush_s, usage.flush)
+    heap = HeapKeeper(max(1.0, settings.gc_full_every_s))
+    heap_rounds = Periodic("heap", heap.thorough_every_s, heap.run_round)
     try:
         await view.refresh()
     except (redis.RedisError, OSError) as exc:
@@ -95,7 +98,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     usage_flusher.start()
     reconciler.start()
     settle_after_startup()  # fewer and shorter loop stalls from here on (shared/eventloop.py)
+    heap.install()  # no automatic full collection: heap_rounds runs it (shared/heap.py)
+    heap_rounds.start()
     yield
+    await heap_rounds.stop()
+    heap.uninstall()
     await reconciler.stop()  # first: its warm calls use the proxy client, its lease Redis
     view.stopping = True
     await cancel_and_wait(listener)

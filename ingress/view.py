@@ -31,6 +31,7 @@ from ingress.registry import KeyRecord, Registry, hash_key
 from ingress.router import ProxyState, ReplicaState
 from shared import keys
 from shared.errors import not_found, unavailable
+from shared.heap import young_pass
 from shared.messages import VersionSpec
 
 log = logging.getLogger("lukewarm.ingress")
@@ -60,6 +61,20 @@ def _same_replicas(a: tuple[ReplicaState, ...], b: tuple[ReplicaState, ...]) -> 
     return a == b and all(x.memory_mb == y.memory_mb and x.cpus == y.cpus and x.gpu == y.gpu for x, y in zip(a, b))
 
 
+def _fields(r: ReplicaState) -> tuple[object, ...]:
+    return (r.version, r.state, r.in_flight, r.concurrency, r.memory_mb, r.cpus, r.gpu)
+
+
+def _reuse(held: tuple[ReplicaState, ...], new: tuple[ReplicaState, ...]) -> tuple[ReplicaState, ...]:
+    """``new``, with every replica equal in all fields to one already held replaced by the held object
+    (the whole tuple when nothing changed): a beat where one replica of sixteen moved leaves fifteen new
+    objects to die young instead of replacing long-lived ones (shared/heap.py: what the collector walks)."""
+    if _same_replicas(held, new):
+        return held
+    kept = {_fields(r): r for r in held}
+    return tuple(kept.get(_fields(r), r) for r in new)
+
+
 class _Turn:
     """Cooperative slicing of a long piece of work: ``tick`` yields to the loop once ``SLICE_S`` is spent."""
 
@@ -73,6 +88,7 @@ class _Turn:
             await self.now()
 
     async def now(self) -> None:
+        young_pass()  # the slice's new states, before churn lets them pile up (shared/heap.py)
         await asyncio.sleep(0)
         self.end = time.perf_counter() + SLICE_S
 
@@ -297,10 +313,11 @@ class StateView:
         held = self._fleet.get(pid)
         if held is not None and held.epoch == state.epoch and held.ts > state.ts:
             return True  # a late read of an older beat of the same start (two polls interleaved)
-        if held is not None and _same_replicas(held.replicas, state.replicas):
-            # Most beats of a big fleet repeat the replicas: keep the objects already held, so that
+        if held is not None:
+            # Most beats of a big fleet repeat most replicas: keep the objects already held, so that
             # the new ones die young (cheap for the collector) instead of replacing long-lived ones.
-            state = dataclasses.replace(state, replicas=held.replicas)
+            state = dataclasses.replace(state, replicas=_reuse(held.replicas, state.replicas),
+                                        images=held.images if held.images == state.images else state.images)
         self.epochs[pid] = state.epoch
         self._fleet[pid] = state
         return True
@@ -349,6 +366,7 @@ class StateView:
                 self._fetched[pid] = (scores[pid], now)
                 self._take_raw(pid, raw, keep_missing)
                 await turn.tick()
+        young_pass()
         return len(wanted)
 
     async def refresh(self) -> None:

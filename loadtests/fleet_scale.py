@@ -31,13 +31,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import gc
 import random
 import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -51,6 +52,7 @@ from ingress.router import ProxyState, StartCosts, choose_proxies
 from ingress.view import StateView
 from loadtests.common import log, report, run_async, throwaway_redis
 from shared import keys
+from shared.heap import HeapKeeper
 
 REPLICAS = 16
 BEAT_INTERVAL_S = 2.0  # runtime_proxy's heartbeat_interval_s
@@ -158,9 +160,23 @@ async def legacy_refresh(view: StateView, registry: Registry, read: list[int]) -
 # ---- in-process figures: routing, per-heartbeat cost, memory -------------------------------------
 
 
+@contextlib.contextmanager
+def settled_heap(keep: bool = True) -> Iterator[None]:
+    """The heap as a running ingress has it: no automatic full collection (``shared.heap.HeapKeeper``),
+    so the collector's passes walk only young objects. ``keep=False``: as before the keeper (a pass may
+    walk the whole view). Restored after: each figure starts alike."""
+    heap = HeapKeeper()
+    gc.collect()
+    if keep:
+        heap.install()
+    try:
+        yield
+    finally:
+        heap.uninstall()
+
+
 def timed_calls(fn: Callable[[int], object], min_calls: int, max_calls: int, min_s: float) -> float:
     """µs per call of ``fn(i)``: at least ``min_calls`` and ``min_s``, at most ``max_calls``."""
-    gc.collect()
     calls, started = 0, time.perf_counter()
     while calls < max_calls and (calls < min_calls or time.perf_counter() - started < min_s):
         fn(calls)
@@ -262,6 +278,20 @@ def writer_main(url: str, size: int, versions: int, max_holders: int, seconds: f
     client.close()
 
 
+def _where(handle: asyncio.events.Handle) -> str:
+    """Where the task a callback stepped now waits: its innermost three frames."""
+    task = getattr(getattr(handle, "_callback", None), "__self__", None)
+    coro: Any = task.get_coro() if isinstance(task, asyncio.Task) else None
+    frames = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " > ".join(frames[-3:]) or repr(handle)[:80]
+
+
 class StallMeter:
     """Times every callback the event loop runs (each task step, each reader): the longest holds.
 
@@ -273,6 +303,8 @@ class StallMeter:
     def __init__(self) -> None:
         self.max_wall_s = self.max_cpu_s = self.max_code_s = self.max_gc_s = 0.0
         self.callbacks = 0
+        self.max_gc_generation = -1
+        self.worst = ""  # where the longest callback's task stopped (file:line of its innermost frames)
         self._orig: Any = None
         self._gc_in_step = 0.0
         self._gc_start = 0.0
@@ -283,7 +315,8 @@ class StallMeter:
         else:
             took = time.thread_time() - self._gc_start
             self._gc_in_step += took
-            self.max_gc_s = max(self.max_gc_s, took)
+            if took > self.max_gc_s:
+                self.max_gc_s, self.max_gc_generation = took, info["generation"]
 
     def __enter__(self) -> StallMeter:
         self._orig = orig = asyncio.events.Handle._run
@@ -295,7 +328,8 @@ class StallMeter:
             orig(handle)
             cpu = time.thread_time() - c
             meter.max_wall_s = max(meter.max_wall_s, time.perf_counter() - w)
-            meter.max_cpu_s = max(meter.max_cpu_s, cpu)
+            if cpu > meter.max_cpu_s:
+                meter.max_cpu_s, meter.worst = cpu, _where(handle)
             meter.max_code_s = max(meter.max_code_s, cpu - meter._gc_in_step)
             meter.callbacks += 1
 
@@ -333,6 +367,40 @@ class LagProbe:
         self._stop = True  # the task ends at its next wake-up (within PROBE_S)
 
 
+class RequestLoad:
+    """The ingress's own traffic while it polls: ``rps`` requests a second, each one routing decision over
+    the view (a Zipf-drawn version) and one Redis read (what a request costs the loop besides the hop:
+    the key lookup, the request log's flushes). A stall only hurts a loop that is serving requests, and
+    an idle loop's first steps after a pause run from cold CPU caches: on this VM a Redis command after
+    200 ms idle costs ~1.6 ms of CPU, ~0.3 ms when commands come every few ms. So the goal is judged
+    under this load, and the idle figures are reported beside it."""
+
+    def __init__(self, view: StateView, client: aredis.Redis, pop: Popularity, rps: float, seed: int) -> None:
+        self.view, self.client, self.pop, self.rps = view, client, pop, rps
+        self.rng = random.Random(seed)
+        self.requests = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        costs, period = StartCosts(), 1.0 / self.rps
+        began = time.monotonic()
+        while True:
+            key = version_key(self.pop.draw(self.rng))
+            choose_proxies(self.view.candidates(key, self.rng, now=time.time()), key, time.time(), self.rng, costs)
+            await self.client.get(key)
+            self.requests += 1
+            await asyncio.sleep(max(0.0, began + self.requests * period - time.monotonic()))
+
+    def __enter__(self) -> RequestLoad:
+        if self.rps > 0:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
 def command_calls(client: redis.Redis) -> dict[str, int]:
     stats = client.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
@@ -343,8 +411,10 @@ def redis_cpu_s(client: redis.Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool) -> dict[str, float]:
-    """Start the writer, follow the fleet with the view for ``seconds``, under the stall meter."""
+async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool, pop: Popularity,
+                    rps: float) -> dict[str, float]:
+    """Start the writer, follow the fleet with the view for ``seconds`` while ``rps`` requests a second
+    are routed (``RequestLoad``; 0: an idle loop), under the stall meter."""
     sync = redis.Redis.from_url(url)
     sync.flushdb()
     writer = subprocess.Popen(
@@ -361,6 +431,8 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool)
         fetched_bytes[0] += sum(len(r) for r in raws if r)
         return raws
 
+    # As the ingress runs (ingress/app.py); the old poll's baseline ran without it.
+    heap = None if legacy or args.no_heap_keeper else HeapKeeper()
     try:
         assert writer.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), 120)
@@ -370,6 +442,11 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool)
         registry = Registry(client)
         view = StateView(registry)
         heartbeats.fetch = counting_fetch  # type: ignore[assignment]
+        # As the ingress runs (ingress/app.py: settle_after_startup, then the keeper's rounds); the old
+        # poll's baseline ran without them.
+        gc.collect()
+        if heap is not None:
+            heap.install()
         # The first poll of a new ingress reads the whole fleet and runs every code path for the first time
         # (imports done on first use, first parses): timed apart, the steady state is what is measured.
         with StallMeter() as first:
@@ -378,25 +455,34 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool)
         calls0, cpu0 = command_calls(sync), redis_cpu_s(sync)
         polls, started = 0, time.monotonic()
         probe = LagProbe()
-        with StallMeter() as meter, probe:
+        load = RequestLoad(view, client, pop, rps, args.seed)
+        with StallMeter() as meter, probe, load:
             while time.monotonic() - started < args.seconds:
                 began = time.monotonic()
                 await (legacy_refresh(view, registry, fetched_bytes) if legacy else view.refresh())
                 polls += 1
                 await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - began)))
         elapsed = time.monotonic() - started
+        full_ms = 0.0
+        if heap is not None:  # the keeper's scheduled full pass (every 10 min), over this heap
+            heap.round()
+            full_ms = heap.last_full_ms
         calls = {k: v - calls0.get(k, 0) for k, v in command_calls(sync).items()}
+        log(f"  longest callback {meter.max_cpu_s * 1e3:.2f} ms CPU, then waiting at {meter.worst}; longest "
+            f"collection {meter.max_gc_s * 1e3:.2f} ms (generation {meter.max_gc_generation})")
         out = {"stall_ms": meter.max_cpu_s * 1e3, "stall_wall_ms": meter.max_wall_s * 1e3,
                "first_poll_stall_ms": first.max_cpu_s * 1e3,
                "stall_code_ms": meter.max_code_s * 1e3, "gc_max_ms": meter.max_gc_s * 1e3, "polls": polls,
                "seen": len(view.proxies), "redis_cpu_per_s": (redis_cpu_s(sync) - cpu0) / elapsed,
                "read_kb_per_s": fetched_bytes[0] / 1024 / elapsed,
                "ingress_cmds_per_poll": (calls.get("zrange", 0) + calls.get("mget", 0)) / max(1, polls),
-               "lag_ms": probe.max_lag_s * 1e3}
+               "lag_ms": probe.max_lag_s * 1e3, "load_rps": load.requests / elapsed, "full_gc_ms": full_ms}
         if not legacy:
             out.update(redis_costs(sync, size))
         return out
     finally:
+        if heap is not None:
+            heap.uninstall()
         heartbeats.fetch = real_fetch  # type: ignore[assignment]
         writer.terminate()
         writer.wait(10)
@@ -460,8 +546,9 @@ async def measure(args: argparse.Namespace) -> None:
         view = StateView(Registry(None))  # type: ignore[arg-type]
         view.apply_heartbeats(fleet.beats(NOW))
         figures = {"versions_held": float(view.proxies.versions())}
-        figures |= route_figures(view, pop, args.versions, args.seed, args.route_s)
-        figures |= beat_figures(fleet, view, args.route_s)
+        with settled_heap(not args.no_heap_keeper):
+            figures |= route_figures(view, pop, args.versions, args.seed, args.route_s)
+            figures |= beat_figures(fleet, view, args.route_s)
         figures |= memory_figures(fleet)
         per[size] = figures
         del fleet, view
@@ -471,10 +558,10 @@ async def measure(args: argparse.Namespace) -> None:
     async with (throwaway_redis() if not args.redis_url else _given(args.redis_url)) as url:
         versions = await version_costs(url, args.deploy_versions)
         for size in sizes:
-            for legacy in (False, True):
-                log(f"fleet of {size}: heartbeats arriving for {args.seconds} s, {'old' if legacy else 'new'} poll")
-                got = await run_polls(url, size, args, legacy)
-                prefix = "old_" if legacy else ""
+            for prefix, legacy, rps in (("", False, args.rps), ("idle_", False, 0.0), ("old_", True, args.rps)):
+                log(f"fleet of {size}: heartbeats arriving for {args.seconds} s, {'old' if legacy else 'new'} poll, "
+                    f"{rps:g} requests/s")
+                got = await run_polls(url, size, args, legacy, pop, rps)
                 per[size] |= {prefix + k: v for k, v in got.items()}
     publish(sizes, per, versions, args)
 
@@ -493,13 +580,15 @@ class _given:
 def publish(sizes: list[int], per: dict[int, dict[str, float]], versions: dict[str, float],
             args: argparse.Namespace) -> None:
     rows: list[list[Any]] = [["proxies", "route µs", "old µs", "ratio", "cold µs", "hot µs (holders)",
-                              "beat µs", "old poll ms", "stall ms", "code ms", "gc ms", "wall ms", "old stall ms", "view MB",
+                              "beat µs", "old poll ms", "stall ms", "code ms", "gc ms", "wall ms", "lag ms", "idle stall ms", "full gc ms",
+                              "old stall ms", "view MB",
                               "read kB/s", "Redis CPU"]]
     for s in sizes:
         f = per[s]
         rows.append([s, f["route_us"], f["route_old_us"], f["route_old_us"] / f["route_us"], f["route_cold_us"],
                      f"{f['route_hot_us']:.1f} ({int(f['hot_holders'])})", f["beat_us"], f["old_poll_block_ms"],
-                     f["stall_ms"], f["stall_code_ms"], f["gc_max_ms"], f["stall_wall_ms"], f["old_stall_ms"],
+                     f["stall_ms"], f["stall_code_ms"], f["gc_max_ms"], f["stall_wall_ms"], f["lag_ms"],
+                     f["idle_stall_ms"], f["full_gc_ms"], f["old_stall_ms"],
                      f["view_mb"], f["read_kb_per_s"],
                      f"{f['redis_cpu_per_s'] * 100:.1f}%"])
 
@@ -520,6 +609,8 @@ def publish(sizes: list[int], per: dict[int, dict[str, float]], versions: dict[s
         "stall_ms": by("stall_ms"), "stall_code_ms": by("stall_code_ms"), "gc_max_ms": by("gc_max_ms"),
         "stall_wall_ms": by("stall_wall_ms"), "first_poll_stall_ms": by("first_poll_stall_ms"),
         "lag_ms": by("lag_ms"), "old_lag_ms": by("old_lag_ms"), "loop": "uvloop" if args.uvloop else "asyncio",
+        "load_rps": by("load_rps"), "idle_stall_ms": by("idle_stall_ms"), "idle_stall_wall_ms": by("idle_stall_wall_ms"),
+        "idle_lag_ms": by("idle_lag_ms"), "full_gc_ms": by("full_gc_ms"),
         "old_stall_ms": by("old_stall_ms"), "old_stall_wall_ms": by("old_stall_wall_ms"),
         "stall_ratio": {str(s): per[s]["old_stall_ms"] / max(per[s]["stall_ms"], 1e-6) for s in sizes},
         "view_mb": by("view_mb"), "index_mb": by("index_mb"),
@@ -547,6 +638,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--route-s", type=float, default=0.6, help="seconds per timed routing figure")
     parser.add_argument("--deploy-versions", type=int, default=1000, help="versions created to cost them in Redis")
     parser.add_argument("--redis-url", default="", help="a Redis to use (flushed!); default: a throwaway one")
+    parser.add_argument("--rps", type=float, default=200.0,
+                        help="requests a second the ingress routes while it polls (stall figures; the idle_ ones: 0)")
+    parser.add_argument("--no-heap-keeper", action="store_true",
+                        help="poll without shared/heap.py's keeper (the collector's passes walk the whole view)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--uvloop", action="store_true",
                         help="run on uvloop, as the daemons do (then only lag_ms sees stalls: uvloop's callbacks "

@@ -173,3 +173,30 @@ def test_an_unchanged_replica_list_is_kept_and_a_changed_one_replaced() -> None:
     changed["replicas"][0]["memory_mb"] = 2048  # a placement field only: still a new list
     view.apply_heartbeats([changed])
     assert view.proxies["p"].replicas is not first and view.proxies["p"].replicas[0].memory_mb == 2048
+
+
+def test_a_beat_keeps_the_replica_objects_it_repeats_and_replaces_the_ones_that_moved() -> None:
+    """What the collector walks (shared/heap.py): a replica equal in every field to one held stays the
+    held object; one that moved, or differs in a placement field only, is the new one."""
+    view = StateView(Registry(None))  # type: ignore[arg-type]
+    first = beat("p1", 1, 1000.0, "a/m/main/1", "b/m/main/1", "c/m/main/1", images=["img:1"])
+    first["replicas"][2]["memory_mb"] = 512
+    view.apply_heartbeats([first])
+    held = view.proxies["p1"]
+    second = beat("p1", 1, 1002.0, "a/m/main/1", "b/m/main/1", "c/m/main/1", images=["img:1"])
+    second["replicas"][1]["in_flight"] = 1  # moved
+    second["replicas"][2]["memory_mb"] = 1024  # a placement field only: ReplicaState's equality ignores it
+    view.apply_heartbeats([second])
+    now = view.proxies["p1"]
+    assert now.ts == 1002.0
+    assert now.replicas[0] is held.replicas[0]
+    assert now.replicas[1] is not held.replicas[1] and now.replicas[1].in_flight == 1
+    assert now.replicas[2] is not held.replicas[2] and now.replicas[2].memory_mb == 1024
+    assert now.images is held.images
+    assert view.proxies.holders("b/m/main/1") == [now]
+
+    third = beat("p1", 1, 1004.0, "a/m/main/1", "b/m/main/1", "c/m/main/1", images=["img:1"])
+    third["replicas"][1]["in_flight"] = 1
+    third["replicas"][2]["memory_mb"] = 1024
+    view.apply_heartbeats([third])
+    assert view.proxies["p1"].replicas is now.replicas  # nothing moved: the whole tuple is kept
