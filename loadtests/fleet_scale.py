@@ -438,7 +438,9 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
         line = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), 120)
         if line.strip() != "ready":
             raise RuntimeError(f"the heartbeat writer did not start: {line!r}")
-        await client.ping()  # the connection is set up before, as in a running ingress
+        # The pool's connections are set up before (a running ingress has them; opening one holds the loop
+        # ~2 ms): as many as the poll and the requests use at once.
+        await asyncio.gather(*(client.ping() for _ in range(4)))
         registry = Registry(client)
         view = StateView(registry)
         heartbeats.fetch = counting_fetch  # type: ignore[assignment]

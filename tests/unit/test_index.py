@@ -154,3 +154,43 @@ def test_routing_over_candidates_matches_the_full_scan_for_held_versions(seed: i
             continue
         assert (fast[0].tier, fast[0].expected_ms) == (full[0].tier, full[0].expected_ms)
         assert {c.proxy.proxy_id for c in full if c.proxy.proxy_id in held} <= {c.proxy.proxy_id for c in fast}
+
+
+class CountingDict(dict[str, dict[str, int]]):
+    """The index's version map, counting its writes."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.writes = 0
+
+    def __setitem__(self, key: str, value: dict[str, int]) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.writes += 1
+        super().__delitem__(key)
+
+    def setdefault(self, key: str, default: dict[str, int]) -> dict[str, int]:  # type: ignore[override]
+        if key not in self:
+            self.writes += 1
+        return super().setdefault(key, default)
+
+
+def test_a_beat_touches_only_the_versions_whose_count_changed() -> None:
+    """Removing and re-adding every version at each beat filled the big version map with deleted slots,
+    and its rehash held the loop (fleet_scale at 5000 proxies)."""
+    index = FleetIndex()
+    index["a"] = proxy("a", ("v1", "running"), ("v2", "paused"), ("v2", "running"))
+    index._holders = spy = CountingDict(index._holders)
+    index["a"] = proxy("a", ("v1", "paused"), ("v2", "running"), ("v2", "running"), ts=NOW + 2)  # states moved only
+    assert spy.writes == 0
+    assert {p.proxy_id for p in index.holders("v1")} == {"a"} and index.holders("v1")[0].ts == NOW + 2
+    index["a"] = proxy("a", ("v2", "running"), ("v3", "starting"), ts=NOW + 4)  # v1 gone, v2 one fewer, v3 new
+    assert index.holders("v1") == [] and "v1" not in spy
+    assert [p.proxy_id for p in index.holders("v2")] == ["a"] and [p.proxy_id for p in index.holders("v3")] == ["a"]
+    assert spy.writes == 2  # v1 deleted, v3 added; v2's count changed in place
+    index["a"] = proxy("a", ("v2", "running"), ts=NOW + 6, max_replicas=1)  # full now: out of the room pool
+    assert not has_room(index["a"]) and index.with_room() == 0
+    index["a"] = proxy("a", ts=NOW + 8, max_replicas=1)
+    assert index.with_room() == 1 and index.versions() == 0
