@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
+import operator
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from shared.messages import ProxyHeartbeat
 
@@ -155,8 +155,10 @@ class StartCosts:
     stopped_ms: float = 320.0  # a stopped replica started again: docker start and the model's load
 
 
-@dataclasses.dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
+    """A candidate as ranked: a tuple, not a frozen dataclass, because a decision makes one per candidate
+    (a frozen dataclass's ``__init__`` costs three times as much)."""
+
     proxy: ProxyState
     tier: str
     expected_ms: float
@@ -231,12 +233,24 @@ def choose_proxies(
         if now - p.ts > max_age_s or p.proxy_id in exclude:
             continue
         tier, ms = tier_and_wait(p, version, costs)
-        scored.append((round(ms, 3), Choice(proxy=p, tier=tier, expected_ms=ms)))
-    scored.sort(key=lambda kc: kc[0])
+        scored.append((round(ms, 3), Choice(p, tier, ms)))
+    if len(scored) < 2:
+        return [c for _, c in scored]
+    scored.sort(key=_KEY)
+    # Runs of equal expected latency, each ordered by power-of-two choices (groupby, without its lambdas).
     ordered: list[Choice] = []
-    for _, group in itertools.groupby(scored, key=lambda kc: kc[0]):
-        ordered.extend(_power_of_two([c for _, c in group], rng))
+    group: list[Choice] = []
+    key = scored[0][0]
+    for k, c in scored:
+        if k != key:
+            ordered.extend(_power_of_two(group, rng))
+            group, key = [], k
+        group.append(c)
+    ordered.extend(_power_of_two(group, rng))
     return ordered
+
+
+_KEY = operator.itemgetter(0)
 
 
 def _power_of_two(pool: list[Choice], rng: random.Random) -> list[Choice]:
