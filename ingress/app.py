@@ -28,7 +28,7 @@ from ingress.usage import USAGE, UsageCounter
 from ingress.view import StateView
 from shared.background import Periodic, cancel_and_wait
 from shared.eventloop import settle_after_startup
-from shared.heap import HeapKeeper
+from shared.heap import YOUNG_EVERY_S, HeapKeeper
 from shared.http import LIMITS, BodyLimits, error_middleware
 from shared.metrics import IngressMetrics
 from shared.redisclient import connect
@@ -88,6 +88,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     usage_flusher = Periodic("usage", settings.usage_flush_s, usage.flush)
     heap = HeapKeeper(max(1.0, settings.gc_full_every_s))
     heap_rounds = Periodic("heap", heap.thorough_every_s, heap.run_round)
+    young_rounds = Periodic("heap-young", YOUNG_EVERY_S, heap.run_young_round)
     try:
         await view.refresh()
     except (redis.RedisError, OSError) as exc:
@@ -100,7 +101,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     settle_after_startup()  # fewer and shorter loop stalls from here on (shared/eventloop.py)
     heap.install()  # no automatic full collection: heap_rounds runs it (shared/heap.py)
     heap_rounds.start()
+    young_rounds.start()
     yield
+    await young_rounds.stop()
     await heap_rounds.stop()
     heap.uninstall()
     await reconciler.stop()  # first: its warm calls use the proxy client, its lease Redis

@@ -97,6 +97,28 @@ class ProxyState:
             out.setdefault(r.version, []).append(r)
         return {v: tuple(rs) for v, rs in out.items()}
 
+    def inherit(self, held: "ProxyState") -> None:
+        """Take over what ``held`` (this proxy's previous heartbeat) already worked out and this one would
+        work out the same: its per-version tuples for the versions whose replicas are the same objects
+        (the view keeps every replica object a beat repeats). A fresh heartbeat otherwise rebuilds them on
+        the first request routed over it: a dict and a tuple per version held, every 2 s per proxy, for
+        the collector to walk (shared/heap.py)."""
+        old = held.__dict__.get("by_version")
+        if old is None:
+            return
+        if self.replicas is held.replicas:
+            self.__dict__["by_version"] = old
+            return
+        grouped: dict[str, list[ReplicaState]] = {}
+        for r in self.replicas:
+            grouped.setdefault(r.version, []).append(r)
+        out: dict[str, tuple[ReplicaState, ...]] = {}
+        for version, rs in grouped.items():
+            prev = old.get(version)
+            same = prev is not None and len(prev) == len(rs) and all(a is b for a, b in zip(prev, rs))
+            out[version] = prev if same else tuple(rs)  # type: ignore[assignment]
+        self.__dict__["by_version"] = out
+
     @functools.cached_property
     def _waiting(self) -> dict[str, int]:
         return dict(self.waiting)

@@ -71,8 +71,14 @@ def _reuse(held: tuple[ReplicaState, ...], new: tuple[ReplicaState, ...]) -> tup
     objects to die young instead of replacing long-lived ones (shared/heap.py: what the collector walks)."""
     if _same_replicas(held, new):
         return held
-    kept = {_fields(r): r for r in held}
-    return tuple(kept.get(_fields(r), r) for r in new)
+    kept: dict[tuple[object, ...], list[ReplicaState]] = {}
+    for r in held:
+        kept.setdefault(_fields(r), []).append(r)
+    out = []
+    for r in new:
+        same = kept.get(_fields(r))
+        out.append(same.pop(0) if same else r)  # twins stay two objects, in their order
+    return tuple(out)
 
 
 class _Turn:
@@ -88,7 +94,10 @@ class _Turn:
             await self.now()
 
     async def now(self) -> None:
-        young_pass()  # the slice's new states, before churn lets them pile up (shared/heap.py)
+        await asyncio.sleep(0)
+        # The slice's new states, before churn lets them pile up (shared/heap.py); in a step of its own,
+        # so that the loop is held for a slice or a pass, never both.
+        young_pass()
         await asyncio.sleep(0)
         self.end = time.perf_counter() + SLICE_S
 
@@ -318,6 +327,7 @@ class StateView:
             # the new ones die young (cheap for the collector) instead of replacing long-lived ones.
             state = dataclasses.replace(state, replicas=_reuse(held.replicas, state.replicas),
                                         images=held.images if held.images == state.images else state.images)
+            state.inherit(held)
         self.epochs[pid] = state.epoch
         self._fleet[pid] = state
         return True
@@ -366,7 +376,6 @@ class StateView:
                 self._fetched[pid] = (scores[pid], now)
                 self._take_raw(pid, raw, keep_missing)
                 await turn.tick()
-        young_pass()
         return len(wanted)
 
     async def refresh(self) -> None:

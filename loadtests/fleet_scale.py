@@ -52,7 +52,8 @@ from ingress.router import ProxyState, StartCosts, choose_proxies
 from ingress.view import StateView
 from loadtests.common import log, report, run_async, throwaway_redis
 from shared import keys
-from shared.heap import HeapKeeper
+from shared.background import Periodic
+from shared.heap import YOUNG_EVERY_S, HeapKeeper
 
 REPLICAS = 16
 BEAT_INTERVAL_S = 2.0  # runtime_proxy's heartbeat_interval_s
@@ -447,8 +448,11 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
         # As the ingress runs (ingress/app.py: settle_after_startup, then the keeper's rounds); the old
         # poll's baseline ran without them.
         gc.collect()
+        young: Periodic | None = None
         if heap is not None:
             heap.install()
+            young = Periodic("heap-young", YOUNG_EVERY_S, heap.run_young_round)
+            young.start()
         # The first poll of a new ingress reads the whole fleet and runs every code path for the first time
         # (imports done on first use, first parses): timed apart, the steady state is what is measured.
         with StallMeter() as first:
@@ -465,6 +469,8 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
                 polls += 1
                 await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - began)))
         elapsed = time.monotonic() - started
+        if young is not None:
+            await young.stop()
         full_ms = 0.0
         if heap is not None:  # the keeper's scheduled full pass (every 10 min), over this heap
             heap.round()

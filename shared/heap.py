@@ -21,6 +21,11 @@ import gc
 import time
 
 THOROUGH_EVERY_S = 600.0
+# A young pass at least this often (HeapKeeper.run_young_round): between heartbeat polls the routing
+# caches that requests fill on each heartbeat's states survive while the temporaries around them die,
+# so the allocation count that would start a pass hardly moves while the youngest generation fills
+# (2 800 objects, 0.8-1.3 ms per pass at 5000 proxies); every 50 ms a pass walks what 50 ms made.
+YOUNG_EVERY_S = 0.05
 # Young passes per pass over the middle generation (CPython's default is 10): the middle generation then
 # holds what three young passes kept, not ten (up to 7 000 objects, 1.7-3.5 ms at 5000 proxies, when
 # requests fill the routing caches of heartbeats that the next ones replace).
@@ -90,3 +95,7 @@ class HeapKeeper:
     async def run_round(self) -> None:
         """``round`` for a ``shared.background.Periodic``."""
         self.round()
+
+    async def run_young_round(self) -> None:
+        """``young_pass`` for a ``shared.background.Periodic`` every ``YOUNG_EVERY_S``."""
+        young_pass()

@@ -200,3 +200,27 @@ def test_a_beat_keeps_the_replica_objects_it_repeats_and_replaces_the_ones_that_
     third["replicas"][2]["memory_mb"] = 1024
     view.apply_heartbeats([third])
     assert view.proxies["p1"].replicas is now.replicas  # nothing moved: the whole tuple is kept
+
+
+def test_a_beat_inherits_the_per_version_tuples_of_the_replicas_it_repeats() -> None:
+    view = StateView(Registry(None))  # type: ignore[arg-type]
+    view.apply_heartbeats([beat("p1", 1, 1000.0, "a/m/main/1", "b/m/main/1", "b/m/main/1")])
+    held = view.proxies["p1"]
+    view.apply_heartbeats([beat("p1", 1, 1001.0, "a/m/main/1", "b/m/main/1", "b/m/main/1")])
+    assert "by_version" not in view.proxies["p1"].__dict__  # nothing worked out yet: nothing to inherit
+    held = view.proxies["p1"]
+    assert set(held.by_version) == {"a/m/main/1", "b/m/main/1"}
+    view.apply_heartbeats([beat("p1", 1, 1002.0, "a/m/main/1", "b/m/main/1", "b/m/main/1")])
+    same = view.proxies["p1"]
+    assert same.replicas is held.replicas and same.by_version is held.by_version
+    moved = beat("p1", 1, 1003.0, "a/m/main/1", "b/m/main/1", "b/m/main/1", "c/m/main/1")
+    moved["replicas"][0]["in_flight"] = 1
+    view.apply_heartbeats([moved])
+    now = view.proxies["p1"]
+    assert now.by_version["b/m/main/1"] is held.by_version["b/m/main/1"]  # the same two replica objects
+    assert now.by_version["a/m/main/1"] == (now.replicas[0],) and now.replicas[0].in_flight == 1
+    assert now.by_version["c/m/main/1"] == (now.replicas[3],)
+    fresh = {}
+    for r in now.replicas:
+        fresh.setdefault(r.version, []).append(r)
+    assert now.by_version == {v: tuple(rs) for v, rs in fresh.items()}  # what it would have worked out
