@@ -190,7 +190,7 @@ def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[s
     """The best tier this proxy offers for ``version`` and its expected latency (ms)."""
     # A version with a replica here, or with requests waiting for one (the first waiter of a version starts
     # one at once, before the heartbeat can show it); a bare cold start otherwise.
-    if version in proxy.by_version or proxy.waiting_for(version):
+    if version in proxy.by_version or (proxy.waiting and proxy.waiting_for(version)):
         kind, units = proxy.offer(version)
         if kind == "warm":
             return WARM, units * costs.infer_ms
