@@ -1,18 +1,23 @@
-"""When the cyclic garbage collector walks the whole heap: on a schedule, not whenever it likes.
+"""When the cyclic garbage collector runs, and over how much: the ingress's loop is never held long by it.
 
-CPython's collector runs inside whatever callback allocated last. Its young passes walk only recent
-objects (at most ~7 000: fine), but a full pass walks every tracked object not frozen, and it starts
-one whenever the objects that survived into the old generation since the last one reach a quarter of
-it. The ingress's fleet view holds ~37 tracked objects per proxy and heartbeats keep replacing them:
-at 1000 proxies a full pass holds the loop 3-9 ms, at 5000 over 20 ms, every few seconds
-(``loadtests.fleet_scale``: the largest loop stall, more than the heartbeat intake itself).
+CPython's collector runs inside whatever callback allocated last. A full pass walks every tracked object
+not frozen, and starts whenever the objects that survived into the old generation since the last one
+reach a quarter of it. The ingress's fleet view holds ~37 tracked objects per proxy and heartbeats keep
+replacing them: under load a full pass held the loop 46 ms at 1000 proxies and 105 ms at 5000, every
+few seconds (``loadtests.fleet_scale --no-heap-keeper``). Young passes are short only while the young
+generations are small, and churn (new objects replacing old ones, which die as they go) hardly moves
+the allocation count that starts them.
 
-``HeapKeeper.install`` leaves the young passes as they are and turns off the automatic full ones; its
-``round``, run by an owned ``Periodic`` every ``thorough_every_s``, is the full pass instead. Nothing
-leaks meanwhile that would not leak anyway: objects the daemons drop are freed by reference counting
-when they die (the view's states are acyclic), and the young passes still free reference cycles that
-die young; only a cycle that dies after it grew old waits for the next round. The one long pause left
-is that round, at a rate the operator sets (``LUKEWARM_GC_FULL_EVERY_S``) and timed (``last_full_ms``).
+- ``HeapKeeper.install``: no automatic full pass, and the middle generation collected every third young
+  pass instead of every tenth. Its ``round``, run by an owned ``Periodic`` every ``thorough_every_s``
+  (``LUKEWARM_GC_FULL_EVERY_S``, 600 s), is the full pass instead: the one long pause left, timed
+  (``last_full_ms``).
+- ``young_pass``: a young pass now; ``run_young_round`` every ``YOUNG_EVERY_S``, and the view's intake
+  between slices, so a pass walks only what a few milliseconds made.
+
+Nothing leaks meanwhile that would not leak anyway: objects the daemons drop are freed by reference
+counting when they die (the view's states are acyclic), and young passes free reference cycles that die
+young; only a cycle that dies after it grew old waits for the next full round.
 """
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ THOROUGH_EVERY_S = 600.0
 # A young pass at least this often (HeapKeeper.run_young_round): between heartbeat polls the routing
 # caches that requests fill on each heartbeat's states survive while the temporaries around them die,
 # so the allocation count that would start a pass hardly moves while the youngest generation fills
-# (2 800 objects, 0.8-1.3 ms per pass at 5000 proxies); every 50 ms a pass walks what 50 ms made.
-YOUNG_EVERY_S = 0.05
+# (2 800 objects, 0.8-1.3 ms per pass at 5000 proxies); every 20 ms a pass walks what 20 ms made
+# (0.2-0.6 ms; every 50 ms: 0.9 ms). An idle daemon pays ~30 µs per round.
+YOUNG_EVERY_S = 0.02
 # Young passes per pass over the middle generation (CPython's default is 10): the middle generation then
 # holds what three young passes kept, not ten (up to 7 000 objects, 1.7-3.5 ms at 5000 proxies, when
 # requests fill the routing caches of heartbeats that the next ones replace).
