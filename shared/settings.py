@@ -46,7 +46,7 @@ class IngressSettings:
     max_staleness_s: float = 120.0
     view_poll_interval_s: float = 1.0
     # The garbage collector's full pass over the heap (the fleet view: ~20 ms at 5000 proxies) runs this
-    # often and never on its own (shared/heap.py); young passes run as they always do.
+    # often and never on its own (shared/heap.py); young passes run at least every 20 ms.
     gc_full_every_s: float = 600.0
     proxy_connect_timeout_s: float = 2.0
     chunk_retries: int = 2
