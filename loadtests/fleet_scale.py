@@ -52,7 +52,7 @@ from ingress.router import ProxyState, StartCosts, choose_proxies
 from ingress.view import StateView
 from loadtests.common import log, report, run_async, throwaway_redis
 from shared import keys
-from shared.background import Periodic
+from shared.background import Periodic, cancel_and_wait
 from shared.heap import YOUNG_EVERY_S, HeapKeeper
 
 REPLICAS = 16
@@ -381,25 +381,29 @@ class RequestLoad:
         self.rng = random.Random(seed)
         self.requests = 0
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def _run(self) -> None:
         costs, period = StartCosts(), 1.0 / self.rps
         began = time.monotonic()
-        while True:
+        while not self._stopping:  # the flag too: redis-py can swallow a cancellation during a read
             key = version_key(self.pop.draw(self.rng))
             choose_proxies(self.view.candidates(key, self.rng, now=time.time()), key, time.time(), self.rng, costs)
             await self.client.get(key)
             self.requests += 1
             await asyncio.sleep(max(0.0, began + self.requests * period - time.monotonic()))
 
-    def __enter__(self) -> RequestLoad:
+    async def __aenter__(self) -> RequestLoad:
         if self.rps > 0:
             self._task = asyncio.get_running_loop().create_task(self._run())
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
+            # Awaited, whatever it ends with: a command cut by the cancellation may end it with redis-py's
+            # ConnectionError instead, which would otherwise be printed after the JSON line.
+            await asyncio.gather(cancel_and_wait(self._task), return_exceptions=True)
 
 
 def command_calls(client: redis.Redis) -> dict[str, int]:
@@ -462,12 +466,13 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
         polls, started = 0, time.monotonic()
         probe = LagProbe()
         load = RequestLoad(view, client, pop, rps, args.seed)
-        with StallMeter() as meter, probe, load:
-            while time.monotonic() - started < args.seconds:
-                began = time.monotonic()
-                await (legacy_refresh(view, registry, fetched_bytes) if legacy else view.refresh())
-                polls += 1
-                await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - began)))
+        with StallMeter() as meter, probe:
+            async with load:
+                while time.monotonic() - started < args.seconds:
+                    began = time.monotonic()
+                    await (legacy_refresh(view, registry, fetched_bytes) if legacy else view.refresh())
+                    polls += 1
+                    await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - began)))
         elapsed = time.monotonic() - started
         if young is not None:
             await young.stop()
