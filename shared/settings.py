@@ -235,6 +235,8 @@ def load_settings(
             values[name] = value
     if "redis_url" in values:
         check_redis_url(values["redis_url"])
+    if "gc_full_every_s" in values and not values["gc_full_every_s"] >= 1:  # NaN too
+        raise SystemExit(f"LUKEWARM_GC_FULL_EVERY_S must be at least 1 (seconds), got {values['gc_full_every_s']}")
     return cls(**values)
 
 

@@ -173,3 +173,10 @@ def test_a_redis_url_no_client_could_use_is_a_one_line_exit(url: str, says: str)
 def test_plain_and_sentinel_redis_urls_are_taken() -> None:
     for url in ("redis://127.0.0.1:6379/0", "rediss://u:p@h/1", "redis+sentinel://h1,h2:26380/lukewarm/2"):
         assert load_settings(ProxySettings, [], {"LUKEWARM_REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "nan", "0.5"])
+def test_the_full_collection_interval_must_be_a_second_or_more(raw: str) -> None:
+    with pytest.raises(SystemExit, match="LUKEWARM_GC_FULL_EVERY_S"):
+        load_settings(IngressSettings, [], {"LUKEWARM_GC_FULL_EVERY_S": raw})
+    assert load_settings(IngressSettings, [], {"LUKEWARM_GC_FULL_EVERY_S": "60"}).gc_full_every_s == 60.0
