@@ -9,13 +9,17 @@ Synthetic fleets of ``--sizes`` proxies (16 replicas each over ``--versions`` ve
   replicas (its capacity.max), so that the holders of a version do not grow with the fleet.
 - ``beat_us``: µs per heartbeat applied to the view (orjson + ``ProxyState.from_heartbeat`` + the index),
   and the old full poll's synchronous block (parse every heartbeat, rebuild the fleet) as the baseline.
-- ``stall_ms``: the longest the event loop was held by one callback while the fleet's heartbeats arrive:
-  a writer process beats every proxy every 2 s into a throwaway Redis (SET with TTL + ZADD, as
-  ``runtime_proxy/heartbeat.py``), the view polls it every second (``view.refresh``). Measured by timing
-  every callback the loop runs (``Handle._run``); ``stall_ms`` is the loop thread's CPU time in the
-  longest one (what the code holds the loop for), ``stall_wall_ms`` its wall time (includes the OS
-  preempting this process on a busy machine). Baseline: the old poll (``Registry.list_proxies`` + a full
-  rebuild), same writer, same duration. ``lag_ms``: the same stalls as a 1 ms sleep sees them (how late
+- ``stall_ms``: the longest the event loop was held by one callback while the fleet's heartbeats arrive
+  and the ingress routes ``--rps`` requests a second (``RequestLoad``): a writer process beats every
+  proxy every 2 s into a throwaway Redis (SET with TTL + ZADD, as ``runtime_proxy/heartbeat.py``), the
+  view polls it every second (``view.refresh``), with the heap kept as the ingress keeps it
+  (``shared/heap.py``; ``--no-heap-keeper``: without). Measured by timing every callback the loop runs
+  (``Handle._run``); ``stall_ms`` is the loop thread's CPU time in the longest one (what the code holds
+  the loop for), ``stall_wall_ms`` its wall time (includes the OS preempting this process on a busy
+  machine); the log names where the longest one's task then waited, and the longest collection.
+  ``idle_stall_ms`` and ``idle_lag_ms``: the same with no requests. ``full_gc_ms``: the keeper's scheduled
+  full pass, once, over this process's heap. Baseline: the old poll (``Registry.list_proxies`` + a full
+  rebuild), same writer, same load, same duration. ``lag_ms``: the same stalls as a 1 ms sleep sees them (how late
   it wakes; wall time), the one figure that also works with ``--uvloop`` (the daemons' loop, whose
   callbacks do not go through ``Handle._run``: there ``stall_ms`` reads 0).
 - ``view_mb``: the view's memory for the fleet (tracemalloc), and the index's share of it.
@@ -438,6 +442,7 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
 
     # As the ingress runs (ingress/app.py); the old poll's baseline ran without it.
     heap = None if legacy or args.no_heap_keeper else HeapKeeper()
+    young: Periodic | None = None
     try:
         assert writer.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), 120)
@@ -452,7 +457,6 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
         # As the ingress runs (ingress/app.py: settle_after_startup, then the keeper's rounds); the old
         # poll's baseline ran without them.
         gc.collect()
-        young: Periodic | None = None
         if heap is not None:
             heap.install()
             young = Periodic("heap-young", YOUNG_EVERY_S, heap.run_young_round)
@@ -474,8 +478,6 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
                     polls += 1
                     await asyncio.sleep(max(0.0, POLL_S - (time.monotonic() - began)))
         elapsed = time.monotonic() - started
-        if young is not None:
-            await young.stop()
         full_ms = 0.0
         if heap is not None:  # the keeper's scheduled full pass (every 10 min), over this heap
             heap.round()
@@ -494,6 +496,8 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
             out.update(redis_costs(sync, size))
         return out
     finally:
+        if young is not None:
+            await young.stop()
         if heap is not None:
             heap.uninstall()
         heartbeats.fetch = real_fetch  # type: ignore[assignment]
