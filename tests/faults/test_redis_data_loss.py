@@ -21,10 +21,14 @@ async def test_redis_data_loss_then_a_proxy_restart(redis_url: str, state_dir: P
     async with running_stack(redis_url, state_dir, "process", proxies=2, reaper_interval_s=0.2,
                              spec_cache_s=0.5) as stack:
         await stack.customer("acme")
-        await stack.deploy("echo", MODELS, "models:echo", capacity={"min": 0, "max": 2})
+        # A replica on each proxy (capacity.min 2 spreads over hosts): each proxy's reaper has one to find
+        # without a record. With min 0 the calls could all go to one proxy, and the other had none.
+        await stack.deploy("echo", MODELS, "models:echo", capacity={"min": 2, "max": 2})
         view = stack.app[state.VIEW]
         async with echo_traffic(stack, callers=2, timeout_s=10) as traffic:
             await wait_until(lambda: traffic.tally.ok >= 20, 30, "calls flowing")
+            await wait_until(lambda: all(view.proxies[p.proxy_id].replicas for p in stack.proxies), 30,
+                             "a replica of the version on each proxy")
             replicas_before = {p.proxy_id: len(view.proxies[p.proxy_id].replicas) for p in stack.proxies}
             old_epoch = view.epochs[stack.proxies[0].proxy_id]
             client = redis.Redis.from_url(redis_url)
