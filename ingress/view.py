@@ -361,7 +361,8 @@ class StateView:
                 wanted.append(pid)
             await turn.tick()
         gone = []
-        for pid in self._fleet if not keep_missing else ():
+        # A copy of the ids: the pass yields, and meanwhile a request may drop a refused proxy (``suspect``).
+        for pid in list(self._fleet) if not keep_missing else ():
             if pid not in scores:
                 gone.append(pid)  # withdrawn (ZREM), or silent past the window
             await turn.tick()

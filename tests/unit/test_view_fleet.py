@@ -224,3 +224,28 @@ def test_a_beat_inherits_the_per_version_tuples_of_the_replicas_it_repeats() -> 
     for r in now.replicas:
         fresh.setdefault(r.version, []).append(r)
     assert now.by_version == {v: tuple(rs) for v, rs in fresh.items()}  # what it would have worked out
+
+
+async def test_a_proxy_suspected_while_a_poll_yields_does_not_break_the_poll(
+        registry: Registry, client: Any, clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poll yields between slices; a request that meets a refused proxy meanwhile drops it from the
+    view (``suspect``). The poll's pass over the view must not be walking the live mapping then."""
+    view = StateView(registry, clock=clock)
+    for i in range(20):
+        await publish(client, beat(f"p{i:02}", 1, 1000.0, "v"))
+    await view.refresh()
+    await withdraw(client, "p19")  # so that the poll looks for proxies gone
+    monkeypatch.setattr("ingress.view.SLICE_S", 0.0)  # a yield at every step
+
+    async def refused() -> None:
+        for step in range(100):  # spread over the poll's passes: over the scores, over the view, the pages
+            await asyncio.sleep(0)
+            if step % 10 == 0:
+                view.suspect(f"p{step // 10:02}")
+
+    suspecting = asyncio.ensure_future(refused())
+    await view.refresh()
+    await suspecting
+    assert view.redis_ok
+    assert set(view.proxies) == {f"p{i:02}" for i in range(10, 19)}
+    assert holders(view, "v") == set(view.proxies)
