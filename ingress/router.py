@@ -109,15 +109,11 @@ class ProxyState:
         if self.replicas is held.replicas:
             self.__dict__["by_version"] = old
             return
-        grouped: dict[str, list[ReplicaState]] = {}
-        for r in self.replicas:
-            grouped.setdefault(r.version, []).append(r)
-        out: dict[str, tuple[ReplicaState, ...]] = {}
-        for version, rs in grouped.items():
+        fresh = self.by_version  # worked out here; the tuples repeated are swapped for the held ones
+        for version, rs in fresh.items():
             prev = old.get(version)
-            same = prev is not None and len(prev) == len(rs) and all(a is b for a, b in zip(prev, rs))
-            out[version] = prev if same else tuple(rs)  # type: ignore[assignment]
-        self.__dict__["by_version"] = out
+            if prev is not None and len(prev) == len(rs) and all(a is b for a, b in zip(prev, rs)):
+                fresh[version] = prev
 
     @functools.cached_property
     def _waiting(self) -> dict[str, int]:
