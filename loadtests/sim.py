@@ -123,7 +123,7 @@ from ingress.view import SAMPLE_D
 from ingress.spread import spread
 from runtime_proxy import policy
 from runtime_proxy.policy import ReplicaView
-from runtime_proxy.replica import DEFAULT_START_MS, MEASURE_ALPHA, start_due_in_ms, start_pays
+from runtime_proxy.replica import DEFAULT_START_MS, MEASURE_ALPHA, queue_since, start_due_in_ms, start_pays
 from shared.messages import Capacity, VersionSpec
 from shared.settings import ProxySettings
 
@@ -428,10 +428,7 @@ class Pool:
         taken = [r.taken_ms for r in self.replicas if r.in_flight]
         oldest_ms = now - min(taken) if taken else 0.0
         waiting, coming, serving = len(self.waiters), self.coming, self.serving
-        if waiting <= coming or not serving:
-            self.queued_since = None
-        elif self.queued_since is None:
-            self.queued_since = now
+        self.queued_since = queue_since(self.queued_since, now, waiting, coming, serving)
         queued_ms = 0.0 if self.queued_since is None else now - self.queued_since
         if start_pays(waiting, coming, serving, max(infer_ms, oldest_ms), start_ms, queued_ms=queued_ms):
             self.queued_since = now
@@ -571,7 +568,9 @@ def route_lukewarm(fleet: Fleet, req: Request, now: float, rng: random.Random) -
     proxies = fleet.index.candidates(name, rng, SAMPLE_D, now, math.inf, frozenset())
     choices = choose_proxies(proxies, name, now, rng, fleet.costs.costs(name), max_age_s=math.inf)
     if fleet.cfg.spread:
-        sent = {str(h.index): h.pools[req.arrival.model].load for h in fleet.hosts if req.arrival.model in h.pools}
+        # What this ingress has sent to each candidate (``spread`` reads no other host's).
+        hosts = [fleet.hosts[int(c.proxy.proxy_id)] for c in choices]
+        sent = {str(h.index): h.pools[req.arrival.model].load for h in hosts if req.arrival.model in h.pools}
         choices = spread(choices, name, sent, req.may_start, fleet.costs.costs(name).infer_ms)
     return int(choices[0].proxy.proxy_id)
 

@@ -44,6 +44,15 @@ def start_pays(waiting: int, coming: int, serving: int, service_ms: float, start
     return max(beyond / serving * service_ms, queued_ms) >= start_ms * patience
 
 
+def queue_since(since: float | None, now: float, waiting: int, coming: int, serving: int) -> float | None:
+    """When the queue ``start_pays`` times (``queued_ms``) began, as of ``now`` (pure; any clock unit):
+    ``since`` while it stands, ``now`` when it just formed, None when there is none. Requests waiting
+    only for replicas already starting, or with nothing serving, are not a queue for a serving replica."""
+    if waiting <= coming or not serving:
+        return None
+    return now if since is None else since
+
+
 def start_due_in_ms(waiting: int, coming: int, serving: int, infer_ms: float, start_ms: float,
                     oldest_ms: float, patience: float = START_PATIENCE, queued_ms: float = 0.0) -> float | None:
     """When (ms from now) ``start_pays`` turns true if nothing else changes: the request longest in flight
@@ -169,10 +178,7 @@ class VersionPool:
         start_ms = self.start_ms if self.start_ms is not None else DEFAULT_START_MS
         oldest_ms = (now - self._taken[0]) * 1000 if self._taken else 0.0
         serving = self.serving()
-        if self.waiting <= self.coming or not serving:
-            self.queued_since = None  # no queue for a serving replica (waiting for a start is not one)
-        elif self.queued_since is None:
-            self.queued_since = now
+        self.queued_since = queue_since(self.queued_since, now, self.waiting, self.coming, serving)
         queued_ms = 0.0 if self.queued_since is None else (now - self.queued_since) * 1000
         if start_pays(self.waiting, self.coming, serving, max(infer_ms, oldest_ms), start_ms, queued_ms=queued_ms):
             self.queued_since = now  # the next start must be earned by a queue of its own
