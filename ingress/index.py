@@ -150,15 +150,9 @@ class FleetIndex(dict[str, ProxyState]):
         return dict(self)
 
     def _index(self, pid: str, state: ProxyState) -> None:
-        for version in _held(state):
-            held = self._holders.get(version)
-            if held is None:
-                self._holders[version] = {pid: 1}
-            else:
-                held[pid] = held.get(pid, 0) + 1
+        self._move(pid, {}, _counts(state))
         self._all.add(pid)
-        if has_room(state):
-            self._room.add(pid)
+        self._room_of(pid, state)
 
     def _reindex(self, pid: str, old: ProxyState, state: ProxyState) -> None:
         """A proxy's next heartbeat: only the versions whose count there changed are touched. Removing and
@@ -166,28 +160,30 @@ class FleetIndex(dict[str, ProxyState]):
         the fleet: 80 000 at 5000 proxies) full of deleted slots, and its rehash every few thousand
         beats held the loop 2-3 ms."""
         if old.replicas is not state.replicas or old.waiting != state.waiting:
-            before, after = _counts(old), _counts(state)
-            if before != after:
-                for version in before:
-                    if version not in after:
-                        held = self._holders.get(version)
-                        if held is not None and held.pop(pid, None) is not None and not held:
-                            del self._holders[version]
-                for version, n in after.items():
-                    if before.get(version) != n:
-                        self._holders.setdefault(version, {})[pid] = n
+            self._move(pid, _counts(old), _counts(state))
+        self._room_of(pid, state)
+
+    def _unindex(self, pid: str, state: ProxyState) -> None:
+        self._move(pid, _counts(state), {})
+        self._all.discard(pid)
+        self._room.discard(pid)
+
+    def _move(self, pid: str, before: dict[str, int], after: dict[str, int]) -> None:
+        """``pid``'s entries in the version map go from ``before`` to ``after`` (version → its count there)."""
+        for version in before:
+            if version not in after:
+                held = self._holders.get(version)
+                if held is not None and held.pop(pid, None) is not None and not held:
+                    del self._holders[version]
+        for version, n in after.items():
+            if before.get(version) != n:
+                self._holders.setdefault(version, {})[pid] = n
+
+    def _room_of(self, pid: str, state: ProxyState) -> None:
         if has_room(state):
             self._room.add(pid)
         else:
             self._room.discard(pid)
-
-    def _unindex(self, pid: str, state: ProxyState) -> None:
-        for version in _held(state):
-            held = self._holders.get(version)
-            if held is not None and held.pop(pid, None) is not None and not held:
-                del self._holders[version]
-        self._all.discard(pid)
-        self._room.discard(pid)
 
     # ---- reads: O(holders + d) -------------------------------------------------------------------
 
