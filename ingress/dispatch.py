@@ -109,7 +109,7 @@ class Dispatcher:
         d = max(SAMPLE_D, min(len(inputs) // MIN_CHUNK, MAX_SPLIT_PROXIES))
         choices = self._choices(spec, d=d) or await self._fresh_choices(spec, frozenset(), d) \
             or await self._hold(spec, deadline)
-        # A scan of the fleet's replicas: once per request, shared by its chunks.
+        # From the version's holders (O(holders)): once per request, shared by its chunks.
         may_start = self._may_start(spec)
         choices = spread(choices, spec.key, self._sent.get(spec.key, {}), may_start,
                          self.costs.costs(spec.key).infer_ms)
