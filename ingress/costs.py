@@ -29,6 +29,9 @@ class _VersionCosts:
     cold_ms: float | None = None
     per_item_ms: float | None = None
     stopped_ms: float | None = None
+    # What ``CostBook.costs`` answers, made once per sample: the router prices a proxy's offer once per
+    # heartbeat and costs object (``ProxyState.price``), so the same object must come back until a sample.
+    answer: StartCosts | None = None
 
 
 class CostBook:
@@ -41,6 +44,7 @@ class CostBook:
     def record(self, version: str, tier: str, start_ms: float, infer_ms: float, items: int) -> None:
         """One chunk's answer: ``tier`` as ``start_tier`` names it (cold, lukewarm: a thaw, stopped, warm)."""
         entry = self._by_version.setdefault(version, _VersionCosts())
+        entry.answer = None
         if tier == "cold":
             entry.cold_ms = _ewma(entry.cold_ms, start_ms)
         elif tier == "lukewarm":
@@ -59,9 +63,11 @@ class CostBook:
         entry = self._by_version.get(version)
         if entry is None:
             return self.defaults
-        return StartCosts(
-            lukewarm_ms=entry.lukewarm_ms if entry.lukewarm_ms is not None else self.defaults.lukewarm_ms,
-            cold_ms=entry.cold_ms if entry.cold_ms is not None else self.defaults.cold_ms,
-            infer_ms=entry.per_item_ms if entry.per_item_ms is not None else self.defaults.infer_ms,
-            stopped_ms=entry.stopped_ms if entry.stopped_ms is not None else self.defaults.stopped_ms,
-        )
+        if entry.answer is None:
+            entry.answer = StartCosts(
+                lukewarm_ms=entry.lukewarm_ms if entry.lukewarm_ms is not None else self.defaults.lukewarm_ms,
+                cold_ms=entry.cold_ms if entry.cold_ms is not None else self.defaults.cold_ms,
+                infer_ms=entry.per_item_ms if entry.per_item_ms is not None else self.defaults.infer_ms,
+                stopped_ms=entry.stopped_ms if entry.stopped_ms is not None else self.defaults.stopped_ms,
+            )
+        return entry.answer

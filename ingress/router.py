@@ -127,6 +127,33 @@ class ProxyState:
     def _offers(self) -> dict[str, tuple[str, float]]:
         return {}
 
+    @functools.cached_property
+    def _prices(self) -> dict[str, tuple[StartCosts, float, str, float]]:
+        return {}
+
+    def price(self, version: str, costs: StartCosts) -> tuple[float, str, float]:
+        """``tier_and_wait`` as (ms rounded for ranking, tier, ms), worked out once per heartbeat for the versions
+        this proxy holds or is waited for at the same ``costs`` object (``ingress.costs.CostBook`` keeps one per
+        version until a sample changes it): a popular version's holders are ranked by every request routed to
+        it. A cold offer depends on the host and the costs only, and is kept in one slot, not per version: cold
+        candidates are sampled at random, so a per-version entry would rarely be read again."""
+        # Flat entries (costs, rounded, tier, ms): one object fewer to reach per candidate, in a view too big
+        # for the CPU's caches.
+        hit = self._prices.get(version)
+        if hit is not None and hit[0] is costs:
+            return hit[1:]  # type: ignore[return-value]
+        cold = self.__dict__.get("_cold_price")
+        if cold is not None and cold[0] is costs and version not in self.by_version \
+                and not (self.waiting and self.waiting_for(version)):
+            return cold[1:]  # type: ignore[no-any-return]
+        tier, ms = tier_and_wait(self, version, costs)
+        entry = (costs, round(ms, 3), tier, ms)
+        if version in self.by_version or (self.waiting and self.waiting_for(version)):
+            self._prices[version] = entry
+        else:
+            self.__dict__["_cold_price"] = entry
+        return entry[1:]
+
     def offer(self, version: str) -> tuple[str, float]:
         """``offer`` for a version held or waited for here, worked out once per heartbeat (prices are applied
         per request)."""
@@ -248,10 +275,10 @@ def choose_proxies(
     """
     scored = []
     for p in proxies:
-        if now - p.ts > max_age_s or p.proxy_id in exclude:
+        if now - p.ts > max_age_s or (exclude and p.proxy_id in exclude):
             continue
-        tier, ms = tier_and_wait(p, version, costs)
-        scored.append((round(ms, 3), Choice(p, tier, ms)))
+        key, tier, ms = p.price(version, costs)
+        scored.append((key, _choice(Choice, (p, tier, ms))))
     if len(scored) < 2:
         return [c for _, c in scored]
     scored.sort(key=_KEY)
@@ -261,7 +288,10 @@ def choose_proxies(
     key = scored[0][0]
     for k, c in scored:
         if k != key:
-            ordered.extend(_power_of_two(group, rng))
+            if len(group) > 1:
+                ordered.extend(_power_of_two(group, rng))
+            else:
+                ordered.append(group[0])
             group, key = [], k
         group.append(c)
     ordered.extend(_power_of_two(group, rng))
@@ -269,6 +299,8 @@ def choose_proxies(
 
 
 _KEY = operator.itemgetter(0)
+# Choice(p, tier, ms) without the Python frame of a NamedTuple's __new__: one per candidate per decision.
+_choice = tuple.__new__
 
 
 def _power_of_two(pool: list[Choice], rng: random.Random) -> list[Choice]:

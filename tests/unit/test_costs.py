@@ -78,3 +78,15 @@ def test_versions_are_kept_apart() -> None:
     book.record(V, "cold", 1234.0, 1.0, 1)
     assert book.costs("acme/churn/main/2") == DEFAULTS
     assert book.costs(V).cold_ms == 1234.0
+
+
+def test_the_same_costs_object_comes_back_until_a_sample_moves_it() -> None:
+    """The router keeps a proxy's price per heartbeat and costs object: a fresh object per call would make
+    every request price every candidate again, and a kept one after a sample would route on old costs."""
+    book = CostBook(DEFAULTS)
+    book.record(V, "warm", 0.0, 10.0, 1)
+    first = book.costs(V)
+    assert book.costs(V) is first
+    book.record(V, "cold", 900.0, 10.0, 1)
+    moved = book.costs(V)
+    assert moved is not first and moved.cold_ms == 900.0 and book.costs(V) is moved

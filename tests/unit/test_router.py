@@ -327,3 +327,38 @@ def test_power_of_two_compares_load_not_only_slots() -> None:
     light = proxy("light", rep("running"), rep("running", in_flight=1, version=OTHER))
     for seed in range(30):
         assert choose_proxies([waited, light], V, NOW, random.Random(seed), COSTS)[0].proxy.proxy_id == "light"
+
+
+def test_a_proxys_price_is_kept_per_heartbeat_and_costs_object_and_never_crosses_versions() -> None:
+    """``ProxyState.price`` answers what ``tier_and_wait`` would, from a cache: a held version's price per
+    costs object, a cold offer in one slot that a version held here must never be served from."""
+    p = proxy("p", rep("running", in_flight=1), rep("paused", version=OTHER), waiting={"w": 2})
+    assert p.price("cold-version", COSTS) == (400.0 + p.load * 5.0, COLD, 400.0 + p.load * 5.0)
+    assert p.price(V, COSTS) == (5.0, WARM, 5.0)
+    assert p.price(OTHER, COSTS) == (25.0, LUKEWARM, 25.0)  # after a cold price was kept: not served it
+    assert p.price("w", COSTS)[1] == COLD and p.price("w", COSTS) == (200.0 + 10.0, COLD, 210.0)  # waited for
+    dearer = StartCosts(lukewarm_ms=60.0, cold_ms=1000.0, infer_ms=7.0)
+    assert p.price(V, dearer) == (7.0, WARM, 7.0) and p.price(OTHER, dearer) == (60.0, LUKEWARM, 60.0)
+    assert p.price("another-cold-one", dearer)[2] == 1000.0 + p.load * 7.0
+    for version in (V, OTHER, "w", "x"):
+        for costs in (COSTS, dearer):
+            key, tier, ms = p.price(version, costs)
+            assert (tier, ms) == tier_and_wait(p, version, costs) and key == round(ms, 3)
+
+
+def test_a_priced_proxy_is_freed_when_its_next_heartbeat_replaces_it() -> None:
+    """Its caches hold no reference back to it (a cycle would wait for a full collection: shared/heap.py)."""
+    import gc
+    import weakref
+
+    p = proxy("p", rep("running"))
+    choose_proxies([p, proxy("q")], V, NOW, random.Random(1), COSTS)
+    gone = weakref.ref(p)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del p
+        assert gone() is None
+    finally:
+        if was:
+            gc.enable()
