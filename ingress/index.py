@@ -4,13 +4,16 @@
 write, what a routing decision needs so that it never scans the fleet:
 
 - holders: version key → the proxies with a replica of it in any state, or requests waiting there for
-  one (the warm, lukewarm and starting candidates);
+  one (the warm, lukewarm and starting candidates); for a version held by more than ``RANKED_HOLDERS``
+  proxies, the same split into the warm ones (a replica running) and the others, to draw from;
+- per version, how many replicas run or start across the fleet (what capacity.max is judged by);
 - two pools with O(1) add, remove and uniform pick: every proxy, and the proxies with room (fewer
   replicas than their ``max_replicas``), from which cold candidates are sampled (power of d choices).
 
 Guarantees: a write (a heartbeat applied, a proxy dropped or suspected) costs O(replicas of that proxy),
-whatever the fleet; ``candidates`` costs O(holders + d) and returns every holder; ``running_of`` costs
-O(holders). Reads are pure: the index changes only through the mapping's own writes.
+whatever the fleet; ``candidates`` ranks at most ``RANKED_HOLDERS`` holders and ``d`` sampled hosts,
+however many proxies hold the version (a version held by more has its ids copied, in C, to draw from);
+``running_of`` is one lookup. Reads are pure: the index changes only through the mapping's own writes.
 """
 from __future__ import annotations
 
@@ -25,6 +28,12 @@ from ingress.router import ProxyState
 TRIES_PER_PICK = 4
 # Replica states that count as running for capacity.max (what the dispatcher's _may_start counts).
 RUNNING_STATES = ("running", "starting")
+# A version held by more proxies than this has this many of them drawn for each decision, not all: a
+# popular version scaled out to hundreds of replicas (capacity.max goes to 1000) would otherwise have
+# every request rank hundreds of hosts. Warm holders are drawn first, at random (power of d choices among
+# equals, as Ray Serve's router draws two replicas), with one place kept for another holder (paused,
+# stopped, starting) so that a lukewarm one stays in the running when every warm one drawn has a queue.
+RANKED_HOLDERS = 3
 
 
 class _Pool:
@@ -74,11 +83,29 @@ def _held(state: ProxyState) -> Iterator[str]:
             yield version
 
 
-def _counts(state: ProxyState) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for version in _held(state):
-        out[version] = out.get(version, 0) + 1
-    return out
+class _Tally:
+    """What one heartbeat says per version, for the index: replicas of it held (any state, plus one for
+    requests waiting), replicas running or starting, and whether one runs (a warm holder)."""
+
+    __slots__ = ("held", "active", "warm")
+
+    def __init__(self, state: ProxyState | None = None) -> None:
+        self.held: dict[str, int] = {}
+        self.active: dict[str, int] = {}
+        self.warm: set[str] = set()
+        if state is None:
+            return
+        held, active = self.held, self.active
+        for version in _held(state):
+            held[version] = held.get(version, 0) + 1
+        for replica in state.replicas:
+            if replica.state in RUNNING_STATES:
+                active[replica.version] = active.get(replica.version, 0) + 1
+                if replica.state == "running":
+                    self.warm.add(replica.version)
+
+
+_NOTHING = _Tally()
 
 
 class FleetIndex(dict[str, ProxyState]):
@@ -93,6 +120,13 @@ class FleetIndex(dict[str, ProxyState]):
         # version key → {proxy id: replicas of it there}; an inner dict, not a set: its order (insertion)
         # is the same in every run, so a seeded rng gives the same decision.
         self._holders: dict[str, dict[str, int]] = {}
+        # For the versions with more than RANKED_HOLDERS holders only (most versions have a few: a split of
+        # every one would double the index's memory): version key → ({warm holder: None}, {other: None}).
+        self._split: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+        # version key → replicas of it running or starting, fleet-wide; kept (at 0) while the version has
+        # holders, as the version map's entries are: a key deleted and added back as a replica pauses and
+        # resumes would fill this big map with deleted slots, and its rehash would hold the loop.
+        self._running: dict[str, int] = {}
         self._all = _Pool()
         self._room = _Pool()
         self.update(proxies)
@@ -139,6 +173,8 @@ class FleetIndex(dict[str, ProxyState]):
     def clear(self) -> None:
         super().clear()
         self._holders.clear()
+        self._split.clear()
+        self._running.clear()
         self._all = _Pool()
         self._room = _Pool()
 
@@ -150,7 +186,7 @@ class FleetIndex(dict[str, ProxyState]):
         return dict(self)
 
     def _index(self, pid: str, state: ProxyState) -> None:
-        self._move(pid, {}, _counts(state))
+        self._move(pid, _NOTHING, _Tally(state))
         self._all.add(pid)
         self._room_of(pid, state)
 
@@ -160,24 +196,57 @@ class FleetIndex(dict[str, ProxyState]):
         the fleet: 80 000 at 5000 proxies) full of deleted slots, and its rehash every few thousand
         beats held the loop 2-3 ms."""
         if old.replicas is not state.replicas or old.waiting != state.waiting:
-            self._move(pid, _counts(old), _counts(state))
+            self._move(pid, _Tally(old), _Tally(state))
         self._room_of(pid, state)
 
     def _unindex(self, pid: str, state: ProxyState) -> None:
-        self._move(pid, _counts(state), {})
+        self._move(pid, _Tally(state), _NOTHING)
         self._all.discard(pid)
         self._room.discard(pid)
 
-    def _move(self, pid: str, before: dict[str, int], after: dict[str, int]) -> None:
-        """``pid``'s entries in the version map go from ``before`` to ``after`` (version → its count there)."""
-        for version in before:
-            if version not in after:
-                held = self._holders.get(version)
-                if held is not None and held.pop(pid, None) is not None and not held:
-                    del self._holders[version]
-        for version, n in after.items():
-            if before.get(version) != n:
-                self._holders.setdefault(version, {})[pid] = n
+    def _move(self, pid: str, before: _Tally, after: _Tally) -> None:
+        """``pid``'s entries in the version maps go from what ``before`` says to what ``after`` says."""
+        running = self._running
+        for version in before.active.keys() | after.active.keys():
+            delta = after.active.get(version, 0) - before.active.get(version, 0)
+            if delta:
+                running[version] = running.get(version, 0) + delta
+        holders = self._holders
+        moved = before.warm ^ after.warm
+        for version in before.held:
+            if version not in after.held:
+                if _leave(holders, version, pid):
+                    self._running.pop(version, None)
+                moved.add(version)
+        for version, n in after.held.items():
+            was = before.held.get(version)
+            if was != n:
+                holders.setdefault(version, {})[pid] = n
+                if was is None:
+                    moved.add(version)
+        for version in moved:
+            self._resplit(version, pid, version in after.held, version in after.warm)
+
+    def _resplit(self, version: str, pid: str, held: bool, warm: bool) -> None:
+        """``pid`` joined or left ``version``'s holders, or became warm or not: its warm/other split follows
+        (made, from every holder's state, when the version passes ``RANKED_HOLDERS`` holders; dropped when
+        it is back within)."""
+        split = self._split.get(version)
+        if len(self._holders.get(version, ())) <= RANKED_HOLDERS:
+            if split is not None:
+                del self._split[version]
+            return
+        if split is None:
+            get = super().__getitem__
+            split = self._split[version] = ({}, {})
+            for holder in self._holders[version]:
+                running = any(r.state == "running" for r in get(holder).by_version.get(version, ()))
+                split[0 if running else 1][holder] = None
+            return
+        split[0].pop(pid, None)
+        split[1].pop(pid, None)
+        if held:
+            split[0 if warm else 1][pid] = None
 
     def _room_of(self, pid: str, state: ProxyState) -> None:
         if has_room(state):
@@ -203,11 +272,9 @@ class FleetIndex(dict[str, ProxyState]):
     def with_room(self) -> int:
         return len(self._room)
 
-    def running_of(self, version: str, states: Container[str] = RUNNING_STATES) -> int:
-        """Replicas of ``version`` in ``states`` (running or starting) across the fleet: O(holders)."""
-        get = super().__getitem__
-        return sum(1 for pid in self._holders.get(version, ()) for r in get(pid).by_version.get(version, ())
-                   if r.state in states)
+    def running_of(self, version: str) -> int:
+        """Replicas of ``version`` running or starting across the fleet (kept by every write: O(1))."""
+        return self._running.get(version, 0)
 
     def sample(self, rng: random.Random, d: int, now: float, max_age_s: float,
                skip: Container[str] = frozenset()) -> list[ProxyState]:
@@ -220,24 +287,24 @@ class FleetIndex(dict[str, ProxyState]):
         """
         if d <= 0:
             return []
-        out = self._draw(self._room, rng, d, now, max_age_s, skip, {})
+        out = self._draw(self._room.items, rng, d, now, max_age_s, skip, {})
         if not out:
-            out = self._draw(self._all, rng, d, now, max_age_s, skip, {})
+            out = self._draw(self._all.items, rng, d, now, max_age_s, skip, {})
         return out
 
-    def _draw(self, pool: _Pool, rng: random.Random, d: int, now: float, max_age_s: float,
+    def _draw(self, pool: list[str] | dict[str, Any], rng: random.Random, d: int, now: float, max_age_s: float,
               skip: Container[str], taken: dict[str, ProxyState]) -> list[ProxyState]:
-        if not pool:
-            return []
-        get = super().__getitem__
-        if len(pool) <= d:  # small pool: take all of it, in its order
-            candidates: Iterable[str] = list(pool.items)
-        else:
-            candidates = (pool.pick(rng) for _ in range(TRIES_PER_PICK * d))
-        for pid in candidates:
+        """``taken`` filled up to ``d`` with live proxies of ``pool`` not in ``skip`` (drawn at random, at most
+        ``TRIES_PER_PICK × d`` draws; all of ``pool`` in order when it has no more than ``d``)."""
+        n = len(pool)
+        small = n <= d  # a small pool: all of it, in its order
+        ids = list(pool) if small or isinstance(pool, dict) else pool
+        get, rand = dict.__getitem__, rng.random
+        for i in range(n if small else TRIES_PER_PICK * d):
+            pid = ids[i] if small else ids[int(rand() * n)]
             if pid in taken or pid in skip:
                 continue
-            state = get(pid)
+            state = get(self, pid)
             if now - state.ts <= max_age_s:
                 taken[pid] = state
                 if len(taken) >= d:
@@ -246,8 +313,9 @@ class FleetIndex(dict[str, ProxyState]):
 
     def candidates(self, version: str, rng: random.Random, d: int, now: float, max_age_s: float,
                    exclude: Container[str] = frozenset()) -> list[ProxyState]:
-        """Every holder of ``version`` not in ``exclude`` (live or not: the router judges age, as it always
-        did), then up to ``d`` sampled live proxies with room that hold none of it.
+        """The holders of ``version`` not in ``exclude`` (live or not: the router judges age, as it always
+        did; past ``RANKED_HOLDERS`` of them, that many live ones drawn, warm first: ``_some_holders``), then
+        up to ``d`` sampled live proxies with room that hold none of it.
 
         Never empty while a live proxy outside ``exclude`` exists: when sampling finds none (most of the
         fleet stale or excluded) it falls back to a scan of the fleet, the only O(fleet) path, taken
@@ -255,8 +323,13 @@ class FleetIndex(dict[str, ProxyState]):
         """
         held = self._holders.get(version)
         get = super().__getitem__
-        out = [get(pid) for pid in held if pid not in exclude] if held else []
-        skip: Container[str] = exclude if not held else _Either(held, exclude)
+        if not held:
+            out = []
+        elif len(held) <= RANKED_HOLDERS:
+            out = [get(pid) for pid in held if pid not in exclude]
+        else:
+            out = self._some_holders(version, held, rng, now, max_age_s, exclude)
+        skip: Container[str] = exclude if not held else _Either(held, exclude) if exclude else held
         sampled = self.sample(rng, d, now, max_age_s, skip)
         if sampled:
             out.extend(sampled)
@@ -264,6 +337,44 @@ class FleetIndex(dict[str, ProxyState]):
             out.extend(p for pid, p in self.items()
                        if now - p.ts <= max_age_s and pid not in exclude and (not held or pid not in held))
         return out
+
+    def _some_holders(self, version: str, held: dict[str, int], rng: random.Random, now: float,
+                      max_age_s: float, exclude: Container[str]) -> list[ProxyState]:
+        """``RANKED_HOLDERS`` live holders of ``version`` not in ``exclude``, drawn at random: warm ones
+        first, leaving one place for another holder when the version has any.
+
+        Draws are bounded, so when most holders are stale (a rack gone, its heartbeats not yet expired)
+        they may find none: then the holders are looked at in turn, O(holders), until one live is found."""
+        warm, cool = self._split.get(version, (None, None))
+        taken: dict[str, ProxyState] = {}
+        if warm:
+            self._draw(warm, rng, RANKED_HOLDERS - bool(cool), now, max_age_s, exclude, taken)
+            if not taken:
+                self._first_live(warm, now, max_age_s, exclude, taken)
+        if cool:
+            self._draw(cool, rng, RANKED_HOLDERS, now, max_age_s, exclude, taken)
+        if not taken:
+            self._first_live(held, now, max_age_s, exclude, taken)
+        return list(taken.values())
+
+    def _first_live(self, ids: Iterable[str], now: float, max_age_s: float, skip: Container[str],
+                    taken: dict[str, ProxyState]) -> None:
+        get = super().__getitem__
+        for pid in ids:
+            if pid not in skip and now - get(pid).ts <= max_age_s:
+                taken[pid] = get(pid)
+                return
+
+
+def _leave(index: dict[str, dict[str, Any]], version: str, pid: str) -> bool:
+    """``pid`` out of ``version``'s entry in a version map; the entry goes with its last proxy (then True)."""
+    entries = index.get(version)
+    if entries is not None and pid in entries:
+        del entries[pid]
+        if not entries:
+            del index[version]
+            return True
+    return False
 
 
 class _Either:

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from ingress.index import FleetIndex, has_room
+from ingress.index import RANKED_HOLDERS, FleetIndex, has_room
 from ingress.router import ProxyState, ReplicaState, choose_proxies
 
 NOW = 1000.0
@@ -26,6 +26,10 @@ def scan_holders(fleet: dict[str, ProxyState], version: str) -> set[str]:
 
 def scan_running(fleet: dict[str, ProxyState], version: str) -> int:
     return sum(1 for p in fleet.values() for r in p.replicas if r.version == version and r.state in ("running", "starting"))
+
+
+def scan_warm(fleet: dict[str, ProxyState], version: str) -> set[str]:
+    return {pid for pid, p in fleet.items() if any(r.version == version and r.state == "running" for r in p.replicas)}
 
 
 def test_holders_follow_replicas_added_removed_and_moved() -> None:
@@ -90,9 +94,55 @@ def test_random_heartbeats_keep_the_index_equal_to_a_scan(seed: int) -> None:
             found = index.candidates(version, rng, 2, NOW, MAX_AGE_S)
             ids = [p.proxy_id for p in found]
             assert len(ids) == len(set(ids)), "no proxy twice"
-            assert set(ids) >= scan_holders(plain, version), "every holder is a candidate"
-            assert len(set(ids) - scan_holders(plain, version)) <= 2, "at most d sampled"
+            held = scan_holders(plain, version)
+            if len(held) <= RANKED_HOLDERS:
+                assert set(ids) >= held, "every holder is a candidate"
+            else:
+                live = {pid for pid in held if NOW - plain[pid].ts <= MAX_AGE_S}
+                drawn = set(ids) & held
+                assert drawn <= live and len(drawn) <= RANKED_HOLDERS, "a few live holders drawn"
+                assert drawn or not live
+                if live & scan_warm(plain, version):
+                    assert drawn & scan_warm(plain, version), "a warm holder among them"
+            assert len(set(ids) - held) <= 2, "at most d sampled"
+            split = index._split.get(version)
+            if len(held) > RANKED_HOLDERS:
+                assert split is not None and set(split[0]) == scan_warm(plain, version)
+                assert set(split[1]) == held - scan_warm(plain, version)
+            else:
+                assert split is None, "kept for widely held versions only"
         assert index.with_room() == sum(1 for p in plain.values() if has_room(p))
+        assert index._running.keys() <= index._holders.keys(), "no count outlives the version's holders"
+
+
+def test_a_widely_held_version_ranks_a_few_holders_warm_first_whatever_their_number() -> None:
+    """capacity.max goes to 1000: a request must not rank every host a popular version runs on."""
+    fleet = {f"w{i}": proxy(f"w{i}", ("v", "running"), max_replicas=1) for i in range(300)}
+    fleet |= {f"p{i}": proxy(f"p{i}", ("v", "paused"), max_replicas=1) for i in range(100)}
+    fleet |= {f"s{i}": proxy(f"s{i}", ("v", "running"), ts=NOW - 60, max_replicas=1) for i in range(50)}
+    fleet |= {f"room{i}": proxy(f"room{i}") for i in range(20)}
+    index = FleetIndex(fleet)
+    assert index.running_of("v") == 350
+    rng = random.Random(5)
+    seen: set[str] = set()
+    for _ in range(600):
+        found = [p.proxy_id for p in index.candidates("v", rng, 2, NOW, MAX_AGE_S, exclude=frozenset({"w0"}))]
+        holders = [pid for pid in found if not pid.startswith("room")]
+        assert len(holders) == RANKED_HOLDERS and len(found) == RANKED_HOLDERS + 2
+        assert sum(pid.startswith("w") for pid in holders) == RANKED_HOLDERS - 1, "warm first, one place kept"
+        assert sum(pid.startswith("p") for pid in holders) == 1
+        assert "w0" not in found and not any(pid.startswith("s") for pid in found), "excluded and stale left out"
+        seen.update(holders)
+    assert len([pid for pid in seen if pid.startswith("w")]) > 250, "drawn across the warm holders"
+    paused_only = FleetIndex({f"p{i}": proxy(f"p{i}", ("v", "paused")) for i in range(9)})
+    assert len(paused_only.candidates("v", rng, 2, NOW, MAX_AGE_S)) == RANKED_HOLDERS
+
+
+def test_a_few_holders_are_all_ranked_in_their_order() -> None:
+    fleet = {f"h{i}": proxy(f"h{i}", ("v", "paused" if i % 2 else "running")) for i in range(RANKED_HOLDERS)}
+    index = FleetIndex(fleet | {"room": proxy("room")})
+    found = [p.proxy_id for p in index.candidates("v", random.Random(1), 2, NOW, MAX_AGE_S)]
+    assert found == [*fleet, "room"]
 
 
 def test_sampler_draws_only_live_proxies_with_room_and_at_most_d() -> None:
@@ -136,7 +186,8 @@ def test_excluded_holders_and_samples_are_left_out() -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_routing_over_candidates_matches_the_full_scan_for_held_versions(seed: int) -> None:
-    """Warm and lukewarm proxies are all candidates, so the best tier and its cost are the full scan's."""
+    """A few holders are all candidates, so the best tier and its cost are the full scan's; past
+    ``RANKED_HOLDERS`` the best tier still is (warm holders are drawn first), its queue the best drawn."""
     rng = random.Random(seed)
     fleet = {}
     for i in range(60):
@@ -151,6 +202,10 @@ def test_routing_over_candidates_matches_the_full_scan_for_held_versions(seed: i
         held = scan_holders(fleet, version)
         if not held:
             assert fast[0].tier == full[0].tier == "cold"  # power of d choices: a sampled host, not the global best
+            continue
+        if len(held) > RANKED_HOLDERS:
+            assert fast[0].tier == full[0].tier and fast[0].expected_ms >= full[0].expected_ms
+            assert len({c.proxy.proxy_id for c in fast} & held) == RANKED_HOLDERS
             continue
         assert (fast[0].tier, fast[0].expected_ms) == (full[0].tier, full[0].expected_ms)
         assert {c.proxy.proxy_id for c in full if c.proxy.proxy_id in held} <= {c.proxy.proxy_id for c in fast}
@@ -185,6 +240,7 @@ def test_a_beat_touches_only_the_versions_whose_count_changed() -> None:
     index._holders = spy = CountingDict(index._holders)
     index["a"] = proxy("a", ("v1", "paused"), ("v2", "running"), ("v2", "running"), ts=NOW + 2)  # states moved only
     assert spy.writes == 0
+    assert index.running_of("v1") == 0 and "v1" in index._running, "a count at 0 stays: no deleted slot"
     assert {p.proxy_id for p in index.holders("v1")} == {"a"} and index.holders("v1")[0].ts == NOW + 2
     index["a"] = proxy("a", ("v2", "running"), ("v3", "starting"), ts=NOW + 4)  # v1 gone, v2 one fewer, v3 new
     assert index.holders("v1") == [] and "v1" not in spy
