@@ -55,6 +55,9 @@ class GpuState:
     swapping: bool = False
 
 
+_COLD = ""  # ProxyState._prices' key for the cold offer
+
+
 @dataclasses.dataclass(frozen=True)
 class ProxyState:
     """A proxy as its last heartbeat described it."""
@@ -139,20 +142,18 @@ class ProxyState:
         candidates are sampled at random, so a per-version entry would rarely be read again."""
         # Flat entries (costs, rounded, tier, ms): one object fewer to reach per candidate, in a view too big
         # for the CPU's caches.
-        hit = self._prices.get(version)
+        prices = self._prices
+        hit = prices.get(version)
         if hit is not None and hit[0] is costs:
             return hit[1:]  # type: ignore[return-value]
-        cold = self.__dict__.get("_cold_price")
-        if cold is not None and cold[0] is costs and version not in self.by_version \
-                and not (self.waiting and self.waiting_for(version)):
-            return cold[1:]  # type: ignore[no-any-return]
+        held = version in self.by_version or (self.waiting and self.waiting_for(version))
+        cold = prices.get(_COLD)  # no version key is empty
+        if cold is not None and cold[0] is costs and not held:
+            return cold[1:]  # type: ignore[return-value]
         tier, ms = tier_and_wait(self, version, costs)
         entry = (costs, round(ms, 3), tier, ms)
-        if version in self.by_version or (self.waiting and self.waiting_for(version)):
-            self._prices[version] = entry
-        else:
-            self.__dict__["_cold_price"] = entry
-        return entry[1:]
+        prices[version if held else _COLD] = entry
+        return entry[1:]  # type: ignore[return-value]
 
     def offer(self, version: str) -> tuple[str, float]:
         """``offer`` for a version held or waited for here, worked out once per heartbeat (prices are applied
