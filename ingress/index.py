@@ -287,13 +287,14 @@ class FleetIndex(dict[str, ProxyState]):
         """
         if d <= 0:
             return []
-        out = self._draw(self._room.items, rng, d, now, max_age_s, skip, {})
-        if not out:
-            out = self._draw(self._all.items, rng, d, now, max_age_s, skip, {})
-        return out
+        taken: dict[str, ProxyState] = {}
+        self._draw(self._room.items, rng, d, now, max_age_s, skip, taken)
+        if not taken:
+            self._draw(self._all.items, rng, d, now, max_age_s, skip, taken)
+        return list(taken.values())
 
     def _draw(self, pool: list[str] | dict[str, Any], rng: random.Random, d: int, now: float, max_age_s: float,
-              skip: Container[str], taken: dict[str, ProxyState]) -> list[ProxyState]:
+              skip: Container[str], taken: dict[str, ProxyState]) -> None:
         """``taken`` filled up to ``d`` with live proxies of ``pool`` not in ``skip`` (drawn at random, at most
         ``TRIES_PER_PICK × d`` draws; all of ``pool`` in order when it has no more than ``d``)."""
         n = len(pool)
@@ -308,8 +309,7 @@ class FleetIndex(dict[str, ProxyState]):
             if now - state.ts <= max_age_s:
                 taken[pid] = state
                 if len(taken) >= d:
-                    break
-        return list(taken.values())
+                    return
 
     def candidates(self, version: str, rng: random.Random, d: int, now: float, max_age_s: float,
                    exclude: Container[str] = frozenset()) -> list[ProxyState]:
