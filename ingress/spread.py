@@ -20,7 +20,9 @@ from ingress.router import Choice, ProxyState
 
 
 def _mine(proxy: ProxyState, version: str) -> list:  # type: ignore[type-arg]
-    return [r for r in proxy.replicas if r.version == version and r.state != "dead"]
+    # From the per-version tuples the heartbeat already grouped (ProxyState.by_version), not a pass over
+    # every replica of the host: spread runs on every request.
+    return [r for r in proxy.by_version.get(version, ()) if r.state != "dead"]
 
 
 def _slots(proxy: ProxyState, version: str) -> int:
