@@ -32,7 +32,9 @@ Routing policies (the ingress side):
   the hosts holding the model in memory and below twice the mean load, the less
   loaded of two picked at random; with none, the same over all hosts.
 
-The baselines see each host's true load; ``lukewarm`` sees only what a heartbeat says.
+The baselines see each host's true load; ``lukewarm`` sees only what a heartbeat says. What the baselines
+read of the whole fleet (its total load, the hosts by load, the hosts holding each model) is kept in running
+books (``Books``) at every write, not scanned per request: no Python pass over the hosts per request.
 
 The proxy side is the same for every policy and follows
 ``runtime_proxy.replicas.ReplicaManager`` with the real decisions of
@@ -104,6 +106,7 @@ binds (each model is its own customer's).
 from __future__ import annotations
 
 import argparse
+import array
 import bisect
 import collections
 import dataclasses
@@ -112,6 +115,7 @@ import heapq
 import itertools
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -486,6 +490,82 @@ class Eviction:
 Handler = Callable[["Fleet", Any, float], None]
 
 
+@dataclasses.dataclass
+class Books:
+    """What the baselines read of the whole fleet, kept at every write rather than scanned per request (a scan is
+    O(hosts) Python work a request: too slow at 1000 hosts). Writes go through ``add_load`` (a host's load),
+    ``add_replica``, ``set_state`` and ``retire`` (a replica's state); ``scan_books`` recomputes the same from
+    the hosts, which the tests compare against."""
+
+    total_load: int = 0  # the sum of the hosts' loads
+    by_load: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # load -> hosts with it (none empty)
+    min_load: int = 0  # the least load of any host (0 with no hosts)
+    live: dict[int, dict[int, int]] = dataclasses.field(default_factory=dict)  # model -> {host: live replicas}
+    starting: dict[int, dict[int, int]] = dataclasses.field(default_factory=dict)  # model -> {host: starting}
+
+
+def scan_books(hosts: Sequence[Host]) -> Books:
+    """The books by brute force, from every host and replica (how they start, and their check)."""
+    books = Books()
+    for h in hosts:
+        books.total_load += h.load
+        books.by_load.setdefault(h.load, set()).add(h.index)
+        for r in h.replicas.values():
+            _tally(books, h.index, r.model, r.state, 1)
+    books.min_load = min(books.by_load, default=0)
+    return books
+
+
+def _bump(table: dict[int, dict[int, int]], model: int, host: int, delta: int) -> None:
+    per = table.setdefault(model, {})
+    count = per.get(host, 0) + delta
+    if count:
+        per[host] = count
+    else:
+        del per[host]
+        if not per:
+            del table[model]
+
+
+def _tally(books: Books, host: int, model: int, state: str, delta: int) -> None:
+    """Count a replica of ``model`` on ``host`` in ``state`` in (``delta`` 1) or out (-1) of the books."""
+    if state in LIVE:
+        _bump(books.live, model, host, delta)
+        if state == STARTING:
+            _bump(books.starting, model, host, delta)
+
+
+def add_load(fleet: Fleet, host: Host, delta: int) -> None:
+    """The one write of a host's load (requests holding a slot or waiting for one)."""
+    books, old = fleet.books, host.load
+    new = host.load = old + delta
+    books.total_load += delta
+    bucket = books.by_load[old]
+    bucket.discard(host.index)
+    if not bucket:
+        del books.by_load[old]
+    books.by_load.setdefault(new, set()).add(host.index)
+    if new < books.min_load:
+        books.min_load = new
+    elif old == books.min_load and old not in books.by_load:
+        books.min_load = min(books.by_load)
+
+
+def set_state(fleet: Fleet, host: Host, replica: Replica, state: str) -> None:
+    """The one write of a replica's state once it is on its host (one retired is out of the books already)."""
+    if replica.state != state and host.replicas.get(replica.uid) is replica:
+        _tally(fleet.books, host.index, replica.model, replica.state, -1)
+        _tally(fleet.books, host.index, replica.model, state, 1)
+    replica.state = state
+
+
+def add_replica(fleet: Fleet, host: Host, replica: Replica) -> None:
+    """Put a new replica on its host (and in its pool)."""
+    host.replicas[replica.uid] = replica
+    host.pool(replica.model).replicas.append(replica)
+    _tally(fleet.books, host.index, replica.model, replica.state, 1)
+
+
 @dataclasses.dataclass(eq=False)
 class Fleet:
     cfg: Config
@@ -504,6 +584,10 @@ class Fleet:
     # versions it holds; hosts changed since it was last brought up to date (their next heartbeat).
     index: FleetIndex = dataclasses.field(default_factory=FleetIndex)
     dirty: set[int] = dataclasses.field(default_factory=set)
+    books: Books = dataclasses.field(default_factory=Books)  # the baselines' view of the whole fleet
+
+    def __post_init__(self) -> None:
+        self.books = scan_books(self.hosts)
 
     def schedule(self, at_ms: float, handler: Handler, payload: Any) -> None:
         self.seq += 1
@@ -575,8 +659,38 @@ def route_lukewarm(fleet: Fleet, req: Request, now: float, rng: random.Random) -
     return int(choices[0].proxy.proxy_id)
 
 
+# A 32-bit word of the Mersenne Twister, as getrandbits lays them out.
+_WORD = next(t for t in "IL" if array.array(t).itemsize == 4)
+
+
 def route_least_loaded(fleet: Fleet, req: Request, now: float, rng: random.Random) -> int:
-    return min(fleet.hosts, key=lambda h: (h.load, rng.random())).index
+    """``min(fleet.hosts, key=lambda h: (h.load, rng.random()))``: the least-loaded host, ties broken by one
+    ``random()`` drawn per host in index order. Drawn here at once, as the same generator words: ``random()``
+    is two 32-bit words ``a``, ``b`` -> ``((a >> 5) * 2**26 + (b >> 6)) / 2**53``, and ``getrandbits(64 * n)``
+    is the next ``2n`` words, the first the least significant. Only the least-loaded hosts' draws are compared
+    (``books.by_load``): the same host and the same generator state after, without a Python pass over the hosts."""
+    n = len(fleet.hosts)
+    if type(rng) is not random.Random:  # another generator: draw as written
+        return min(fleet.hosts, key=lambda h: (h.load, rng.random())).index
+    words = array.array(_WORD, rng.getrandbits(64 * n).to_bytes(8 * n, "little"))
+    if sys.byteorder == "big":
+        words.byteswap()
+    return least_draw(fleet.books.by_load[fleet.books.min_load], words)
+
+
+def least_draw(least: set[int], words: array.array[int]) -> int:
+    """Of the hosts ``least``, the one whose ``random()`` (words ``2j``, ``2j + 1``) is least, ties by index."""
+    if len(least) == 1:
+        return next(iter(least))
+    # The least first word (a C-speed pass); unless the runner-up's has the same top 27 bits (about 2**-27 a
+    # pair), its host has the least random() outright. Else compare the whole draws, ties by index.
+    first = words[::2]
+    best = min(least, key=first.__getitem__)
+    top, first[best] = first[best], 0xFFFFFFFF
+    runner_up = min(least, key=first.__getitem__)
+    if first[runner_up] >> 5 != top >> 5:
+        return best
+    return min(least, key=lambda j: (words[2 * j] >> 5, words[2 * j + 1] >> 6, j))
 
 
 def route_random(fleet: Fleet, req: Request, now: float, rng: random.Random) -> int:
@@ -598,7 +712,7 @@ _RINGS: dict[int, list[tuple[int, int]]] = {}
 def route_consistent_hash(fleet: Fleet, req: Request, now: float, rng: random.Random) -> int:
     ring = _RINGS.get(len(fleet.hosts)) or _RINGS.setdefault(len(fleet.hosts), _ring(len(fleet.hosts)))
     key = _hash(fleet.models[req.arrival.model].name)
-    total = sum(h.load for h in fleet.hosts) + 1
+    total = fleet.books.total_load + 1
     cap = math.ceil(HASH_LOAD_FACTOR * total / len(fleet.hosts))
     start = bisect.bisect_left(ring, (key, -1)) % len(ring)
     seen: set[int] = set()
@@ -628,8 +742,10 @@ def holds(host: Host, model: int) -> bool:
 def route_multiplex(fleet: Fleet, req: Request, now: float, rng: random.Random) -> int:
     # Like Ray Serve: a replica that has the model loaded, unless those are all saturated (twice the
     # mean load), then any replica by two choices (it loads the model, evicting as the proxy does).
-    limit = 2 * max(1.0, sum(h.load for h in fleet.hosts) / len(fleet.hosts))
-    holding = [h for h in fleet.hosts if holds(h, req.arrival.model) and h.load < limit]
+    # The hosts that hold the model (``holds``), from the books, in index order as a scan would list them.
+    limit = 2 * max(1.0, fleet.books.total_load / len(fleet.hosts))
+    hosts = fleet.hosts
+    holding = [hosts[i] for i in sorted(fleet.books.live.get(req.arrival.model, ())) if hosts[i].load < limit]
     return _two_choices(holding or fleet.hosts, rng)
 
 
@@ -639,19 +755,18 @@ ROUTERS: dict[str, Policy] = {"lukewarm": route_lukewarm, "least_loaded": route_
 # ---- the proxy side: views and the policy's decisions ------------------------
 
 
-def view(fleet: Fleet, r: Replica) -> ReplicaView:
-    """``Replica.view()``. The policy only compares differences of times, so ms work as its unit."""
+def view(fleet: Fleet, r: Replica, in_flight: int | None = None) -> ReplicaView:
+    """``Replica.view()`` (``in_flight``: as the view's, if given). The policy only compares differences of
+    times, so ms work as its unit."""
     return ReplicaView(replica_id=r.uid, version_key=fleet.models[r.model].name, state=r.reported,
-                       in_flight=r.in_flight, last_used=r.last_used, idle_timeout_s=fleet.cfg.idle_ms,
-                       keep_warm=False, memory_mb=r.memory_mb)
+                       in_flight=r.in_flight if in_flight is None else in_flight, last_used=r.last_used,
+                       idle_timeout_s=fleet.cfg.idle_ms, keep_warm=False, memory_mb=r.memory_mb)
 
 
 def eviction_view(fleet: Fleet, host: Host, r: Replica) -> ReplicaView:
     """``ReplicaManager._eviction_views``: a replica whose version has waiters, or that is thawing, is busy."""
-    v = view(fleet, r)
-    if v.in_flight == 0 and (host.pools[r.model].waiters or r.state == RESUMING):
-        v = dataclasses.replace(v, in_flight=1)
-    return v
+    busy = r.in_flight == 0 and bool(host.pools[r.model].waiters or r.state == RESUMING)
+    return view(fleet, r, 1 if busy else None)
 
 
 def retire(fleet: Fleet, host: Host, r: Replica, reason: str = "") -> None:
@@ -659,6 +774,7 @@ def retire(fleet: Fleet, host: Host, r: Replica, reason: str = "") -> None:
     del host.replicas[r.uid]
     pool = host.pools[r.model]
     pool.replicas.remove(r)
+    _tally(fleet.books, host.index, r.model, r.state, -1)
     changed(fleet, host)
     if reason:
         fleet.counters.evicted += 1
@@ -691,7 +807,7 @@ def make_room(fleet: Fleet, host: Host, model: Model) -> bool:
 def admit(fleet: Fleet, host: Host, req: Request, now: float) -> None:
     """A request reaches ``host``: it waits for a slot on a replica of its model there."""
     req.host = host.index
-    host.load += 1
+    add_load(fleet, host, 1)
     host.pool(req.arrival.model).waiters.append(req)
     changed(fleet, host)
     serve(fleet, host, req.arrival.model, now)
@@ -775,9 +891,8 @@ def start_more(fleet: Fleet, host: Host, model: int, now: float) -> bool:
         return False
     fleet.next_uid += 1
     replica = Replica(uid=str(fleet.next_uid), model=model, memory_mb=m.memory_mb, state=STARTING, last_used=now)
-    host.replicas[replica.uid] = replica
-    pool.replicas.append(replica)
-    fleet.counters.cold_dup += any(h is not host and model in h.pools and h.pools[model].coming for h in fleet.hosts)
+    add_replica(fleet, host, replica)
+    fleet.counters.cold_dup += any(h != host.index for h in fleet.books.starting.get(model, ()))
     fleet.counters.cold_starts += 1
     begin_start(fleet, host, replica, STARTING, COLD, fleet.cfg.cold_ms + fleet.cfg.load_ms, now)
     return True
@@ -785,16 +900,17 @@ def start_more(fleet: Fleet, host: Host, model: int, now: float) -> bool:
 
 def begin_start(fleet: Fleet, host: Host, replica: Replica, state: str, kind: str, cost_ms: float,
                 now: float) -> None:
-    replica.state, replica.start_kind, replica.start_ms, replica.ready_ms = state, kind, cost_ms, now + cost_ms
+    set_state(fleet, host, replica, state)
+    replica.start_kind, replica.start_ms, replica.ready_ms = kind, cost_ms, now + cost_ms
     changed(fleet, host)
     fleet.schedule(now + cost_ms, on_thawed if state == RESUMING else on_ready, (host, replica))
 
 
 def refuse(fleet: Fleet, host: Host, pool: Pool, now: float) -> None:
     """The start failed for lack of room: its waiters get 503 (``pool.failure``); their clients come back later."""
+    add_load(fleet, host, -len(pool.waiters))
     for req in pool.waiters:
         fleet.counters.refused += 1
-        host.load -= 1
         req.refusals += 1
         if req.refusals >= MAX_ATTEMPTS:
             req.failed, req.done_ms = True, now
@@ -847,7 +963,8 @@ def on_ready(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
         return
     if replica.start_kind == COLD:
         _note_start(host.pools[replica.model], replica.start_ms)
-    replica.state, replica.last_used = RUNNING, now
+    set_state(fleet, host, replica, RUNNING)
+    replica.last_used = now
     changed(fleet, host)
     serve(fleet, host, replica.model, now)
     idle_timer(fleet, host, replica, now)
@@ -855,7 +972,7 @@ def on_ready(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
 
 def on_thawed(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
     host, replica = payload
-    replica.state = RUNNING
+    set_state(fleet, host, replica, RUNNING)
     changed(fleet, host)
     req, replica.holding = replica.holding, None
     if req is not None:
@@ -867,7 +984,7 @@ def on_done(fleet: Fleet, payload: tuple[Host, Replica, Request], now: float) ->
     req.done_ms = now
     fleet.answered += 1
     host.running -= 1
-    host.load -= 1
+    add_load(fleet, host, -1)
     replica.in_flight -= 1
     replica.last_used = now
     changed(fleet, host)
@@ -932,7 +1049,7 @@ def freeze(fleet: Fleet, host: Host, rid: str, wanted: str, after: str, now: flo
     replica = host.replicas.get(rid)
     if replica is None or replica.in_flight or replica.state != wanted or host.pools[replica.model].waiters:
         return
-    replica.state = after
+    set_state(fleet, host, replica, after)
     changed(fleet, host)
     cfg = fleet.cfg
     if after == PAUSED:

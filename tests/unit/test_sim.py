@@ -109,8 +109,7 @@ def _put(fleet: sim.Fleet, host: sim.Host, model: int, state: str, last_used: fl
     fleet.next_uid += 1
     replica = sim.Replica(uid=str(fleet.next_uid), model=model, memory_mb=memory_mb, state=state,
                           last_used=last_used, in_flight=in_flight)
-    host.replicas[replica.uid] = replica
-    host.pool(model).replicas.append(replica)
+    sim.add_replica(fleet, host, replica)
     return replica
 
 
@@ -260,7 +259,7 @@ def test_consistent_hashing_keeps_a_model_on_its_host_until_that_host_is_over_it
     req = sim.Request(arrival=sim.Arrival(index=0, at_ms=0.0, model=3, infer_ms=1.0))
     home = sim.route_consistent_hash(fleet, req, 0.0, rng)
     assert all(sim.route_consistent_hash(fleet, req, 0.0, rng) == home for _ in range(5))
-    fleet.hosts[home].load = 10  # overloaded: the bounded-load rule moves the model to the next host on the ring
+    sim.add_load(fleet, fleet.hosts[home], 10)  # overloaded: the bounded-load rule moves the model to the next host on the ring
     assert sim.route_consistent_hash(fleet, req, 0.0, rng) != home
 
 
@@ -271,5 +270,103 @@ def test_multiplexing_prefers_a_host_holding_the_model() -> None:
     _put(fleet, fleet.hosts[2], 7, sim.PAUSED, last_used=0.0)
     req = sim.Request(arrival=sim.Arrival(index=0, at_ms=0.0, model=7, infer_ms=1.0))
     assert {sim.route_multiplex(fleet, req, 0.0, rng) for _ in range(10)} == {2}
-    fleet.hosts[2].pools[7].replicas[0].state = sim.STOPPED_STATE  # on disk only: not held in memory
+    sim.set_state(fleet, fleet.hosts[2], fleet.hosts[2].pools[7].replicas[0], sim.STOPPED_STATE)  # on disk only
     assert len({sim.route_multiplex(fleet, req, 0.0, rng) for _ in range(40)}) > 1
+
+
+def test_multiplexing_holders_are_the_hosts_a_scan_finds_holding_the_model() -> None:
+    fleet = _fleet(sim.Config(hosts=4))
+    _put(fleet, fleet.hosts[3], 7, sim.RUNNING, last_used=0.0)
+    _put(fleet, fleet.hosts[1], 7, sim.STARTING, last_used=0.0)
+    _put(fleet, fleet.hosts[0], 7, sim.STOPPED_STATE, last_used=0.0)
+    assert sorted(fleet.books.live[7]) == [h.index for h in fleet.hosts if sim.holds(h, 7)] == [1, 3]
+    assert fleet.books == sim.scan_books(fleet.hosts)
+
+
+# ---- the incremental books against a scan -----------------------------------------
+
+
+@pytest.mark.parametrize("shape", sim.TRACES)
+@pytest.mark.parametrize("policy", sim.POLICIES)
+def test_books_equal_a_scan_of_the_fleet_throughout_a_run(shape: str, policy: str) -> None:
+    """The running totals the baselines route by (total load, hosts by load, per model the hosts holding it live
+    and the hosts starting it) equal a brute-force recount after every event, and at the end."""
+    tight = dataclasses.replace(SMALL, max_replicas=4, memory_budget_mb=1536)  # evictions, refusals, every state
+    rng = random.Random(11)
+    models = sim.make_models(tight, rng)
+    trace = sim.make_trace(tight, models, 600, rng, shape)
+    fleet = sim.new_fleet(tight, models)
+    checked = 0
+    real = dict(sim.ROUTERS)
+
+    def checking(fleet: sim.Fleet, req: sim.Request, now: float, rng: random.Random) -> int:
+        nonlocal checked
+        assert fleet.books == sim.scan_books(fleet.hosts)
+        assert fleet.books.total_load == sum(h.load for h in fleet.hosts)
+        assert fleet.books.min_load == min(h.load for h in fleet.hosts)
+        assert {m: sorted(hs) for m, hs in fleet.books.live.items()} == {
+            m: [h.index for h in fleet.hosts if sim.holds(h, m)] for m in range(len(models))
+            if any(sim.holds(h, m) for h in fleet.hosts)}
+        checked += 1
+        return real[policy](fleet, req, now, rng)
+
+    sim.ROUTERS[policy] = checking
+    try:
+        sim.simulate(tight, models, trace, policy, 5, fleet)
+    finally:
+        sim.ROUTERS[policy] = real[policy]
+    assert checked >= len(trace) and fleet.counters.refused + fleet.counters.evicted > 0
+    assert fleet.books == sim.scan_books(fleet.hosts)
+    assert fleet.books.total_load == 0 == sum(h.load for h in fleet.hosts)  # every request answered
+
+
+def test_books_follow_every_load_and_state_write() -> None:
+    fleet = _fleet()
+    host = fleet.hosts[1]
+    replica = _put(fleet, host, 2, sim.STOPPED_STATE, last_used=0.0)
+    assert 2 not in fleet.books.live
+    for state in (sim.STARTING, sim.RUNNING, sim.PAUSED, sim.RESUMING, sim.RUNNING, sim.PAUSED, sim.STOPPED_STATE,
+                  sim.STARTING):
+        sim.set_state(fleet, host, replica, state)
+        assert fleet.books == sim.scan_books(fleet.hosts)
+    sim.add_load(fleet, host, 3)
+    sim.add_load(fleet, fleet.hosts[0], 1)
+    assert fleet.books == sim.scan_books(fleet.hosts) and fleet.books.min_load == 0
+    sim.add_load(fleet, fleet.hosts[2], 1)
+    assert fleet.books == sim.scan_books(fleet.hosts) and fleet.books.min_load == 1 and fleet.books.total_load == 5
+    sim.retire(fleet, host, replica, "room")
+    sim.add_load(fleet, host, -3)
+    assert fleet.books == sim.scan_books(fleet.hosts) and fleet.books.min_load == 0 and not fleet.books.live
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 8, 1000])
+def test_least_loaded_picks_and_draws_as_a_min_over_every_host_with_a_random_tie_break(hosts: int) -> None:
+    """The fast least-loaded choice is ``min(hosts, key=(load, rng.random()))`` exactly: the same host, and the
+    generator left in the same state, so a run's later draws are the same too."""
+    fleet = _fleet(sim.Config(hosts=hosts))
+    loads = random.Random(3)
+    for h in fleet.hosts:
+        sim.add_load(fleet, h, loads.choice([1, 2, 2, 3, 5]))
+    req = sim.Request(arrival=sim.Arrival(index=0, at_ms=0.0, model=0, infer_ms=1.0))
+    fast, slow = random.Random(9), random.Random(9)
+    picks = set()
+    for _ in range(200):
+        got = sim.route_least_loaded(fleet, req, 0.0, fast)
+        assert got == min(fleet.hosts, key=lambda h: (h.load, slow.random())).index
+        assert fast.getstate() == slow.getstate()
+        picks.add(got)
+    assert all(fleet.hosts[p].load == fleet.books.min_load for p in picks)
+    ties = sum(h.load == fleet.books.min_load for h in fleet.hosts)
+    assert len(picks) == 1 if ties == 1 else len(picks) > 1  # ties broken at random
+
+
+def test_least_draw_compares_whole_draws_when_the_first_words_tie() -> None:
+    import array
+
+    def words(*pairs: tuple[int, int]) -> array.array[int]:
+        return array.array(sim._WORD, [w for pair in pairs for w in pair])
+
+    # Host 1's first word is less, but only in the 5 bits random() drops: host 2's second word decides.
+    assert sim.least_draw({0, 1, 2}, words((0xFFFF0000, 0), (0x00000020, 0xFFFFFFFF), (0x0000003F, 0))) == 2
+    assert sim.least_draw({1, 2}, words((0, 0), (0x40, 0x7F), (0x5F, 0x40))) == 1  # same draw: the lower index
+    assert sim.least_draw({0, 2}, words((0x40, 0), (0, 0), (0x41, 0))) == 0 and sim.least_draw({2}, words()) == 2
