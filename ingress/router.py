@@ -20,7 +20,6 @@ What a heartbeat says is read for what it means for the next request:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 import random
 from collections.abc import Iterable, Sequence
@@ -58,9 +57,13 @@ class GpuState:
 _COLD = ""  # ProxyState._prices' key for the cold offer
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ProxyState:
-    """A proxy as its last heartbeat described it."""
+    """A proxy as its last heartbeat described it.
+
+    Slots, not a ``__dict__``: a decision reads a few fields of each of its candidates, and at 5000 proxies
+    those are spread over a view too big for the CPU's caches (a field behind an instance dict is one more
+    object to reach)."""
 
     proxy_id: str
     url: str
@@ -80,25 +83,43 @@ class ProxyState:
     gpus: tuple[GpuState, ...] = dataclasses.field(default=(), compare=False)
     # Requests waiting at this proxy for a replica slot, per version key: load beyond what runs.
     waiting: tuple[tuple[str, int], ...] = dataclasses.field(default=(), compare=False)
-
     # Derived once per heartbeat, on first use (a heartbeat is read by every request routed until the next
-    # one: routing a request costs a few dict lookups per candidate, not a pass over its replicas).
-    @functools.cached_property
+    # one: routing a request costs a few dict lookups per candidate, not a pass over its replicas). None:
+    # not worked out yet.
+    _load: int | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _by_version: dict[str, tuple[ReplicaState, ...]] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
+    _waiting_of: dict[str, int] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _offers: dict[str, tuple[str, float]] | None = dataclasses.field(default=None, init=False, repr=False,
+                                                                     compare=False)
+    _prices: dict[str, tuple[StartCosts, float, str, float]] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False)
+
+    @property
     def in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas)
 
-    @functools.cached_property
+    @property
     def load(self) -> int:
         """Work here now or about to be: slots taken, requests waiting for one, and replicas starting."""
-        return self.in_flight + sum(n for _, n in self.waiting) + sum(1 for r in self.replicas if r.state == "starting")
+        load = self._load
+        if load is None:
+            load = self.in_flight + sum(n for _, n in self.waiting) + sum(1 for r in self.replicas
+                                                                          if r.state == "starting")
+            object.__setattr__(self, "_load", load)
+        return load
 
-    @functools.cached_property
+    @property
     def by_version(self) -> dict[str, tuple[ReplicaState, ...]]:
         """This proxy's replicas of each version."""
-        out: dict[str, list[ReplicaState]] = {}
-        for r in self.replicas:
-            out.setdefault(r.version, []).append(r)
-        return {v: tuple(rs) for v, rs in out.items()}
+        found = self._by_version
+        if found is None:
+            out: dict[str, list[ReplicaState]] = {}
+            for r in self.replicas:
+                out.setdefault(r.version, []).append(r)
+            found = {v: tuple(rs) for v, rs in out.items()}
+            object.__setattr__(self, "_by_version", found)
+        return found
 
     def inherit(self, held: "ProxyState") -> None:
         """Take over what ``held`` (this proxy's previous heartbeat) already worked out and this one would
@@ -106,11 +127,11 @@ class ProxyState:
         (the view keeps every replica object a beat repeats). A fresh heartbeat otherwise rebuilds them on
         the first request routed over it: a dict and a tuple per version held, every 2 s per proxy, for
         the collector to walk (shared/heap.py)."""
-        old = held.__dict__.get("by_version")
+        old = held._by_version
         if old is None:
             return
         if self.replicas is held.replicas:
-            self.__dict__["by_version"] = old
+            object.__setattr__(self, "_by_version", old)
             return
         fresh = self.by_version  # worked out here; the tuples repeated are swapped for the held ones
         for version, rs in fresh.items():
@@ -118,21 +139,13 @@ class ProxyState:
             if prev is not None and len(prev) == len(rs) and all(a is b for a, b in zip(prev, rs)):
                 fresh[version] = prev
 
-    @functools.cached_property
-    def _waiting(self) -> dict[str, int]:
-        return dict(self.waiting)
-
     def waiting_for(self, version: str) -> int:
         """Requests waiting here for a slot on a replica of ``version``."""
-        return self._waiting.get(version, 0)
-
-    @functools.cached_property
-    def _offers(self) -> dict[str, tuple[str, float]]:
-        return {}
-
-    @functools.cached_property
-    def _prices(self) -> dict[str, tuple[StartCosts, float, str, float]]:
-        return {}
+        found = self._waiting_of
+        if found is None:
+            found = dict(self.waiting)
+            object.__setattr__(self, "_waiting_of", found)
+        return found.get(version, 0)
 
     def price(self, version: str, costs: StartCosts) -> tuple[float, str, float]:
         """``tier_and_wait`` as (ms rounded for ranking, tier, ms), worked out once per heartbeat for the versions
@@ -143,6 +156,9 @@ class ProxyState:
         # Flat entries (costs, rounded, tier, ms): one object fewer to reach per candidate, in a view too big
         # for the CPU's caches.
         prices = self._prices
+        if prices is None:
+            prices = {}
+            object.__setattr__(self, "_prices", prices)
         hit = prices.get(version)
         if hit is not None and hit[0] is costs:
             return hit[1:]  # type: ignore[return-value]
@@ -158,9 +174,13 @@ class ProxyState:
     def offer(self, version: str) -> tuple[str, float]:
         """``offer`` for a version held or waited for here, worked out once per heartbeat (prices are applied
         per request)."""
-        found = self._offers.get(version)
+        offers = self._offers
+        if offers is None:
+            offers = {}
+            object.__setattr__(self, "_offers", offers)
+        found = offers.get(version)
         if found is None:
-            found = self._offers[version] = offer(self.by_version.get(version, ()), self.waiting_for(version))
+            found = offers[version] = offer(self.by_version.get(version, ()), self.waiting_for(version))
         return found
 
     @classmethod

@@ -193,8 +193,8 @@ async def test_straggler_is_hedged_on_a_second_warm_proxy_and_loser_cancelled() 
     slow = FakeClient({"http://a": stuck, "http://b": 0.0})
     d = dispatcher(slow, beat("a"), beat("b"), costs=costs, hedge_factor=4.0, hedge_min_ms=20.0)
     d.rng = random.Random(0)
-    d.view.proxies["b"] = d.view.proxies["b"].__class__(**{**d.view.proxies["b"].__dict__, "replicas": (
-        d.view.proxies["b"].replicas[0].__class__(SPEC.key, "running", 1, 1),)})  # b looks busier: a goes first
+    d.view.proxies["b"] = dataclasses.replace(d.view.proxies["b"], replicas=(
+        d.view.proxies["b"].replicas[0].__class__(SPEC.key, "running", 1, 1),))  # b looks busier: a goes first
     out = await asyncio.wait_for(d.run(SPEC, [7], time.time() + 10, "r"), WAIT_S)
     assert out.outputs == ["http://b:7"]
     assert [u for u, _ in slow.calls] == ["http://a", "http://b"]

@@ -347,18 +347,13 @@ def test_a_proxys_price_is_kept_per_heartbeat_and_costs_object_and_never_crosses
 
 
 def test_a_priced_proxy_is_freed_when_its_next_heartbeat_replaces_it() -> None:
-    """Its caches hold no reference back to it (a cycle would wait for a full collection: shared/heap.py)."""
-    import gc
-    import weakref
+    """Its caches hold no reference back to it (a cycle would wait for a full collection: shared/heap.py):
+    pricing it and ranking it leave its reference count where it was."""
+    import sys
 
-    p = proxy("p", rep("running"))
-    choose_proxies([p, proxy("q")], V, NOW, random.Random(1), COSTS)
-    gone = weakref.ref(p)
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        del p
-        assert gone() is None
-    finally:
-        if was:
-            gc.enable()
+    p = proxy("p", rep("running"), waiting={OTHER: 1})
+    before = sys.getrefcount(p)
+    chosen = choose_proxies([p, proxy("q")], V, NOW, random.Random(1), COSTS)
+    assert chosen[0].proxy is p and p.price(OTHER, COSTS)[1] == COLD and p.load == 1 and p.by_version
+    del chosen
+    assert sys.getrefcount(p) == before

@@ -207,7 +207,7 @@ def test_a_beat_inherits_the_per_version_tuples_of_the_replicas_it_repeats() -> 
     view.apply_heartbeats([beat("p1", 1, 1000.0, "a/m/main/1", "b/m/main/1", "b/m/main/1")])
     held = view.proxies["p1"]
     view.apply_heartbeats([beat("p1", 1, 1001.0, "a/m/main/1", "b/m/main/1", "b/m/main/1")])
-    assert "by_version" not in view.proxies["p1"].__dict__  # nothing worked out yet: nothing to inherit
+    assert view.proxies["p1"]._by_version is None  # nothing worked out yet: nothing to inherit
     held = view.proxies["p1"]
     assert set(held.by_version) == {"a/m/main/1", "b/m/main/1"}
     view.apply_heartbeats([beat("p1", 1, 1002.0, "a/m/main/1", "b/m/main/1", "b/m/main/1")])
