@@ -389,6 +389,25 @@ def remove_containers(label: str, timeout_s: float = 60.0) -> None:
         log(f"could not remove containers {label}: {exc}")
 
 
+def kill_processes_below(root: Path) -> int:
+    """SIGKILL every process (but this one) whose command line names a file under ``root``: the process
+    runtime's harnesses run ``python <state dir>/<proxy>/harness-*.py``. Returns how many."""
+    prefix = str(root.resolve()).rstrip("/") + "/"
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if any(arg.decode(errors="replace").startswith(prefix) for arg in args):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
 def unmount_below(root: Path) -> None:
     """Unmount what a proxy left mounted under ``root`` (replicas' socket tmpfs, kept for re-adoption)."""
     prefix = str(root.resolve()).rstrip("/") + "/"
@@ -570,13 +589,17 @@ class BenchStack:
             await asyncio.wait_for(self.runner.cleanup(), 30)
 
     async def teardown(self) -> None:
-        """``close``, and the containers its proxies leave for re-adoption removed: a benchmark leaves nothing."""
+        """``close``, and the containers its proxies leave for re-adoption removed: a benchmark leaves nothing.
+        With the process runtime, the harnesses of a proxy killed outright (a fault test) are killed: nothing
+        else would, as no proxy comes back to adopt them."""
         try:
             await self.close()
         finally:
             if self.runtime == "docker":
                 for proxy in self.proxies:
                     remove_containers(f"lukewarm.proxy={proxy.proxy_id}")
+            else:
+                kill_processes_below(self.state_root)
 
 
 @contextlib.asynccontextmanager
