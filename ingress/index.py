@@ -37,7 +37,8 @@ RANKED_HOLDERS = 3
 
 
 class _Pool:
-    """A set of proxy ids with O(1) add, discard and uniform pick (a list plus positions)."""
+    """A set of proxy ids with O(1) add and discard, and its ``items`` a list to draw from by index (a list
+    plus positions)."""
 
     __slots__ = ("items", "pos")
 
@@ -64,9 +65,6 @@ class _Pool:
 
     def __contains__(self, pid: object) -> bool:
         return pid in self.pos
-
-    def pick(self, rng: random.Random) -> str:
-        return self.items[int(rng.random() * len(self.items))]
 
 
 def has_room(state: ProxyState) -> bool:
@@ -299,7 +297,7 @@ class FleetIndex(dict[str, ProxyState]):
         ``TRIES_PER_PICK × d`` draws; all of ``pool`` in order when it has no more than ``d``)."""
         n = len(pool)
         small = n <= d  # a small pool: all of it, in its order
-        ids = list(pool) if small or isinstance(pool, dict) else pool
+        ids = pool if isinstance(pool, list) else list(pool)  # nothing writes the pool while it is drawn from
         get, rand = dict.__getitem__, rng.random
         for i in range(n if small else TRIES_PER_PICK * d):
             pid = ids[i] if small else ids[int(rand() * n)]
