@@ -139,6 +139,11 @@ class ProxyState:
             if prev is not None and len(prev) == len(rs) and all(a is b for a, b in zip(prev, rs)):
                 fresh[version] = prev
 
+    def holds(self, version: str) -> bool:
+        """A replica of ``version`` here in any state, or requests waiting for one (the first waiter of a
+        version starts one at once, before the heartbeat can show it): more than a bare cold start."""
+        return version in self.by_version or bool(self.waiting and self.waiting_for(version))
+
     def waiting_for(self, version: str) -> int:
         """Requests waiting here for a slot on a replica of ``version``."""
         found = self._waiting_of
@@ -162,7 +167,7 @@ class ProxyState:
         hit = prices.get(version)
         if hit is not None and hit[0] is costs:
             return hit[1:]  # type: ignore[return-value]
-        held = version in self.by_version or (self.waiting and self.waiting_for(version))
+        held = self.holds(version)
         cold = prices.get(_COLD)  # no version key is empty
         if cold is not None and cold[0] is costs and not held:
             return cold[1:]  # type: ignore[return-value]
@@ -232,9 +237,8 @@ class Choice(NamedTuple):
 
 def tier_and_wait(proxy: ProxyState, version: str, costs: StartCosts) -> tuple[str, float]:
     """The best tier this proxy offers for ``version`` and its expected latency (ms)."""
-    # A version with a replica here, or with requests waiting for one (the first waiter of a version starts
-    # one at once, before the heartbeat can show it); a bare cold start otherwise.
-    if version in proxy.by_version or (proxy.waiting and proxy.waiting_for(version)):
+    # A version held here (ProxyState.holds); a bare cold start otherwise.
+    if proxy.holds(version):
         kind, units = proxy.offer(version)
         if kind == "warm":
             return WARM, units * costs.infer_ms
