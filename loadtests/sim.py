@@ -86,7 +86,12 @@ compressed: one of their seconds is ``ms_per_s`` simulated ms (default 1:
 tens of thousands of requests span many idle timeouts and the paused and
 stopped tiers both occur; start and inference times are not compressed. The
 reaper runs when a timer could fire rather than every interval. Metrics skip
-the first ``warmup`` fraction of each trace (the fleet filling up from empty).
+the first ``warmup`` fraction of each trace (the fleet filling up from empty),
+or with ``--warmup-ms`` the requests of its first simulated ms: at the same
+load per host a 1000-host fleet gets 125x the requests per simulated second,
+so a fraction of the trace would leave most of its fill-up in the figures.
+``util`` is the share of the fleet's cores busy while the measured requests
+arrived (the trace's offered load once the fleet keeps up).
 
 Headline figures (the JSON's top level): ``start_fraction`` pooled over all
 traces (total starts / total measured requests) and ``p99_ms`` over every measured
@@ -208,6 +213,11 @@ class Config:
     diurnal_ratio: float = 4.0
     spread: bool = True  # the lukewarm ingress applies ingress.spread after choose_proxies
     warmup: float = 0.1  # fraction of each trace left out of the metrics
+    # When set, the requests arriving in the first ``warmup_ms`` simulated ms are left out instead. A big
+    # fleet fills up from empty for as long as a small one (a cold start and its queue, whatever the
+    # size), but at the same load per host it takes 125x the requests per simulated second at 1000 hosts
+    # than at 8: a fraction of the trace would leave most of the fill in the figures.
+    warmup_ms: float | None = None
 
     @property
     def idle_ms(self) -> float:
@@ -378,6 +388,7 @@ class Request:
     failed: bool = False  # refused MAX_ATTEMPTS times: the client gave up
     predict_ms: float = math.nan  # when it was handed to the model (waits for a core from there)
     took_ms: float = math.nan  # when it took its slot (the proxy times a chunk's hold of it from there)
+    core_ms: float = math.nan  # when it began running on one of its host's cores
     done_ms: float = math.nan
 
     @property
@@ -474,7 +485,6 @@ class Counters:
     evicted: int = 0
     evicted_running: int = 0
     refused: int = 0  # 503s (a request refused twice counts twice)
-    busy_core_ms: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -949,7 +959,7 @@ def run_next(fleet: Fleet, host: Host, now: float) -> None:
         replica, req = host.run_queue.popleft()
         host.running += 1
         duration = req.arrival.infer_ms + (fleet.cfg.warm_ms if req.tier == WARM else 0.0)
-        fleet.counters.busy_core_ms += duration
+        req.core_ms = now
         fleet.schedule(now + duration, on_done, (host, replica, req))
 
 
@@ -1104,14 +1114,11 @@ def simulate(cfg: Config, models: list[Model], trace: Sequence[Arrival], policy_
     requests = [Request(arrival=a) for a in trace]
     for req in requests:
         fleet.schedule(req.arrival.at_ms, on_arrive, req)
-    end = 0.0
     # Until the last request is answered: the reaper's timers after it change no figure.
     while fleet.events and fleet.answered < len(requests):
         now, _, handler, payload = heapq.heappop(fleet.events)
         handler(fleet, payload, now)
-        if handler is on_done:
-            end = now
-    return summarise(cfg, policy_name, requests, fleet.counters, end)
+    return summarise(cfg, policy_name, requests, fleet.counters)
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -1122,9 +1129,11 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def summarise(cfg: Config, policy_name: str, requests: Sequence[Request], counters: Counters,
-              end_ms: float) -> Result:
-    measured = requests[int(len(requests) * cfg.warmup):]
+def summarise(cfg: Config, policy_name: str, requests: Sequence[Request], counters: Counters) -> Result:
+    if cfg.warmup_ms is None:
+        measured = list(requests[int(len(requests) * cfg.warmup):])
+    else:
+        measured = [r for r in requests if r.arrival.at_ms >= cfg.warmup_ms]
     done = [r for r in measured if not r.failed and not math.isnan(r.done_ms)]
     n = max(1, len(measured))
     tiers = collections.Counter(r.tier for r in done)
@@ -1137,8 +1146,21 @@ def summarise(cfg: Config, policy_name: str, requests: Sequence[Request], counte
         start_fraction=starts / n, cold_fraction=tiers[COLD] / n, stopped_fraction=tiers[STOPPED] / n,
         thaw_fraction=tiers[THAW] / n, p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99),
         mean_ms=sum(lat) / max(1, len(lat)), counters=counters,
-        utilisation=counters.busy_core_ms / max(1e-9, end_ms * cfg.hosts * cfg.cores), latencies=lat,
+        utilisation=measured_utilisation(cfg, requests, measured), latencies=lat,
     )
+
+
+def measured_utilisation(cfg: Config, requests: Sequence[Request], measured: Sequence[Request]) -> float:
+    """The share of the fleet's cores busy while the measured requests arrived: the load the trace offers
+    (``cfg.utilisation``) once the fleet keeps up with it. Busy time over the whole run, up to the last
+    answer, read far lower on a short trace: the fill at the start and the tail of the last starts
+    weighed on it."""
+    if len(measured) < 2:
+        return math.nan
+    t0, t1 = measured[0].arrival.at_ms, measured[-1].arrival.at_ms
+    busy = sum(min(r.done_ms, t1) - max(r.core_ms, t0) for r in requests
+               if r.core_ms < t1 and r.done_ms > t0)  # NaN (never ran) compares False
+    return busy / max(1e-9, (t1 - t0) * cfg.hosts * cfg.cores)
 
 
 def run_all(cfg: Config, seed: int, n: int, shape: str = "zipf") -> dict[str, Result]:
@@ -1271,6 +1293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=30_000, help="requests per trace")
     parser.add_argument("--quick", action="store_true", help="8000 requests per trace (a smoke run)")
     parser.add_argument("--no-spread", action="store_true", help="lukewarm routes by choose_proxies alone")
+    parser.add_argument("--warmup-ms", type=float, default=None,
+                        help="leave out the requests of the first WARMUP_MS simulated ms (default: the first 10 %%)")
     for name in ("cold_ms", "stopped_ms", "thaw_ms", "load_ms", "warm_ms", "utilisation", "ms_per_s",
                  "idle_timeout_s", "pause_stop_after_s", "stop_remove_after_s", "zipf_s", "diurnal_ratio",
                  "diurnal_peak_utilisation", "burst_on_ms", "burst_off_ms", "burst_cap_cores"):
@@ -1297,7 +1321,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.monotonic()
     runs = {shape: run_all(cfg, args.seed, n, shape) for shape in shapes}
     result = result_json(cfg, args.seed, n, runs)
-    print(f"sim: seed {args.seed}, {n} requests per trace ({int(n * (1 - cfg.warmup))} measured), {cfg.models} models "
+    left_out = f"after {cfg.warmup_ms:g} ms" if cfg.warmup_ms is not None else f"{int(n * (1 - cfg.warmup))}"
+    print(f"sim: seed {args.seed}, {n} requests per trace ({left_out} measured), {cfg.models} models "
           f"(Zipf s={cfg.zipf_s}), {cfg.hosts} hosts x {cfg.cores} cores, {cfg.max_replicas} replicas / "
           f"{cfg.memory_budget_mb} MB; idle {cfg.idle_ms:.0f} ms, stop after {cfg.stop_ms:.0f} ms more, remove after "
           f"{cfg.remove_ms:.0f} ms more; starts thaw {cfg.thaw_ms} / stopped {cfg.stopped_ms + cfg.load_ms} / cold "

@@ -215,6 +215,25 @@ def test_metrics_are_sane(runs: dict[str, dict[str, sim.Result]], shape: str, po
     assert r.counters.cold_starts > 0  # a small fleet with tight budgets does start replicas (waited for or not)
 
 
+def test_a_warm_up_in_simulated_ms_leaves_out_the_requests_that_arrived_before_it() -> None:
+    cfg = dataclasses.replace(SMALL, warmup_ms=2000.0)
+    rng = random.Random("7:zipf")  # run_all's
+    trace = sim.make_trace(cfg, sim.make_models(cfg, rng), N, rng, "zipf")
+    expected = sum(a.at_ms >= 2000.0 for a in trace)
+    assert 0 < expected < N - int(N * SMALL.warmup)  # not what the default 10 % would keep
+    result = sim.run_all(cfg, seed=7, n=N, shape="zipf")["lukewarm"]
+    assert result.requests == expected
+
+
+def test_utilisation_is_the_offered_load_over_the_measured_window_not_diluted_by_the_tail() -> None:
+    # Long starts and a short trace (4 s of arrivals): the first starts and the tail after the last
+    # arrival are much of the run, and busy time over the whole run read far below the offered load.
+    cfg = dataclasses.replace(SMALL, utilisation=0.5, cold_ms=2000.0, stopped_ms=1900.0, warmup_ms=1000.0)
+    for policy, result in sim.run_all(cfg, seed=7, n=600, shape="zipf").items():
+        assert max(result.latencies) > 2000.0  # the tail: a start's worth past some arrivals
+        assert 0.4 <= result.utilisation <= 0.6, (policy, result.utilisation)
+
+
 def test_figures_pick_the_baseline_with_fewest_starts() -> None:
     sf = {"lukewarm": 0.01, "least_loaded": 0.3, "random": 0.3, "consistent_hash": 0.1, "multiplex": 0.04}
     p99 = {"lukewarm": 300.0, "least_loaded": 900.0, "random": 900.0, "consistent_hash": 800.0, "multiplex": 400.0}
