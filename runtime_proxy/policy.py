@@ -129,15 +129,16 @@ def replicas_to_evict(
     return evict
 
 
-def quota_evictions(replicas: Sequence[ReplicaView], customer: str, quota: int) -> list[str] | None:
-    """Replicas of ``customer`` to remove so one more of theirs fits its per-host ``quota`` of live replicas.
+def quota_evictions(replicas: Sequence[ReplicaView], customer: str, quota: int, starting: int = 0) -> list[str] | None:
+    """Replicas of ``customer`` to remove so one more of theirs fits its per-host ``quota`` of live replicas,
+    ``starting`` more of theirs being on their way (room made, not yet among ``replicas``).
 
     Their own idle replicas go, paused before running, least recently used first;
     None when their replicas here are all busy (the start must wait or go elsewhere).
     """
     prefix = customer + "/"
     mine = [r for r in replicas if r.version_key.startswith(prefix) and r.state in {"starting", "running", "paused"}]
-    excess = len(mine) + 1 - quota
+    excess = len(mine) + starting + 1 - quota
     if excess <= 0:
         return []
     rank = {"paused": 0, "running": 1}

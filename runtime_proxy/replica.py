@@ -110,6 +110,34 @@ class Replica:
         )
 
 
+class Pulse:
+    """A signal any number of tasks wait on: each ``fire()`` wakes those waiting at that moment."""
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None  # made by the first waiter: a fire nobody waits for is free
+
+    def fire(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        """Until the next ``fire()``, or ``timeout_s`` if given (then it returns all the same)."""
+        if self._event is None:
+            self._event = asyncio.Event()
+        event = self._event
+        if timeout_s is None:
+            await event.wait()
+            return
+        try:
+            # asyncio.timeout, not wait_for: no task per wait (every waiter of a busy version re-waits on
+            # each slot freed).
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+
 class VersionPool:
     """The replicas of one version here, and a signal for requests waiting on them.
 
@@ -130,24 +158,14 @@ class VersionPool:
         self.start_ms: float | None = None
         self._taken: list[float] = []  # when each chunk in flight took its slot, oldest first
         self.queued_since: float | None = None  # requests have waited here without a break since (start_pays)
-        self._pulse = asyncio.Event()
+        self._pulse = Pulse()
 
     def changed(self) -> None:
-        self._pulse.set()
-        self._pulse = asyncio.Event()
+        self._pulse.fire()
 
     async def wait_change(self, timeout_s: float | None = None) -> None:
         """Until the next ``changed()``, or ``timeout_s`` (a time-based decision falls due) if given."""
-        if timeout_s is None:
-            await self._pulse.wait()
-            return
-        try:
-            # asyncio.timeout, not wait_for: no task per wait (every waiter of a busy version re-waits on
-            # each slot freed).
-            async with asyncio.timeout(max(0.0, timeout_s)):
-                await self._pulse.wait()
-        except TimeoutError:
-            pass
+        await self._pulse.wait(timeout_s)
 
     def took(self, now: float) -> None:
         """A chunk took a slot of this version's: what scale-out (``wants_start``) and the idle times

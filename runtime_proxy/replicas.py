@@ -33,7 +33,7 @@ from runtime_proxy.harness_client import HarnessClient, HarnessMisbehaved, Harne
 from runtime_proxy.heartbeat import host_resources
 from runtime_proxy.images import ImageBook
 from runtime_proxy.lifecycle import ADOPTABLE, State
-from runtime_proxy.replica import Replica, VersionPool
+from runtime_proxy.replica import Pulse, Replica, VersionPool
 from runtime_proxy.rundirs import RunDirError, RunDirs
 from runtime_proxy.runtime import SOCKET_NAME, ExitInfo, LaunchSpec, Runtime, RuntimeFailure
 from runtime_proxy.versions import VersionSource
@@ -47,6 +47,14 @@ CONTAINER_UID = 65534
 STOP_TIMEOUT_S = 5.0
 # Versions with no replica here whose pools (and idle-time histograms, ~1 KB each) are kept.
 MAX_IDLE_POOLS = 4096
+# A start refused because every replica that could make room was busy waits this long for one to end
+# before the request gets its 503 (with this as its Retry-After: no longer than the client was told).
+ROOM_WAIT_S = 2.0
+
+
+class RoomBusy(NoCapacity):
+    """A start refused for want of an idle replica to make room with (the customer's quota or the host
+    full): the same 503 to a caller, after a wait for room (``ROOM_WAIT_S``)."""
 
 
 def same_image(a: VersionSpec, b: VersionSpec) -> bool:
@@ -86,7 +94,12 @@ class ReplicaManager:
         self.versions = versions  # the registry's word on what this host's replicas run (retired, patched)
         self.images = ImageBook(settings.image_idle_s, settings.max_images)  # what this proxy ran, pruned
         self._missing_warned: set[str] = set()  # versions whose record is missing, warned about once
-        self._reserved: dict[str, int] = {}  # starts past _make_room, not registered yet: their memory (MB)
+        # Starts past _make_room, not registered yet: their customer and memory (MB).
+        self._reserved: dict[str, tuple[str, int]] = {}
+        # Fired whenever room here may have freed (a call ended, a replica paused or gone, a queue left, a
+        # reservation dropped): what starts refused for want of an idle replica wait on (``ROOM_WAIT_S``).
+        # Not on every pool change: a refused start must not wake the other refused ones into a loop.
+        self._room = Pulse()
         self.memory_budget_mb = settings.memory_budget_mb or default_memory_budget_mb()
         self.customer_quota = settings.max_replicas_per_customer or max(1, settings.max_replicas // 2)
 
@@ -335,6 +348,7 @@ class ReplicaManager:
         pool.waiting += 1
         pool.waiting_on_demand += 0 if batch else 1
         seen_failure = pool.failure  # only a start that fails while we wait is ours to report
+        room_until: float | None = None  # when a start was first refused for want of an idle replica, + wait
         try:
             async with asyncio.timeout(_remaining(deadline, t0)):
                 while True:
@@ -348,8 +362,18 @@ class ReplicaManager:
                     if resumed is not None and resumed.has_room:
                         return self._take(resumed, t0, batch)
                     starting = pool.having(State.STARTING, State.RESUMING)
-                    if pool.failure is not None and pool.failure is not seen_failure and not starting:
-                        raise pool.failure
+                    failure = pool.failure
+                    if failure is not None and failure is not seen_failure and not starting:
+                        if not isinstance(failure, RoomBusy):
+                            raise failure
+                        # Every replica that could make room was busy: such calls are often over in
+                        # milliseconds, so wait (as long as the 503 would have said) for one to end.
+                        room_until = self.clock() + ROOM_WAIT_S if room_until is None else room_until
+                        if self.clock() >= room_until:
+                            raise failure
+                        seen_failure = failure
+                        await self._room.wait(room_until - self.clock())
+                        continue
                     recheck_s = None
                     if resumed is None and (may_start or not pool.replicas):
                         # warm's extra replica is asked for: it starts whatever the queue. Otherwise another
@@ -368,6 +392,8 @@ class ReplicaManager:
             pool.queue_gone()
             if batch is False and pool.waiting:
                 pool.changed()  # a batch waiter that yielded to us may go now
+            if not pool.waiting:
+                self._room.fire()  # this version's idle replicas may make room now that nobody waits on them
 
     def _take(self, replica: Replica, t0: float, batch: bool = False) -> tuple[Replica, str, dict[str, float]]:
         replica.in_flight += 1
@@ -393,6 +419,7 @@ class ReplicaManager:
         pool = self._pool(replica.spec.key)
         pool.released(replica.last_used)
         pool.changed()
+        self._room.fire()
 
     async def _forget_other_code(self, pool: VersionPool, spec: VersionSpec) -> None:
         """A version number withdrawn after a failed pre-warm and reused names other code: its old
@@ -493,11 +520,12 @@ class ReplicaManager:
 
     async def _start(self, spec: VersionSpec, deadline: float, replica_id: str, preempt_batch: bool = False) -> Replica:
         timings: dict[str, float] = {}
-        await self._make_room(spec, replica_id, preempt_batch)
         try:
+            await self._make_room(spec, replica_id, preempt_batch)
             return await self._create_and_boot(spec, deadline, replica_id, timings)
         finally:
-            self._reserved.pop(replica_id, None)
+            if self._reserved.pop(replica_id, None) is not None:
+                self._room.fire()  # the start failed or was cancelled: its room is free (a refused one held none)
 
     async def _create_and_boot(self, spec: VersionSpec, deadline: float, replica_id: str,
                                timings: dict[str, float]) -> Replica:
@@ -604,39 +632,52 @@ class ReplicaManager:
     async def _make_room(self, spec: VersionSpec, replica_id: str, preempt_batch: bool = False) -> None:
         """Fit one more replica of ``spec``: the customer's quota first, then the host's memory and count.
 
+        Decided, and the room reserved, before the first await: a start that runs while the victims'
+        containers are removed sees the room taken. (Reserved after those awaits, it was taken by whichever
+        start came meanwhile, and the one that evicted was refused: a model could starve another so.)
+
         For on-demand work (``preempt_batch``) a replica busy only with batch work counts as idle: on a
         full host it may be evicted, its batch chunks answered 503 ``preempted`` (retry later).
         """
         if spec.memory_mb > self.memory_budget_mb:
             raise unavailable(f"this version needs {spec.memory_mb} MB; this host offers {self.memory_budget_mb} MB", 30)
-        views = self._eviction_views()
-        mine = policy.quota_evictions(views, spec.customer, self.customer_quota)
+        starting = sum(1 for customer, _ in self._reserved.values() if customer == spec.customer)
+        mine = policy.quota_evictions(self._eviction_views(), spec.customer, self.customer_quota, starting)
         if mine is None:
-            raise unavailable("this customer's replicas on this host are all busy", retry_after_s=2)
-        for rid in mine:
-            log.info("evicting replica %s of %s: the customer's quota on this host, for %s", rid,
-                     self.replicas[rid].spec.key, spec.key)
-            await self._retire(self.replicas[rid])
-        reserved_mb = sum(self._reserved.values())
-        evict = policy.replicas_to_evict(self._eviction_views(preempt_batch), self.memory_budget_mb,
-                                         self.settings.max_replicas, incoming_mb=spec.memory_mb + reserved_mb,
-                                         evict_running=True, incoming=1 + len(self._reserved))
-        for rid in evict:
-            victim = self.replicas[rid]
-            if victim.batch_in_flight:
-                log.info("replica %s of %s preempted from batch work for on-demand %s", rid, victim.spec.key, spec.key)
+            raise RoomBusy("this customer's replicas on this host are all busy", retry_after_s=ROOM_WAIT_S)
+        reserved_mb = sum(mb for _, mb in self._reserved.values())
+        others = [v for v in self._eviction_views(preempt_batch) if v.replica_id not in mine]
+        evict = policy.replicas_to_evict(others, self.memory_budget_mb, self.settings.max_replicas,
+                                         incoming_mb=spec.memory_mb + reserved_mb, evict_running=True,
+                                         incoming=1 + len(self._reserved))
+        gone = {*mine, *evict}
+        live = [r for r in self.replicas.values() if r.state.live and r.replica_id not in gone]
+        if len(live) + len(self._reserved) >= self.settings.max_replicas or \
+                sum(r.spec.memory_mb for r in live) + reserved_mb + spec.memory_mb > self.memory_budget_mb:
+            raise RoomBusy("this host is full and every replica on it is busy", retry_after_s=ROOM_WAIT_S)
+        # Held until the replica is registered: a start running meanwhile (the removals below, the image
+        # check and the container's creation await) must count this one, or both pass and the host holds
+        # one too many.
+        self._reserved[replica_id] = (spec.customer, spec.memory_mb)
+        victims = [self.replicas[rid] for rid in (*mine, *evict)]
+        for victim in victims:
+            if victim.replica_id in mine:
+                log.info("evicting replica %s of %s: the customer's quota on this host, for %s", victim.replica_id,
+                         victim.spec.key, spec.key)
+            elif victim.batch_in_flight:
+                log.info("replica %s of %s preempted from batch work for on-demand %s", victim.replica_id,
+                         victim.spec.key, spec.key)
                 victim.preempted = True
             else:
-                log.info("evicting idle replica %s of %s to make room for %s", rid, victim.spec.key, spec.key)
-            await self._retire(victim)
-        live = [r for r in self.replicas.values() if r.state.live]
-        if len(live) + len(self._reserved) >= self.settings.max_replicas or \
-                sum(r.spec.memory_mb for r in live) + sum(self._reserved.values()) + spec.memory_mb > \
-                self.memory_budget_mb:
-            raise unavailable("this host is full and every replica on it is busy", retry_after_s=2)
-        # Held until the replica is registered: a start running meanwhile (the image check and the
-        # container's creation await) must count this one, or both pass and the host holds one too many.
-        self._reserved[replica_id] = spec.memory_mb
+                log.info("evicting idle replica %s of %s to make room for %s", victim.replica_id, victim.spec.key,
+                         spec.key)
+            victim.move(State.DEAD)
+            self._forget(victim)
+        if victims:
+            # Owned, and shielded from this start's cancellation: a victim is forgotten already, so its
+            # container must go whatever becomes of the start. The start waits for them: their memory is real.
+            removals = [self._own(self._discard_handle(v.handle, v.run_dir), f"remove-{v.replica_id}") for v in victims]
+            await asyncio.shield(asyncio.gather(*removals))
 
     def _eviction_views(self, preempt_batch: bool = False) -> list[policy.ReplicaView]:
         """Replica views where one that requests are waiting on counts as busy (not evictable); with
@@ -755,10 +796,11 @@ class ReplicaManager:
         pool = self._pool(replica.spec.key)
         pool.replicas = [r for r in pool.replicas if r.replica_id != replica.replica_id] + [replica]
 
-    def _own(self, coro: Any, name: str) -> None:
+    def _own(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _freeze(self, replica_id: str, during: State, after: State) -> bool:
         """Pause (or stop) an idle replica; the ``…ING`` state keeps requests off it meanwhile."""
@@ -788,6 +830,7 @@ class ReplicaManager:
         log.info("%s replica %s of %s after %.1f s idle", after.value, replica_id, replica.spec.key,
                  self.clock() - replica.last_used)
         self._pool(replica.spec.key).changed()
+        self._room.fire()
         return True
 
     async def check_alive(self) -> list[str]:
@@ -822,6 +865,7 @@ class ReplicaManager:
                 self.gpu.release(replica.spec.key)
         replica.client.close()
         pool.changed()
+        self._room.fire()
 
     async def _retire(self, replica: Replica) -> None:
         """Forget a replica and remove its container; never raises."""

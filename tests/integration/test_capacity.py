@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from runtime_proxy.replicas import ROOM_WAIT_S
 from tests.support.stack import REPO_ROOT, Stack, running_stack, wait_until
 
 pytestmark = [pytest.mark.timeout(240)]
@@ -196,15 +198,26 @@ async def test_on_demand_work_preempts_batch_work_on_a_full_host(redis_url: str,
 
 
 async def test_on_demand_work_waits_rather_than_preempting_on_demand_work(redis_url: str, state_dir: Path) -> None:
+    """A full host whose replicas are all busy with on-demand work: a start there waits for one to end
+    (``ROOM_WAIT_S``) and then takes its place; past that wait it gets 503. Nothing busy is preempted."""
     async with running_stack(redis_url, state_dir, "process", max_replicas=1) as stack:
         await stack.customer("acme")
         globex_key = await stack.create_customer("globex")
         await stack.deploy("slow", MODELS, "models:slow")
         await stack.deploy("echo", MODELS, "models:echo", customer="globex")
-        busy = asyncio.ensure_future(stack.call("slow", 2, timeout_s=60))
+        busy = asyncio.ensure_future(stack.call("slow", 0.5, timeout_s=60))
         await wait_until(lambda: _count_in_flight(stack, 1), 20, "the on-demand work to run")
-        status, body, _ = await stack.call("echo", "now", key=globex_key, customer="globex", timeout_s=30)
+        status, body, _ = await stack.call("echo", "soon", key=globex_key, customer="globex", timeout_s=30)
+        assert (status, body) == (200, {"data": {"echo": "soon"}})  # it waited for the call to end
+        assert busy.done() and (await busy)[0] == 200  # which was not cut short for it
+
+        busy = asyncio.ensure_future(stack.call("slow", 2 * ROOM_WAIT_S + 2, timeout_s=60))
+        await wait_until(lambda: _count_in_flight(stack, 1), 20, "the on-demand work to run again")
+        t0 = time.monotonic()
+        status, body, headers = await stack.call("echo", "now", key=globex_key, customer="globex", timeout_s=30)
         assert status == 503 and body["type"] == "unavailable", body  # the host is full of on-demand work
+        assert ROOM_WAIT_S <= time.monotonic() - t0 and int(headers["Retry-After"]) == ROOM_WAIT_S
+        assert not busy.done()
         assert (await busy)[0] == 200
 
 

@@ -185,6 +185,17 @@ def test_quota_evictions(replicas: list[ReplicaView], quota: int, expected: list
     assert quota_evictions(replicas, "acme", quota) == expected
 
 
+def test_quota_counts_the_customers_starts_on_their_way() -> None:
+    """Room made for a start of theirs that is not a replica yet still counts against the quota: two
+    starts at once may not both fit under it."""
+    from runtime_proxy.policy import quota_evictions
+
+    idle = [_view("a1", "acme/m/main/1", "running", 5)]
+    assert quota_evictions([], "acme", 1, starting=1) is None
+    assert quota_evictions(idle, "acme", 2, starting=1) == ["a1"]
+    assert quota_evictions(idle, "acme", 3, starting=1) == []
+
+
 def _stopped(rid: str, key: str, last_used: float, keep: int = 0, state: str = "stopped") -> ReplicaView:
     return ReplicaView(replica_id=rid, version_key=key, state=state, in_flight=0, last_used=last_used,
                        idle_timeout_s=10, keep_warm=False, memory_mb=100, keep=keep)

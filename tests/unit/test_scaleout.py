@@ -2,9 +2,11 @@
 for its waiters only once their queue would outlast a start; tested from tables, and on a VersionPool."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from loadtests import sim
 from runtime_proxy.harness_client import HarnessClient
 from runtime_proxy.lifecycle import State
-from runtime_proxy.replica import DEFAULT_START_MS, Replica, VersionPool, start_due_in_ms, start_pays
+from runtime_proxy.replica import DEFAULT_START_MS, Pulse, Replica, VersionPool, start_due_in_ms, start_pays
 from shared.messages import VersionSpec
 
 
@@ -188,3 +190,22 @@ def test_sim_and_proxy_decide_alike() -> None:
             [sim.Replica("r", 0, 1, sim.RUNNING, 0.0, in_flight=1, taken_ms=1e6 - oldest_ms) for _ in range(running)]
         sim_pool.waiters.extend(_req(i, 0.0) for i in range(waiting))
         assert proxy_pool.wants_start(1000.0)[0] is sim_pool.wants_start(1e6)[0]
+
+
+async def test_a_pulse_wakes_every_task_waiting_at_that_moment_and_no_later_one() -> None:
+    pulse = Pulse()
+    woken: list[int] = []
+
+    async def waiter(n: int) -> None:
+        await pulse.wait(timeout_s=5.0)
+        woken.append(n)
+
+    tasks = [asyncio.create_task(waiter(n)) for n in range(3)]
+    await asyncio.sleep(0)  # all three waiting
+    pulse.fire()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
+    assert sorted(woken) == [0, 1, 2]
+    pulse.fire()  # nobody waits: nothing kept for the next waiter
+    t0 = time.monotonic()
+    await pulse.wait(timeout_s=0.05)  # returns at its bound, not at once
+    assert time.monotonic() - t0 >= 0.05
