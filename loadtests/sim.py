@@ -74,7 +74,9 @@ waited for a stopped or cold start and was the first request of that replica:
 ``start_fraction = (stopped + cold) / requests``, the same count for every policy.
 A thaw is a lukewarm start, reported apart (``thaw_fraction``). A start no request
 waited for (a replica added because one queued, which then got a freed slot
-first) is in the counters, not in the fractions. A refused request's client comes
+first) is in the counters, not in the fractions. A start refused for want of an
+idle replica to make room with waits up to 2 s for one, as the proxy's does, and
+only then are its waiters refused. A refused request's client comes
 back after the Retry-After (2 s) and is routed afresh, the wait in its latency;
 after ``MAX_ATTEMPTS`` refusals it gives up (``failed``, left out of the latencies).
 
@@ -133,6 +135,7 @@ from ingress.spread import spread
 from runtime_proxy import policy
 from runtime_proxy.policy import ReplicaView
 from runtime_proxy.replica import DEFAULT_START_MS, MEASURE_ALPHA, queue_since, start_due_in_ms, start_pays
+from runtime_proxy.replicas import ROOM_WAIT_S
 from shared.messages import Capacity, VersionSpec
 from shared.settings import ProxySettings
 
@@ -155,6 +158,9 @@ REPORTED_KIND = {WARM: "warm", THAW: "lukewarm", STOPPED: "stopped", COLD: "cold
 # A refused request's client comes back after the proxy's Retry-After (2 s, not compressed: a client's
 # wait), routed afresh; after this many refusals it gives up (counted, left out of the latencies).
 RETRY_AFTER_MS = 2000.0
+# A start refused for want of an idle replica to make room with waits this long for one (the proxy's
+# ROOM_WAIT_S), before its waiters are refused; not compressed either: it is the caller's wait.
+ROOM_WAIT_MS = ROOM_WAIT_S * 1000.0
 MAX_ATTEMPTS = 5
 TARGET_START_RATIO = 0.5
 TARGET_P99_RATIO = 1.0
@@ -465,6 +471,7 @@ class Host:
     run_queue: collections.deque[tuple[Replica, Request]] = dataclasses.field(default_factory=collections.deque)
     load: int = 0  # requests here: holding a slot or waiting for one
     snapshot: ProxyState | None = None  # cached heartbeat, dropped on any change
+    room_waits: dict[int, float] = dataclasses.field(default_factory=dict)  # model -> end of its wait for room
 
     def pool(self, model: int) -> Pool:
         found = self.pools.get(model)
@@ -794,21 +801,22 @@ def retire(fleet: Fleet, host: Host, r: Replica, reason: str = "") -> None:
 
 def make_room(fleet: Fleet, host: Host, model: Model) -> bool:
     """``_make_room`` for one cold start: the customer's quota, then evict (idle running ones too); whether
-    the replica fits now. The only call of the policy with ``evict_running=True``, as in the proxy."""
+    the replica fits. Decided before anything is evicted, as in the proxy. The only call of the policy
+    with ``evict_running=True``, as there."""
     cfg = fleet.cfg
     views = [eviction_view(fleet, host, r) for r in host.replicas.values()]
     mine = policy.quota_evictions(views, model.name.split("/", 1)[0], max(1, cfg.max_replicas // 2))
     if mine is None:
         return False
-    for rid in mine:
+    evict = policy.replicas_to_evict([v for v in views if v.replica_id not in mine], cfg.memory_budget_mb,
+                                     cfg.max_replicas, incoming_mb=model.memory_mb, evict_running=True, incoming=1)
+    gone = {*mine, *evict}
+    live = [r for r in host.replicas.values() if r.state in LIVE and r.uid not in gone]
+    if len(live) >= cfg.max_replicas or sum(r.memory_mb for r in live) + model.memory_mb > cfg.memory_budget_mb:
+        return False
+    for rid in (*mine, *evict):
         retire(fleet, host, host.replicas[rid], "room")
-    views = [eviction_view(fleet, host, r) for r in host.replicas.values()]
-    for rid in policy.replicas_to_evict(views, cfg.memory_budget_mb, cfg.max_replicas, incoming_mb=model.memory_mb,
-                                        evict_running=True, incoming=1):
-        retire(fleet, host, host.replicas[rid], "room")
-    live = [r for r in host.replicas.values() if r.state in LIVE]
-    return len(live) < cfg.max_replicas and \
-        sum(r.memory_mb for r in live) + model.memory_mb <= cfg.memory_budget_mb
+    return True
 
 
 # ---- the proxy side: acquiring a slot ------------------------------------------
@@ -896,9 +904,12 @@ def start_more(fleet: Fleet, host: Host, model: int, now: float) -> bool:
         return True  # the version's cap here: its waiters wait for a slot
     m = fleet.models[model]
     if not make_room(fleet, host, m):
-        if not pool.coming:
-            refuse(fleet, host, pool, now)
+        if not pool.coming and model not in host.room_waits:
+            # ``_acquire``: the waiters wait ROOM_WAIT_MS for room (``room_freed``), then are refused.
+            until = host.room_waits[model] = now + ROOM_WAIT_MS
+            fleet.schedule(until, on_room_wait_over, (host, model, until))
         return False
+    host.room_waits.pop(model, None)
     fleet.next_uid += 1
     replica = Replica(uid=str(fleet.next_uid), model=model, memory_mb=m.memory_mb, state=STARTING, last_used=now)
     add_replica(fleet, host, replica)
@@ -914,6 +925,25 @@ def begin_start(fleet: Fleet, host: Host, replica: Replica, state: str, kind: st
     replica.start_kind, replica.start_ms, replica.ready_ms = kind, cost_ms, now + cost_ms
     changed(fleet, host)
     fleet.schedule(now + cost_ms, on_thawed if state == RESUMING else on_ready, (host, replica))
+
+
+def on_room_wait_over(fleet: Fleet, payload: tuple[Host, int, float], now: float) -> None:
+    """The waiters' wait for room ended: those still without a slot or a start coming get the 503."""
+    host, model, until = payload
+    if host.room_waits.get(model) != until:
+        return  # a start got room meanwhile (or a later wait began)
+    del host.room_waits[model]
+    pool = host.pools[model]
+    if pool.waiters and not pool.coming:
+        refuse(fleet, host, pool, now)
+
+
+def room_freed(fleet: Fleet, host: Host, now: float) -> None:
+    """A call ended or the reaper ran: versions waiting here for room try their start again (the proxy's
+    ``_room`` pulse)."""
+    for model in list(host.room_waits):
+        if model in host.room_waits:
+            serve(fleet, host, model, now)
 
 
 def refuse(fleet: Fleet, host: Host, pool: Pool, now: float) -> None:
@@ -978,6 +1008,8 @@ def on_ready(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
     changed(fleet, host)
     serve(fleet, host, replica.model, now)
     idle_timer(fleet, host, replica, now)
+    if host.room_waits and not host.pools[replica.model].waiters:
+        room_freed(fleet, host, now)  # its waiters left: its replicas are no longer held for them
 
 
 def on_thawed(fleet: Fleet, payload: tuple[Host, Replica], now: float) -> None:
@@ -1004,6 +1036,8 @@ def on_done(fleet: Fleet, payload: tuple[Host, Replica, Request], now: float) ->
     run_next(fleet, host, now)
     serve(fleet, host, replica.model, now)
     idle_timer(fleet, host, replica, now)
+    if host.room_waits:
+        room_freed(fleet, host, now)
 
 
 def _ewma(old: float | None, sample: float) -> float:
@@ -1052,6 +1086,8 @@ def reap(fleet: Fleet, host: Host, now: float) -> None:
     views = [view(fleet, r) for r in host.replicas.values()]
     for rid in policy.replicas_to_evict(views, cfg.memory_budget_mb, cfg.max_replicas):
         retire(fleet, host, host.replicas[rid], "reaper")
+    if host.room_waits:
+        room_freed(fleet, host, now)
 
 
 def freeze(fleet: Fleet, host: Host, rid: str, wanted: str, after: str, now: float) -> None:

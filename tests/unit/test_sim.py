@@ -142,6 +142,26 @@ def test_a_cold_start_may_evict_an_idle_running_replica_but_not_one_with_waiters
     assert waited.uid not in host.replicas and [e.reason for e in fleet.evictions] == ["room"]
 
 
+def test_a_start_refused_for_room_waits_for_a_call_to_end_before_its_waiters_are_refused() -> None:
+    fleet = _fleet(dataclasses.replace(SMALL, max_replicas=1))
+    host = fleet.hosts[0]
+    busy = _put(fleet, host, 1, sim.RUNNING, last_used=5.0, in_flight=1)
+    sim.admit(fleet, host, sim.Request(arrival=sim.Arrival(0, 10.0, 0, 1.0)), now=10.0)
+    assert host.room_waits == {0: 10.0 + sim.ROOM_WAIT_MS} and fleet.counters.refused == 0
+    busy.in_flight = 0  # its call ended
+    sim.room_freed(fleet, host, now=20.0)
+    assert fleet.counters.cold_starts == 1 and busy.uid not in host.replicas and not host.room_waits
+    sim.on_room_wait_over(fleet, (host, 0, 10.0 + sim.ROOM_WAIT_MS), now=10.0 + sim.ROOM_WAIT_MS)
+    assert fleet.counters.refused == 0  # that wait was over already: nothing refused at its old end
+
+    fleet = _fleet(dataclasses.replace(SMALL, max_replicas=1))
+    host = fleet.hosts[0]
+    _put(fleet, host, 1, sim.RUNNING, last_used=5.0, in_flight=1)
+    sim.admit(fleet, host, sim.Request(arrival=sim.Arrival(0, 10.0, 0, 1.0)), now=10.0)
+    sim.on_room_wait_over(fleet, (host, 0, 10.0 + sim.ROOM_WAIT_MS), now=10.0 + sim.ROOM_WAIT_MS)
+    assert fleet.counters.refused == 1 and not host.pool(0).waiters and fleet.counters.cold_starts == 0
+
+
 def test_make_room_takes_stopped_then_paused_before_running() -> None:
     fleet = _fleet(dataclasses.replace(SMALL, max_replicas=3))
     host = fleet.hosts[0]
