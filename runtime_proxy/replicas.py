@@ -508,6 +508,7 @@ class ReplicaManager:
             self.backoff.clear(spec.key)
             pool.failure = None
             replica.start_kind = "cold"
+            self._room.fire()  # this version's own waiters for room may have a replica now
             # What another start would cost (the image is here now: its pull is not part of that).
             pool.note_start(sum(v for k, v in replica.start_timings.items() if k != "pull_ms"))
             log.info("started replica %s of %s cold in %.0f ms (%s)", replica_id, spec.key,
