@@ -8,11 +8,12 @@ while that request is handled — in any module, by any task it starts — carri
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -82,3 +83,68 @@ def _text_suffix(record: logging.LogRecord) -> bool:
 
 # aiohttp's access log, with the request id the ingress answers in X-Request-Id.
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i" request_id=%{X-Request-Id}o'
+
+
+class AccessLog:
+    """A daemon's access lines (one per request), handed to the logging handlers in batches.
+
+    Making a line's ``LogRecord``, formatting and writing it between two requests cost ~65 µs of CPU per
+    request in each daemon (``LUKEWARM_LOG_LEVEL=WARNING``, which drops them, saved that in the same
+    minutes), and on a keep-alive connection the next request waited for it. ``add`` keeps the line and
+    its request id (~1 µs); ``flush`` writes what piled up ``flush_after_s`` later, or at once past
+    ``max_pending``, in a row. A line keeps the time and request id it was added with, and shows up at
+    most ``flush_after_s`` after the request's other lines; ``flush`` runs at shutdown too.
+    """
+
+    _of: ClassVar[dict[str, AccessLog]] = {}
+
+    def __init__(self, logger: logging.Logger, flush_after_s: float = 0.05, max_pending: int = 256) -> None:
+        self.logger = logger
+        self.flush_after_s = flush_after_s
+        self.max_pending = max_pending
+        self._pending: list[tuple[float, str, str, dict[str, Any] | None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, logger: logging.Logger) -> AccessLog:
+        """The one batch of ``logger`` in this process (the lean server and aiohttp's requests share it)."""
+        found = cls._of.get(logger.name)
+        if found is None or found.logger is not logger:
+            found = cls._of[logger.name] = cls(logger)
+        return found
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def add(self, message: str, extra: dict[str, Any] | None = None) -> None:
+        """One access line (INFO), with the request id of the caller's context and, for JSON, ``extra``."""
+        self._pending.append((time.time(), message, REQUEST_ID.get(), extra))
+        if len(self._pending) >= self.max_pending:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            # In an empty context: a line without a request id must not take the id of the request that
+            # happened to schedule the flush.
+            self._timer = loop.call_later(self.flush_after_s, self.flush, context=contextvars.Context())
+
+    def flush(self) -> None:
+        """Write every line added so far."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        if pending:
+            contextvars.Context().run(self._write, pending)
+
+    def _write(self, pending: list[tuple[float, str, str, dict[str, Any] | None]]) -> None:
+        logger = self.logger
+        for created, message, request_id, extra in pending:
+            record = logger.makeRecord(logger.name, logging.INFO, "(access)", 0, message, (), None, extra=extra)
+            record.created, record.msecs = created, (created - int(created)) * 1000
+            record.request_id = request_id
+            logger.handle(record)
