@@ -104,6 +104,7 @@ class AccessLog:
         self.max_pending = max_pending
         self._pending: list[tuple[float, str, str, dict[str, Any] | None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def of(cls, logger: logging.Logger) -> AccessLog:
@@ -122,15 +123,17 @@ class AccessLog:
         self._pending.append((time.time(), message, REQUEST_ID.get(), extra))
         if len(self._pending) >= self.max_pending:
             self.flush()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._timer is None or self._timer_loop is not loop:  # (a timer of a loop closed since never fires)
             # In an empty context: a line without a request id must not take the id of the request that
             # happened to schedule the flush.
             self._timer = loop.call_later(self.flush_after_s, self.flush, context=contextvars.Context())
+            self._timer_loop = loop
 
     def flush(self) -> None:
         """Write every line added so far."""

@@ -125,3 +125,23 @@ def test_batched_aiohttp_lines_equal_aiohttps_own(captured: io.StringIO) -> None
     assert own["msg"] == ours["msg"] == '- "POST /v1/echo/latest?x=%20y HTTP/1.1" 200 11 0.012300 "curl/8" request_id=r-9'
     assert {k: v for k, v in own.items() if k not in ("ts", "time", "logger")} == \
         {k: v for k, v in ours.items() if k not in ("ts", "time", "logger")}
+
+
+def test_a_batch_pending_when_its_loop_closed_is_written_by_the_next_loop(captured: io.StringIO) -> None:
+    batch = logs.AccessLog(logging.getLogger("test.access"), flush_after_s=0.01)
+
+    async def add(line: str) -> None:
+        batch.add(line)
+
+    asyncio.run(add("first"))  # its loop closes before the timer fires
+    assert captured.getvalue() == ""
+
+    async def add_and_wait() -> None:
+        batch.add("second")
+        for _ in range(200):  # bounded: 2 s for a 10 ms batch
+            if len(captured.getvalue().splitlines()) == 2:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(add_and_wait())
+    assert [orjson.loads(line)["msg"] for line in captured.getvalue().splitlines()] == ["first", "second"]
