@@ -409,3 +409,14 @@ def test_least_draw_compares_whole_draws_when_the_first_words_tie() -> None:
     assert sim.least_draw({0, 1, 2}, words((0xFFFF0000, 0), (0x00000020, 0xFFFFFFFF), (0x0000003F, 0))) == 2
     assert sim.least_draw({1, 2}, words((0, 0), (0x40, 0x7F), (0x5F, 0x40))) == 1  # same draw: the lower index
     assert sim.least_draw({0, 2}, words((0x40, 0), (0, 0), (0x41, 0))) == 0 and sim.least_draw({2}, words()) == 2
+
+
+def test_cli_runs_only_the_policies_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    sim.main(["--seed", "3", "--requests", "300", "--models", "10", "--hosts", "3", "--max-replicas", "6",
+              "--cores", "2", "--trace", "zipf", "--policies", "lukewarm,multiplex"])
+    result = orjson.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["start_fraction"]) == {"lukewarm", "multiplex"} and result["best_baseline"] == "multiplex"
+    assert result["ratio_vs_least_loaded"] is None
+    for bad in ("multiplex", "lukewarm", "lukewarm,nosuch"):
+        with pytest.raises(SystemExit):
+            sim.main(["--requests", "100", "--policies", bad])
