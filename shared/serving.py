@@ -503,16 +503,20 @@ class BatchedAccessLogger(AbstractAccessLogger):
         return self._batch.enabled
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        remote = request.remote or "-"
-        first = f"{request.method} {request.path_qs} HTTP/{request.version.major}.{request.version.minor}"
-        agent = request.headers.get("User-Agent", "-")
-        request_id = response.headers.get("X-Request-Id", "-")
-        took = "%06f" % time  # noqa: UP031 - aiohttp's own %Tf
-        self._batch.add(f'{remote} "{first}" {response.status} {response.body_length} {took} "{agent}" '
-                        f"request_id={request_id}",
-                        {"remote_address": remote, "first_request_line": first, "response_status": response.status,
-                         "response_size": response.body_length, "request_time_frac": took,
-                         "request_header": {"User-Agent": agent}, "response_header": {"X-Request-Id": request_id}})
+        try:
+            remote = request.remote or "-"
+            first = f"{request.method} {request.path_qs} HTTP/{request.version.major}.{request.version.minor}"
+            agent = request.headers.get("User-Agent", "-")
+            request_id = response.headers.get("X-Request-Id", "-")
+            took = "%06f" % time  # noqa: UP031 - aiohttp's own %Tf
+            self._batch.add(f'{remote} "{first}" {response.status} {response.body_length} {took} "{agent}" '
+                            f"request_id={request_id}",
+                            {"remote_address": remote, "first_request_line": first,
+                             "response_status": response.status, "response_size": response.body_length,
+                             "request_time_frac": took, "request_header": {"User-Agent": agent},
+                             "response_header": {"X-Request-Id": request_id}})
+        except Exception:  # noqa: BLE001 - as aiohttp's own: a log line never fails the request
+            self.logger.exception("Error in logging")
 
 
 def refusal_bytes(max_connections: int) -> bytes:
