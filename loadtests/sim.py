@@ -812,7 +812,8 @@ def make_room(fleet: Fleet, host: Host, model: Model) -> bool:
                                      cfg.max_replicas, incoming_mb=model.memory_mb, evict_running=True, incoming=1)
     gone = {*mine, *evict}
     live = [r for r in host.replicas.values() if r.state in LIVE and r.uid not in gone]
-    if len(live) >= cfg.max_replicas or sum(r.memory_mb for r in live) + model.memory_mb > cfg.memory_budget_mb:
+    if not policy.fits(len(live), sum(r.memory_mb for r in live), model.memory_mb, cfg.max_replicas,
+                       cfg.memory_budget_mb):
         return False
     for rid in (*mine, *evict):
         retire(fleet, host, host.replicas[rid], "room")

@@ -129,6 +129,12 @@ def replicas_to_evict(
     return evict
 
 
+def fits(live: int, live_mb: int, incoming_mb: int, max_replicas: int, memory_budget_mb: int) -> bool:
+    """Whether one more replica of ``incoming_mb`` fits a host holding ``live`` replicas of ``live_mb`` in all
+    (starts whose room is made counted among them) within its replica count and memory budget."""
+    return live < max_replicas and live_mb + incoming_mb <= memory_budget_mb
+
+
 def quota_evictions(replicas: Sequence[ReplicaView], customer: str, quota: int, starting: int = 0) -> list[str] | None:
     """Replicas of ``customer`` to remove so one more of theirs fits its per-host ``quota`` of live replicas,
     ``starting`` more of theirs being on their way (room made, not yet among ``replicas``).

@@ -653,8 +653,8 @@ class ReplicaManager:
                                          incoming=1 + len(self._reserved))
         gone = {*mine, *evict}
         live = [r for r in self.replicas.values() if r.state.live and r.replica_id not in gone]
-        if len(live) + len(self._reserved) >= self.settings.max_replicas or \
-                sum(r.spec.memory_mb for r in live) + reserved_mb + spec.memory_mb > self.memory_budget_mb:
+        if not policy.fits(len(live) + len(self._reserved), sum(r.spec.memory_mb for r in live) + reserved_mb,
+                           spec.memory_mb, self.settings.max_replicas, self.memory_budget_mb):
             raise RoomBusy("this host is full and every replica on it is busy", retry_after_s=ROOM_WAIT_S)
         # Held until the replica is registered: a start running meanwhile (the removals below, the image
         # check and the container's creation await) must count this one, or both pass and the host holds

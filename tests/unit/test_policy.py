@@ -266,3 +266,11 @@ def test_the_fixed_rules_leave_auto_versions_alone_and_keepwarm_steps_leave_fixe
     assert replicas_to_stop([dataclasses.replace(fixed, state="paused"), dataclasses.replace(mine, state="paused")],
                             NOW, stop_after_s=0) == ["f"]
     assert keepwarm_steps([fixed, mine], {}, NOW, remove_after_s=0) == [("stop", "a")]
+
+
+def test_fits_counts_replicas_and_memory() -> None:
+    from runtime_proxy.policy import fits
+
+    assert fits(live=1, live_mb=512, incoming_mb=512, max_replicas=2, memory_budget_mb=1024)
+    assert not fits(live=2, live_mb=512, incoming_mb=1, max_replicas=2, memory_budget_mb=4096)  # the count
+    assert not fits(live=1, live_mb=600, incoming_mb=512, max_replicas=4, memory_budget_mb=1024)  # the memory
