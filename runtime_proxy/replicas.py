@@ -368,11 +368,12 @@ class ReplicaManager:
                             raise failure
                         # Every replica that could make room was busy: such calls are often over in
                         # milliseconds, so wait (as long as the 503 would have said) for one to end.
-                        room_until = self.clock() + ROOM_WAIT_S if room_until is None else room_until
-                        if self.clock() >= room_until:
+                        now = self.clock()
+                        room_until = now + ROOM_WAIT_S if room_until is None else room_until
+                        if now >= room_until:
                             raise failure
                         seen_failure = failure
-                        await self._room.wait(room_until - self.clock())
+                        await self._room.wait(room_until - now)
                         continue
                     recheck_s = None
                     if resumed is None and (may_start or not pool.replicas):
