@@ -389,10 +389,15 @@ def remove_containers(label: str, timeout_s: float = 60.0) -> None:
         log(f"could not remove containers {label}: {exc}")
 
 
+def _below(root: Path) -> str:
+    """The prefix every path under ``root`` starts with (resolved, one trailing slash)."""
+    return str(root.resolve()).rstrip("/") + "/"
+
+
 def kill_processes_below(root: Path) -> int:
     """SIGKILL every process (but this one) whose command line names a file under ``root``: the process
     runtime's harnesses run ``python <state dir>/<proxy>/harness-*.py``. Returns how many."""
-    prefix = str(root.resolve()).rstrip("/") + "/"
+    prefix = _below(root)
     killed = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -410,7 +415,7 @@ def kill_processes_below(root: Path) -> int:
 
 def unmount_below(root: Path) -> None:
     """Unmount what a proxy left mounted under ``root`` (replicas' socket tmpfs, kept for re-adoption)."""
-    prefix = str(root.resolve()).rstrip("/") + "/"
+    prefix = _below(root)
     try:
         with open("/proc/self/mounts") as f:
             points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
