@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
                                            settings.drain_timeout_s))
     install_uvloop()
     # The access log: every request with its status, time and X-Request-Id (shared/logs.py).
-    serving.run(build_app(settings), listener, access_log=access_logger, shutdown_timeout_s=settings.drain_timeout_s)
+    serving.run(build_app(settings), listener, access_log=access_logger, shutdown_timeout_s=settings.drain_timeout_s,
+                drain_grace_s=serving.DRAIN_GRACE_S)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,13 @@ REFUSE_LOG_INTERVAL_S = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 # An app that must stop itself (a proxy fenced off by a newer start) sets this event: a signal's way out.
 SHUTDOWN = web.AppKey("shutdown", asyncio.Event)
+# The ingress's grace on SIGTERM (``drain``): its callers keep connections alive between requests, and one
+# may be sending on an idle connection at the moment it would be closed; that request would be cut off
+# (a reset or a disconnect, and a POST is not retried). A second covers callers that send several times a
+# second; longer-idle connections then close as they would have (their callers see the close first).
+DRAIN_GRACE_S = 1.0
+# How often the grace checks whether every connection has gone (their callers closed them as asked).
+DRAIN_POLL_S = 0.02
 # aiohttp's 128 overflows under a burst of new connections: the kernel then drops SYNs, and
 # clients wait a whole retransmit (1 s and up). The kernel caps it at net.core.somaxconn.
 BACKLOG = 1024
@@ -87,6 +94,16 @@ class FastRequest:
 FastAnswer = tuple[int, bytes, "dict[str, str] | None"]
 FastRoute = Callable[[FastRequest], Awaitable[FastAnswer]]
 FAST_ROUTES = web.AppKey("fast_routes", dict)
+
+
+@dataclasses.dataclass
+class Closing:
+    """Set when the server drains: every answer from then on says ``Connection: close`` and ends its connection."""
+
+    on: bool = False
+
+
+CLOSING = web.AppKey("closing", Closing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +293,7 @@ class FastHandler(asyncio.Protocol):
         self._access_log = AccessLog.of(access_log) if access_log is not None and access_log.isEnabledFor(logging.INFO) \
             else None
         self._cancel_on_lost = server.handler_cancellation
+        self._draining = app.get(CLOSING) or Closing()
         self._transport: asyncio.Transport | None = None
         self._remote = ""
         self._parsed: _Parsed | None = None
@@ -430,6 +448,7 @@ class FastHandler(asyncio.Protocol):
 
     async def _serve(self, route: FastRoute | None, request: FastRequest, keep_alive: bool) -> None:
         t0 = time.perf_counter()
+        keep_alive = keep_alive and not self._draining.on
         try:
             if route is None:
                 raise ApiError(404, "not_found", "Not Found")
@@ -628,6 +647,14 @@ async def start_server(app: web.Application, listener: Listener, *, access_log: 
     than to leave half-done.
     """
     check_bindable(listener.host, listener.port, listener.reuse_port)
+    closing = app[CLOSING] = Closing()
+
+    async def say_close(request: web.BaseRequest, response: StreamResponse) -> None:
+        if closing.on:
+            response.force_close()  # the connection ends after this answer
+            response.headers["Connection"] = "close"  # the headers are built by now: say so too
+
+    app.on_response_prepare.append(say_close)
     logger_class = BatchedAccessLogger if access_log_format == ACCESS_LOG_FORMAT else AccessLogger
     runner = web.AppRunner(app, access_log=access_log, shutdown_timeout=shutdown_timeout_s,
                            keepalive_timeout=listener.header_timeout_s, handler_cancellation=handler_cancellation,
@@ -655,9 +682,9 @@ def bound_port(runner: web.BaseRunner) -> int:
 
 async def serve_until_signal(app: web.Application, listener: Listener, *, access_log: logging.Logger | None = None,
                              shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
-                             handler_cancellation: bool = False) -> None:
+                             handler_cancellation: bool = False, drain_grace_s: float = 0.0) -> None:
     """Serve until SIGINT or SIGTERM (the handlers only set a flag) or the app sets ``app[SHUTDOWN]``,
-    then drain and stop."""
+    then drain (``drain``: ``drain_grace_s`` for requests already on their way) and stop."""
     stop = app.get(SHUTDOWN) or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -671,13 +698,30 @@ async def serve_until_signal(app: web.Application, listener: Listener, *, access
         await stop.wait()
         log.info("stopping: draining requests in flight (up to %.0f s)", shutdown_timeout_s)
     finally:
-        await runner.cleanup()
+        await drain(runner, drain_grace_s)
         if access_log is not None:
             AccessLog.of(access_log).flush()
 
 
+async def drain(runner: web.AppRunner, grace_s: float) -> None:
+    """Stop listening, then for up to ``grace_s`` keep the open connections and answer what arrives on them
+    with ``Connection: close`` (a request already on its way on a kept-alive connection is served, not cut
+    off); then ``runner.cleanup``: idle connections close, requests in flight get the shutdown timeout."""
+    loop = asyncio.get_running_loop()
+    server = runner.server
+    if grace_s > 0 and server is not None:
+        for site in list(runner.sites):
+            await site.stop()
+        runner.app[CLOSING].on = True
+        deadline = loop.time() + grace_s
+        while server.connections and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)  # bounded by the grace; ends early when every caller has closed
+    await runner.cleanup()
+
+
 def run(app: web.Application, listener: Listener, *, access_log: logging.Logger | None = None,
-        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, handler_cancellation: bool = False) -> None:
+        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, handler_cancellation: bool = False,
+        drain_grace_s: float = 0.0) -> None:
     """Blocking: a daemon's whole life on the current event loop policy (uvloop when installed)."""
     asyncio.run(serve_until_signal(app, listener, access_log=access_log, shutdown_timeout_s=shutdown_timeout_s,
-                                   handler_cancellation=handler_cancellation))
+                                   handler_cancellation=handler_cancellation, drain_grace_s=drain_grace_s))

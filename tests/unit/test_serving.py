@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from loadtests.common import wait_until
-from shared.serving import Listener, bound_port, start_server
+from shared.serving import Listener, bound_port, drain, start_server
 from shared.tls import make_dev_ca, server_context
 from tests.support.loops import Scenario  # and the run_on fixture (tests/conftest.py)
 
@@ -251,3 +251,57 @@ def test_a_busy_port_is_an_oserror_before_the_app_starts(run_on: Callable[[Scena
 
     run_on(scenario)
 
+
+
+async def refuses_connections(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:  # refused, or reset when the listener closed with it in the backlog
+        return True
+    writer.close()
+    return False
+
+
+def test_a_draining_server_serves_what_arrives_on_open_connections_and_tells_them_to_close(
+        run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        runner = await start_server(tiny_app(), Listener("127.0.0.1", 0, header_timeout_s=IO_TIMEOUT_S))
+        port = bound_port(runner)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(HEAD)
+        status, headers, _ = await read_answer(reader)
+        assert status == 200 and headers.get("connection", "").lower() != "close"
+        draining = asyncio.create_task(drain(runner, grace_s=60))
+        try:
+            await wait_until(lambda: refuses_connections(port), IO_TIMEOUT_S, "the listener to close")
+            # The caller did not see the drain start: its next request goes out on the kept-alive connection.
+            writer.write(HEAD)
+            status, headers, body = await read_answer(reader)
+            assert (status, body) == (200, b"ok")
+            assert headers["connection"].lower() == "close"
+            assert await closed_by_server(reader)
+            # Its one connection gone, the drain ends without waiting out the grace.
+            await asyncio.wait_for(draining, IO_TIMEOUT_S)
+        finally:
+            draining.cancel()
+            await runner.cleanup()
+
+    run_on(scenario)
+
+
+def test_a_connection_that_stays_idle_is_closed_when_the_grace_ends(run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        runner = await start_server(tiny_app(), Listener("127.0.0.1", 0, header_timeout_s=IO_TIMEOUT_S))
+        reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+        writer.write(HEAD)
+        assert (await read_answer(reader))[0] == 200
+        # A short grace, and a header deadline far beyond it: the grace is what closes the connection.
+        draining = asyncio.create_task(drain(runner, grace_s=0.3))
+        try:
+            assert await closed_by_server(reader)
+            await asyncio.wait_for(draining, IO_TIMEOUT_S)
+        finally:
+            draining.cancel()
+            await runner.cleanup()
+
+    run_on(scenario)

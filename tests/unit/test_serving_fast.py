@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from shared.errors import ApiError
-from shared.serving import FAST_ROUTES, FastAnswer, FastRequest, Listener, bound_port, start_server
+from shared.serving import FAST_ROUTES, FastAnswer, FastRequest, Listener, bound_port, drain, start_server
+from loadtests.common import wait_until
 from tests.support.loops import Scenario  # and the run_on fixture (tests/conftest.py)
 
 IO_TIMEOUT_S = 10.0
@@ -226,3 +227,35 @@ def test_pipelined_requests_get_the_first_answer_then_a_close() -> None:
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_a_draining_server_answers_a_fast_route_on_an_open_connection_with_a_close(
+        run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(b"one"))
+        status, headers, _ = await read_answer(reader)
+        assert status == 200 and "connection" not in headers
+        draining = asyncio.create_task(drain(runner, grace_s=60))
+        try:
+            async def refusing() -> bool:
+                try:
+                    _, probe = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:  # refused, or reset when the listener closed with it in the backlog
+                    return True
+                probe.close()
+                return False
+
+            await wait_until(refusing, IO_TIMEOUT_S, "the listener to close")
+            writer.write(post(b"two"))
+            status, headers, body = await read_answer(reader)
+            assert status == 200 and orjson.loads(body)["body"] == "two"
+            assert headers["connection"] == "close"
+            assert await closed(reader)
+            await asyncio.wait_for(draining, IO_TIMEOUT_S)
+        finally:
+            draining.cancel()
+            await runner.cleanup()
+
+    run_on(scenario)
