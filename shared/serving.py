@@ -46,6 +46,7 @@ from typing import Any, cast
 import httptools
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.web_log import AccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
@@ -93,7 +94,18 @@ class FastRequest:
 # (status, JSON body, extra headers)
 FastAnswer = tuple[int, bytes, "dict[str, str] | None"]
 FastRoute = Callable[[FastRequest], Awaitable[FastAnswer]]
+# ``(method, path)`` → route; a path that ends in ``/`` takes every path under it (the route parses the rest).
 FAST_ROUTES = web.AppKey("fast_routes", dict)
+
+
+def fast_route(routes: dict[tuple[str, str], FastRoute], method: str, path: str) -> FastRoute | None:
+    """The route for ``method`` and ``path`` (no query): an exact entry, else a prefix entry's."""
+    route = routes.get((method, path))
+    if route is None:
+        for (route_method, prefix), candidate in routes.items():
+            if prefix.endswith("/") and route_method == method and path.startswith(prefix):
+                return candidate
+    return route
 
 
 @dataclasses.dataclass
@@ -213,7 +225,7 @@ class _Parsed:
     """httptools callbacks for one request (head and body within the caps)."""
 
     __slots__ = ("url", "headers", "head_bytes", "body", "body_bytes", "head_done", "complete", "max_body",
-                 "error")
+                 "error", "expects_continue", "parser", "keep_alive")
 
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
@@ -222,8 +234,9 @@ class _Parsed:
         self.head_bytes = 0
         self.body: list[bytes] = []
         self.body_bytes = 0
-        self.head_done = self.complete = False
+        self.head_done = self.complete = self.expects_continue = self.keep_alive = False
         self.error: ApiError | None = None
+        self.parser: Any = None  # the httptools parser these callbacks are for
 
     def on_message_begin(self) -> None:
         if self.complete:
@@ -240,15 +253,33 @@ class _Parsed:
         if self.head_bytes > FAST_MAX_HEAD_BYTES or len(self.headers) >= FAST_MAX_HEADERS:
             self.error = ApiError(431, "too_large", "request head too large")
             raise self.error
-        self.headers[name.decode("latin-1")] = value.decode("latin-1")
+        key = name.decode("latin-1")
+        if len(key) == 4 and key.lower() == "host" and any(k.lower() == "host" for k in self.headers):
+            # Which of two Hosts names the customer would be this parser's guess, not the caller's.
+            self.error = ApiError(400, "bad_request", "more than one Host header")
+            raise self.error
+        self.headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self.head_done = True
-        length = next((v for k, v in self.headers.items() if k.lower() == "content-length"), None)
+        # Asked now: once the message is complete the parser has reset for the next one (and says "keep").
+        self.keep_alive = bool(self.parser.should_keep_alive())
+        length = expect = None
+        for name, value in self.headers.items():
+            lowered = name.lower()
+            if lowered == "content-length":
+                length = value
+            elif lowered == "expect":
+                expect = value
         if length is not None and length.strip().isdigit() and int(length) > self.max_body:
             self.error = ApiError(413, "too_large",
                                   f"body of {int(length)} bytes is over the limit of {self.max_body} bytes")
             raise self.error
+        if expect is not None:
+            if expect.strip().lower() != "100-continue":
+                self.error = ApiError(417, "http_error", f"unknown Expect: {expect[:40]!r}")
+                raise self.error
+            self.expects_continue = True  # curl waits a second for "100 Continue" before a body over 1 KiB
 
     def on_body(self, data: bytes) -> None:
         self.body_bytes += len(data)
@@ -383,21 +414,21 @@ class FastHandler(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         if not self._sniffed:
             self._pending += data
-            line_end = self._pending.find(b"\r\n")
+            line_end = self._pending.find(b"\n")  # a bare LF too: the parser then refuses it (400), not the clock
             if line_end < 0:
                 if len(self._pending) > FAST_MAX_HEAD_BYTES:
                     self._refuse(ApiError(414, "too_large", "request line too long"))
                 return
-            method, _, rest = self._pending[:line_end].partition(b" ")
-            path = rest.rpartition(b" ")[0].decode("latin-1")
-            if (method.decode("latin-1"), path) not in self._routes:
+            method, _, rest = self._pending[:line_end].rstrip(b"\r").partition(b" ")
+            path = rest.rpartition(b" ")[0].partition(b"?")[0].decode("latin-1")
+            if fast_route(self._routes, method.decode("latin-1"), path) is None:
                 self._hand_over()
                 return
             self._sniffed = True
             data, self._pending = self._pending, b""
         if self._parser is None:
             self._parsed = _Parsed(self._max_body)
-            self._parser = httptools.HttpRequestParser(self._parsed)
+            self._parser = self._parsed.parser = httptools.HttpRequestParser(self._parsed)
         parsed = self._parsed
         assert parsed is not None
         was_head_done = parsed.head_done
@@ -415,6 +446,8 @@ class FastHandler(asyncio.Protocol):
             self._closing = True
         if parsed.head_done and not was_head_done and not parsed.complete:
             self._deadline = self._loop.time() + self._body_timeout_s  # the body's own deadline
+            if parsed.expects_continue and self._transport is not None:
+                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if parsed.complete:
             self._start(parsed)
 
@@ -435,14 +468,14 @@ class FastHandler(asyncio.Protocol):
             handler.data_received(data)
 
     def _start(self, parsed: _Parsed) -> None:
-        keep_alive = self._parser.should_keep_alive()
+        keep_alive = parsed.keep_alive
         method = self._parser.get_method().decode("latin-1")
         path = parsed.url.decode("latin-1")
         body = b"".join(parsed.body)
         self._parser = None
         self._parsed = None
         self._sniffed = False  # the next request may be for another route (then aiohttp takes over)
-        route = self._routes.get((method, path.partition("?")[0]))
+        route = fast_route(self._routes, method, path.partition("?")[0])
         request = FastRequest(self._app, method, path, parsed.headers, body, self._remote)
         self._task = self._loop.create_task(self._serve(route, request, keep_alive and not self._closing))
 
@@ -466,7 +499,10 @@ class FastHandler(asyncio.Protocol):
             status, body, headers = 500, ApiError(500, "internal", f"internal error (incident {incident})").json_bytes(), None
         self._answer(status, body, headers, keep_alive)
         if self._access_log is not None:
-            self._log_access(request, status, len(body), time.perf_counter() - t0)
+            request_id = headers.get("X-Request-Id", "-") if headers else "-"
+            self._access_log.add(*access_line(self._remote or "-", f"{request.method} {request.path} HTTP/1.1", status,
+                                              len(body), time.perf_counter() - t0,
+                                              request.headers.get("User-Agent", "-"), request_id))
         self._task = None
         if self._transport is None:
             return
@@ -485,7 +521,7 @@ class FastHandler(asyncio.Protocol):
         if not keep_alive:
             extra += "Connection: close\r\n"
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n{extra}\r\n").encode("latin-1")
+                f"Content-Length: {len(body)}\r\nDate: {rfc822_formatted_time()}\r\n{extra}\r\n").encode("latin-1")
         self._transport.write(head + body)
 
     def _refuse(self, error: ApiError) -> None:
@@ -495,11 +531,17 @@ class FastHandler(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    def _log_access(self, request: FastRequest, status: int, size: int, seconds: float) -> None:
-        assert self._access_log is not None
-        agent = request.headers.get("User-Agent", "-")
-        self._access_log.add(f'{self._remote} "{request.method} {request.path} HTTP/1.1" {status} {size} {seconds:.6f} '
-                             f'"{agent}" request_id=-')
+
+
+def access_line(remote: str, first: str, status: int, size: int, seconds: float, agent: str,
+                request_id: str) -> tuple[str, dict[str, Any]]:
+    """One access line in ``ACCESS_LOG_FORMAT``, and the ``extra`` fields aiohttp's logger gives it (what a
+    JSON line carries)."""
+    took = "%06f" % seconds  # noqa: UP031 - aiohttp's own %Tf
+    return (f'{remote} "{first}" {status} {size} {took} "{agent}" request_id={request_id}',
+            {"remote_address": remote, "first_request_line": first, "response_status": status,
+             "response_size": size, "request_time_frac": took, "request_header": {"User-Agent": agent},
+             "response_header": {"X-Request-Id": request_id}})
 
 
 def _phrase(status: int) -> str:
@@ -523,17 +565,10 @@ class BatchedAccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         try:
-            remote = request.remote or "-"
             first = f"{request.method} {request.path_qs} HTTP/{request.version.major}.{request.version.minor}"
-            agent = request.headers.get("User-Agent", "-")
-            request_id = response.headers.get("X-Request-Id", "-")
-            took = "%06f" % time  # noqa: UP031 - aiohttp's own %Tf
-            self._batch.add(f'{remote} "{first}" {response.status} {response.body_length} {took} "{agent}" '
-                            f"request_id={request_id}",
-                            {"remote_address": remote, "first_request_line": first,
-                             "response_status": response.status, "response_size": response.body_length,
-                             "request_time_frac": took, "request_header": {"User-Agent": agent},
-                             "response_header": {"X-Request-Id": request_id}})
+            self._batch.add(*access_line(request.remote or "-", first, response.status, response.body_length, time,
+                                         request.headers.get("User-Agent", "-"),
+                                         response.headers.get("X-Request-Id", "-")))
         except Exception:  # noqa: BLE001 - as aiohttp's own: a log line never fails the request
             self.logger.exception("Error in logging")
 

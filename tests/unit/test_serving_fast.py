@@ -4,15 +4,25 @@ deadlines, malformed input, the connection cap, cancellation when the client lea
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import orjson
 import pytest
 from aiohttp import web
 
-from shared.errors import ApiError
-from shared.serving import FAST_ROUTES, FastAnswer, FastRequest, Listener, bound_port, drain, start_server
 from loadtests.common import wait_until
+from shared.errors import ApiError
+from shared.logs import AccessLog
+from shared.serving import (
+    FAST_ROUTES,
+    FastAnswer,
+    FastRequest,
+    Listener,
+    bound_port,
+    drain,
+    start_server,
+)
 from tests.support.loops import Scenario  # and the run_on fixture (tests/conftest.py)
 
 IO_TIMEOUT_S = 10.0
@@ -119,6 +129,7 @@ def test_errors_in_the_one_shape(run_on: Callable[[Scenario], None]) -> None:
     (b"POST /fast HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n" + b"x" * 2048 + b"\r\n0\r\n\r\n",
      413),  # over the limit without a Content-Length
     (b"POST /fast HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n", 400),
+    (b"POST /fast HTTP/1.1\nHost: t\nContent-Length: 2\n\n{}", 400),  # bare LFs: refused, not left to the clock
     (b"POST /fast HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n", 431),
 ])
 def test_bad_requests_are_refused_and_closed(run_on: Callable[[Scenario], None], request_bytes: bytes,
@@ -257,5 +268,110 @@ def test_a_draining_server_answers_a_fast_route_on_an_open_connection_with_a_clo
         finally:
             draining.cancel()
             await runner.cleanup()
+
+    run_on(scenario)
+
+
+def test_a_body_sent_after_100_continue_is_answered(run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # curl's way with a body over 1 KiB: the head, then a wait (a second) for the go-ahead.
+            writer.write(b"POST /fast HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT_S) == \
+                b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"abc")
+            status, headers, body = await read_answer(reader)
+            assert status == 200 and orjson.loads(body)["body"] == "abc"
+            assert "date" in headers  # RFC 9110: an origin server with a clock dates its answers
+            writer.close()
+        finally:
+            await runner.cleanup()
+
+    run_on(scenario)
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST /fast HTTP/1.1\r\nHost: t\r\nExpect: 200-ok\r\nContent-Length: 3\r\n\r\n", 417),
+    # Which Host names the customer would be this server's guess: refused, not guessed.
+    (b"POST /fast HTTP/1.1\r\nHost: a.example\r\nhost: b.example\r\nContent-Length: 3\r\n\r\n", 400),
+])
+def test_an_unknown_expectation_or_a_second_host_is_refused(run_on: Callable[[Scenario], None], head: bytes,
+                                                            status: int) -> None:
+    async def scenario() -> None:
+        runner, port = await serving(fast_app())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head + b"abc")
+            got, _, body = await read_answer(reader)
+            assert got == status and set(orjson.loads(body)) == {"error", "type"}
+            assert await closed(reader)
+            writer.close()
+        finally:
+            await runner.cleanup()
+
+    run_on(scenario)
+
+
+def test_a_prefix_route_takes_every_path_under_it_and_only_those(run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        app = fast_app()
+
+        async def under(request: FastRequest) -> FastAnswer:
+            return 200, orjson.dumps({"path": request.path}), None
+
+        app[FAST_ROUTES] = {**app[FAST_ROUTES], ("POST", "/pre/"): under}
+        runner, port = await serving(app)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for path in (b"/pre/a", b"/pre/a/b?x=1", b"/fast"):
+                writer.write(post(b"{}", path.decode()))
+                status, _, body = await read_answer(reader)
+                assert status == 200 and orjson.loads(body)["path"] == path.decode()
+            writer.close()
+            # Not under the prefix (no slash), or another method: aiohttp's router answers, as before.
+            for request in (post(b"{}", "/prefix"), b"GET /pre/a HTTP/1.1\r\nHost: t\r\n\r\n"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)
+                status, headers, _ = await read_answer(reader)
+                assert status in (404, 405) and "aiohttp" in headers.get("server", "")
+                writer.close()
+        finally:
+            await runner.cleanup()
+
+    run_on(scenario)
+
+
+def test_an_access_line_names_the_answer_s_request_id_with_aiohttp_s_fields(
+        run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        logger = logging.getLogger("test.fast.access")
+        logger.setLevel(logging.INFO)
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        logger.addHandler(handler)
+        app = fast_app()
+
+        async def with_id(request: FastRequest) -> FastAnswer:
+            return 200, b"{}", {"X-Request-Id": "r-42"}
+
+        app[FAST_ROUTES] = {("POST", "/fast"): with_id}
+        runner = await start_server(app, Listener("127.0.0.1", 0, header_timeout_s=HEADER_TIMEOUT_S), access_log=logger)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+            writer.write(post(b"{}", extra=b"User-Agent: probe/1\r\n"))
+            assert (await read_answer(reader))[0] == 200
+            writer.close()
+        finally:
+            await runner.cleanup()
+            AccessLog.of(logger).flush()
+            logger.removeHandler(handler)
+        (record,) = records
+        assert record.getMessage().startswith('127.0.0.1 "POST /fast HTTP/1.1" 200 2 ')
+        assert record.getMessage().endswith('"probe/1" request_id=r-42')
+        assert record.__dict__["response_header"] == {"X-Request-Id": "r-42"}
+        assert record.__dict__["request_header"] == {"User-Agent": "probe/1"}
 
     run_on(scenario)
