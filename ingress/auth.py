@@ -21,7 +21,11 @@ def is_admin(request: web.Request, admin_token: str) -> bool:
 
 async def key_record(request: web.Request, view: StateView) -> KeyRecord:
     """The caller's key record; 401 when missing or unknown."""
-    key = bearer(request)
+    return await record_of(bearer(request), view)
+
+
+async def record_of(key: str, view: StateView) -> KeyRecord:
+    """The record of the API key ``key`` (a bearer token); 401 when missing, unknown or expired."""
     if not key:
         raise Unauthorized("missing API key: send it in the Authorization header")
     record = await view.api_key(key)
@@ -32,8 +36,9 @@ async def key_record(request: web.Request, view: StateView) -> KeyRecord:
     return record
 
 
-async def require_customer_scope(request: web.Request, view: StateView, customer: str, scope: str) -> KeyRecord:
-    record = await key_record(request, view)
+async def require_scope(key: str, view: StateView, customer: str, scope: str) -> KeyRecord:
+    """The record of ``key`` when it is ``customer``'s and has ``scope``; 401 or 403 otherwise."""
+    record = await record_of(key, view)
     if record.customer != customer:
         raise Forbidden(f"this key does not belong to customer {customer!r}")
     if scope not in record.scopes:

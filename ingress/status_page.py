@@ -120,21 +120,21 @@ SIGN_OUTS = web.AppKey("status_sign_outs", SignOuts)
 LOGIN_LIMITER = web.AppKey("status_login_limiter", LoginLimiter)
 
 
-def note_outcome(request: web.Request, spec: VersionSpec, request_id: str, outcome: Outcome) -> None:
+def note_outcome(app: web.Application, spec: VersionSpec, request_id: str, outcome: Outcome) -> None:
     """Inference's hook for an answered request: its start (when not warm) and its model error, if any."""
-    activity = request.app.get(ACTIVITY)
+    activity = app.get(ACTIVITY)
     if activity is not None:
         activity.outcome(spec.key, request_id, outcome, time.time())
 
 
-def note_failure(request: web.Request, request_id: str, exc: ApiError) -> None:
-    """Inference's hook for a request that failed: kept when it is the fleet's failure (5xx), not the
-    caller's (4xx: a caller could fill the ring with its own mistakes)."""
-    activity = request.app.get(ACTIVITY)
+def note_failure(app: web.Application, host: str, path: str, request_id: str, exc: ApiError) -> None:
+    """Inference's hook for a request (to ``host`` and ``path``) that failed: kept when it is the fleet's
+    failure (5xx), not the caller's (4xx: a caller could fill the ring with its own mistakes)."""
+    activity = app.get(ACTIVITY)
     if activity is None or exc.status < 500:
         return
-    customer = customer_from_host(request.host, request.app[state.SETTINGS].base_domain) or "?"
-    activity.failure(f"{customer} {request.path}", request_id, exc, time.time())
+    customer = customer_from_host(host, app[state.SETTINGS].base_domain) or "?"
+    activity.failure(f"{customer} {path}", request_id, exc, time.time())
 
 
 # ---- the page's data -----------------------------------------------------------------------------

@@ -72,14 +72,17 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
 
 async def read_json(request: web.Request) -> Any:
     """The request's JSON body, nested no deeper than the app's limit (400 otherwise)."""
-    raw = await read_body(request)
+    return parse_json(await read_body(request), _limits(request).max_depth)
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """A request body's JSON, nested no deeper than ``max_depth`` (400 otherwise)."""
     if not raw:
         raise bad_request("body must be JSON")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"body is not valid JSON: {exc}") from None
-    max_depth = _limits(request).max_depth
     # Counting brackets runs at C speed; only bodies that could nest that deep are walked.
     if raw.count(b"[") + raw.count(b"{") > max_depth and nesting_exceeds(value, max_depth):
         raise bad_request(f"body nests deeper than {max_depth} levels")
@@ -105,5 +108,10 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 
 def bearer(request: web.Request) -> str:
-    value = request.headers.get("Authorization", "").strip()
+    return bearer_token(request.headers.get("Authorization", ""))
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an ``Authorization`` header: ``Bearer <token>``, or the bare token."""
+    value = authorization.strip()
     return value[7:].strip() if value[:7].lower() == "bearer " else value
