@@ -22,6 +22,8 @@ from shared.messages import VersionSpec
 LOG_LIMIT = 1000
 LOGS_PAGE = 50
 LOGS_ANSWER_BYTES = 16 * 2**20
+# Request records written per pipeline (each a step of the event loop of its own).
+LOG_SLICE = 64
 KEY_PREFIX = "lw_"
 
 
@@ -226,16 +228,18 @@ class Registry:
         """Push request records (``(logs key, record)``), keeping the newest LOG_LIMIT per branch.
 
         One LPUSH of many values per branch: packing a command per record held the event loop for
-        milliseconds at every flush (PERFORMANCE.md).
+        milliseconds at every flush (PERFORMANCE.md). And one pipeline per ``LOG_SLICE`` records, each
+        awaited: encoding and packing a half-second's 450 records at once held it for 1.8 ms.
         """
-        by_key: dict[str, list[bytes]] = {}
-        for key, record in entries:
-            by_key.setdefault(key, []).append(orjson.dumps(record))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, values in by_key.items():
-                pipe.lpush(key, *values)
-                pipe.ltrim(key, 0, LOG_LIMIT - 1)
-            await pipe.execute()
+        for start in range(0, len(entries), LOG_SLICE):
+            by_key: dict[str, list[bytes]] = {}
+            for key, record in entries[start:start + LOG_SLICE]:
+                by_key.setdefault(key, []).append(orjson.dumps(record))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, values in by_key.items():
+                    pipe.lpush(key, *values)
+                    pipe.ltrim(key, 0, LOG_LIMIT - 1)
+                await pipe.execute()
 
     async def read_logs(self, customer: str, model: str, branch: str, limit: int,
                         max_bytes: int = LOGS_ANSWER_BYTES) -> tuple[list[dict[str, Any]], bool]:

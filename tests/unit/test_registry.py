@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingress.registry import KEY_PREFIX, LOG_LIMIT, KeyRecord, Registry, hash_key
+from ingress.registry import KEY_PREFIX, LOG_LIMIT, LOG_SLICE, KeyRecord, Registry, hash_key
 from shared import keys
 from shared.errors import ApiError
 from shared.messages import Capacity, VersionSpec
@@ -191,6 +191,15 @@ async def test_logs_newest_first_limited_and_trimmed(registry: Registry, client:
         {"n": LOG_LIMIT + 4}, {"n": LOG_LIMIT + 3}, {"n": LOG_LIMIT + 2}], False)
     everything, cut = await registry.read_logs("acme", "churn", "main", LOG_LIMIT)
     assert [r["n"] for r in everything] == list(range(LOG_LIMIT + 4, 4, -1)) and not cut
+
+
+async def test_records_of_two_branches_interleaved_keep_their_order_across_write_slices(registry: Registry) -> None:
+    main, feat = keys.request_logs("acme", "churn", "main"), keys.request_logs("acme", "churn", "feat")
+    count = 3 * LOG_SLICE + 7  # several pipelines, the branches' records interleaved in each
+    await registry.append_logs([(main if i % 3 else feat, {"n": i}) for i in range(count)])
+    for branch, mine in (("main", [i for i in range(count) if i % 3]), ("feat", list(range(0, count, 3)))):
+        records, _ = await registry.read_logs("acme", "churn", branch, LOG_LIMIT)
+        assert [r["n"] for r in records] == mine[::-1], branch
 
 
 async def test_a_logs_answer_is_bounded_in_bytes(registry: Registry) -> None:
