@@ -481,7 +481,6 @@ class FastHandler(asyncio.Protocol):
 
     async def _serve(self, route: FastRoute | None, request: FastRequest, keep_alive: bool) -> None:
         t0 = time.perf_counter()
-        keep_alive = keep_alive and not self._draining.on
         try:
             if route is None:
                 raise ApiError(404, "not_found", "Not Found")
@@ -497,6 +496,7 @@ class FastHandler(asyncio.Protocol):
             incident = uuid.uuid4().hex[:12]
             log.exception("unhandled error %s on %s %s", incident, request.method, request.path)
             status, body, headers = 500, ApiError(500, "internal", f"internal error (incident {incident})").json_bytes(), None
+        keep_alive = keep_alive and not self._draining.on  # asked as it answers: a drain may have begun meanwhile
         self._answer(status, body, headers, keep_alive)
         if self._access_log is not None:
             request_id = headers.get("X-Request-Id", "-") if headers else "-"
@@ -530,7 +530,6 @@ class FastHandler(asyncio.Protocol):
         self._answer(error.status, error.json_bytes(), error.headers, keep_alive=False)
         if self._transport is not None:
             self._transport.close()
-
 
 
 def access_line(remote: str, first: str, status: int, size: int, seconds: float, agent: str,

@@ -28,11 +28,13 @@ from tests.support.loops import Scenario  # and the run_on fixture (tests/confte
 IO_TIMEOUT_S = 10.0
 HEADER_TIMEOUT_S = 1.0
 CANCELLED = web.AppKey("cancelled", asyncio.Event)
+SLEEPING = web.AppKey("sleeping", asyncio.Event)
 
 
 def fast_app(max_body: int = 1024) -> web.Application:
     app = web.Application(client_max_size=max_body)
     app[CANCELLED] = asyncio.Event()
+    app[SLEEPING] = asyncio.Event()
 
     async def echo(request: FastRequest) -> FastAnswer:
         if request.body == b"raise":
@@ -40,6 +42,7 @@ def fast_app(max_body: int = 1024) -> web.Application:
         if request.body == b"crash":
             raise RuntimeError("boom")
         if request.body.startswith(b"sleep"):
+            request.app[SLEEPING].set()
             try:
                 await asyncio.sleep(float(request.body[5:]))
             except asyncio.CancelledError:
@@ -373,5 +376,25 @@ def test_an_access_line_names_the_answer_s_request_id_with_aiohttp_s_fields(
         assert record.getMessage().endswith('"probe/1" request_id=r-42')
         assert record.__dict__["response_header"] == {"X-Request-Id": "r-42"}
         assert record.__dict__["request_header"] == {"User-Agent": "probe/1"}
+
+    run_on(scenario)
+
+
+def test_an_answer_that_ends_after_the_drain_began_says_close(run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        app = fast_app()
+        runner, port = await serving(app)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(b"sleep0.3"))
+        await asyncio.wait_for(app[SLEEPING].wait(), IO_TIMEOUT_S)
+        draining = asyncio.create_task(drain(runner, grace_s=60))
+        try:
+            status, headers, _ = await read_answer(reader)
+            assert status == 200 and headers["connection"] == "close"
+            assert await closed(reader)
+            await asyncio.wait_for(draining, IO_TIMEOUT_S)
+        finally:
+            draining.cancel()
+            await runner.cleanup()
 
     run_on(scenario)
