@@ -262,17 +262,33 @@ async def refuses_connections(port: int) -> bool:
     return False
 
 
+@contextlib.asynccontextmanager
+async def draining_for(runner: web.AppRunner, grace_s: float) -> AsyncIterator[asyncio.Task[None]]:
+    """``drain(runner, grace_s)`` running in a task; cancelled and the runner cleaned up on the way out."""
+    task = asyncio.create_task(drain(runner, grace_s))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await runner.cleanup()
+
+
+async def kept_alive() -> tuple[web.AppRunner, int, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A server (header deadline far off) and a connection it answered once and keeps alive."""
+    runner = await start_server(tiny_app(), Listener("127.0.0.1", 0, header_timeout_s=IO_TIMEOUT_S))
+    port = bound_port(runner)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(HEAD)
+    status, headers, _ = await read_answer(reader)
+    assert status == 200 and headers.get("connection", "").lower() != "close"
+    return runner, port, reader, writer
+
+
 def test_a_draining_server_serves_what_arrives_on_open_connections_and_tells_them_to_close(
         run_on: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
-        runner = await start_server(tiny_app(), Listener("127.0.0.1", 0, header_timeout_s=IO_TIMEOUT_S))
-        port = bound_port(runner)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(HEAD)
-        status, headers, _ = await read_answer(reader)
-        assert status == 200 and headers.get("connection", "").lower() != "close"
-        draining = asyncio.create_task(drain(runner, grace_s=60))
-        try:
+        runner, port, reader, writer = await kept_alive()
+        async with draining_for(runner, 60) as draining:
             await wait_until(lambda: refuses_connections(port), IO_TIMEOUT_S, "the listener to close")
             # The caller did not see the drain start: its next request goes out on the kept-alive connection.
             writer.write(HEAD)
@@ -282,26 +298,16 @@ def test_a_draining_server_serves_what_arrives_on_open_connections_and_tells_the
             assert await closed_by_server(reader)
             # Its one connection gone, the drain ends without waiting out the grace.
             await asyncio.wait_for(draining, IO_TIMEOUT_S)
-        finally:
-            draining.cancel()
-            await runner.cleanup()
 
     run_on(scenario)
 
 
 def test_a_connection_that_stays_idle_is_closed_when_the_grace_ends(run_on: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
-        runner = await start_server(tiny_app(), Listener("127.0.0.1", 0, header_timeout_s=IO_TIMEOUT_S))
-        reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
-        writer.write(HEAD)
-        assert (await read_answer(reader))[0] == 200
+        runner, _, reader, _ = await kept_alive()
         # A short grace, and a header deadline far beyond it: the grace is what closes the connection.
-        draining = asyncio.create_task(drain(runner, grace_s=0.3))
-        try:
+        async with draining_for(runner, 0.3) as draining:
             assert await closed_by_server(reader)
             await asyncio.wait_for(draining, IO_TIMEOUT_S)
-        finally:
-            draining.cancel()
-            await runner.cleanup()
 
     run_on(scenario)

@@ -20,10 +20,10 @@ from shared.serving import (
     FastRequest,
     Listener,
     bound_port,
-    drain,
     start_server,
 )
 from tests.support.loops import Scenario  # and the run_on fixture (tests/conftest.py)
+from tests.unit.test_serving import draining_for, refuses_connections
 
 IO_TIMEOUT_S = 10.0
 HEADER_TIMEOUT_S = 1.0
@@ -251,26 +251,14 @@ def test_a_draining_server_answers_a_fast_route_on_an_open_connection_with_a_clo
         writer.write(post(b"one"))
         status, headers, _ = await read_answer(reader)
         assert status == 200 and "connection" not in headers
-        draining = asyncio.create_task(drain(runner, grace_s=60))
-        try:
-            async def refusing() -> bool:
-                try:
-                    _, probe = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:  # refused, or reset when the listener closed with it in the backlog
-                    return True
-                probe.close()
-                return False
-
-            await wait_until(refusing, IO_TIMEOUT_S, "the listener to close")
+        async with draining_for(runner, 60) as draining:
+            await wait_until(lambda: refuses_connections(port), IO_TIMEOUT_S, "the listener to close")
             writer.write(post(b"two"))
             status, headers, body = await read_answer(reader)
             assert status == 200 and orjson.loads(body)["body"] == "two"
             assert headers["connection"] == "close"
             assert await closed(reader)
             await asyncio.wait_for(draining, IO_TIMEOUT_S)
-        finally:
-            draining.cancel()
-            await runner.cleanup()
 
     run_on(scenario)
 
@@ -387,14 +375,10 @@ def test_an_answer_that_ends_after_the_drain_began_says_close(run_on: Callable[[
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(post(b"sleep0.3"))
         await asyncio.wait_for(app[SLEEPING].wait(), IO_TIMEOUT_S)
-        draining = asyncio.create_task(drain(runner, grace_s=60))
-        try:
+        async with draining_for(runner, 60) as draining:
             status, headers, _ = await read_answer(reader)
             assert status == 200 and headers["connection"] == "close"
             assert await closed(reader)
             await asyncio.wait_for(draining, IO_TIMEOUT_S)
-        finally:
-            draining.cancel()
-            await runner.cleanup()
 
     run_on(scenario)
