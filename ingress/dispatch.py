@@ -123,15 +123,11 @@ class Dispatcher:
             used = [(c, s) for c, s in zip(choices, sizes) if s > 0]
             plan = list(zip([c for c, _ in used], chunk_ranges([s for _, s in used])))
         run_id = uuid.uuid4().hex  # names each chunk for every copy of it (retries, hedges): see _run_chunk
-        if len(plan) == 1:  # most calls: awaited in this task (a task and a gather cost ~7 µs here)
-            choice, (a, b) = plan[0]
-            return self._stitch([await self._run_chunk(spec, inputs[a:b], choice, deadline, request_id, batch=batch,
-                                                       may_start=may_start, chunk_id=f"{run_id}:{a}")])
-        tasks = [
-            asyncio.create_task(self._run_chunk(spec, inputs[a:b], choice, deadline, request_id, batch=batch,
-                                                may_start=may_start, chunk_id=f"{run_id}:{a}"))
-            for choice, (a, b) in plan
-        ]
+        chunks = [self._run_chunk(spec, inputs[a:b], choice, deadline, request_id, batch=batch, may_start=may_start,
+                                  chunk_id=f"{run_id}:{a}") for choice, (a, b) in plan]
+        if len(chunks) == 1:  # most calls: awaited in this task (a task and a gather cost ~7 µs here)
+            return self._stitch([await chunks[0]])
+        tasks = [asyncio.create_task(chunk) for chunk in chunks]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:
