@@ -23,7 +23,7 @@ from ingress.dispatch import Outcome
 from ingress.hosts import customer_from_host
 from ingress.usage import USAGE
 from shared.errors import ApiError, Refused, ReplicaFailed, bad_request
-from shared.http import JSON, LIMITS, BodyLimits, bearer_token, parse_json, read_body
+from shared.http import JSON, bearer_token, body_limits, parse_json, read_body
 from shared.logs import REQUEST_ID
 from shared.messages import START_PHASES, VersionSpec, check_branch, check_name, start_ms
 from shared.serving import FAST_ROUTES, FastAnswer, FastRequest
@@ -134,8 +134,7 @@ async def _admitted(call: Call, customer: str, request_id: str, headers: dict[st
     branch = check_branch(call.branch.replace("~", "/"))
     pointer = _version_pointer(call.version)
     batch = _is_batch_work(call)
-    limits = app.get(LIMITS) or BodyLimits()
-    body = parse_body(parse_json(await call.read_body(), limits.max_depth), settings.max_batch_items)
+    body = parse_body(parse_json(await call.read_body(), body_limits(app).max_depth), settings.max_batch_items)
     spec = await view.resolve(customer, model, branch, pointer)
     call.labels = (spec.customer, spec.model)
     # Usage: from here on the request is the version's (ingress/usage.py says what counts); in memory only.

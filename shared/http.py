@@ -49,8 +49,9 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> we
                         headers={**error.headers, **(headers or {})})
 
 
-def _limits(request: web.Request) -> BodyLimits:
-    return request.app.get(LIMITS) or BodyLimits()
+def body_limits(app: web.Application) -> BodyLimits:
+    """The app's body limits (``app[LIMITS]``), or the defaults."""
+    return app.get(LIMITS) or BodyLimits()
 
 
 async def read_body(request: web.Request, timeout_s: float | None = None) -> bytes:
@@ -60,7 +61,7 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
     length = request.content_length
     if length is not None and length > limit:
         raise ApiError(413, "too_large", f"body of {length} bytes is over the limit of {limit} bytes")
-    timeout_s = _limits(request).timeout_s if timeout_s is None else timeout_s
+    timeout_s = body_limits(request.app).timeout_s if timeout_s is None else timeout_s
     try:
         async with asyncio.timeout(timeout_s):
             return await request.read()
@@ -72,7 +73,7 @@ async def read_body(request: web.Request, timeout_s: float | None = None) -> byt
 
 async def read_json(request: web.Request) -> Any:
     """The request's JSON body, nested no deeper than the app's limit (400 otherwise)."""
-    return parse_json(await read_body(request), _limits(request).max_depth)
+    return parse_json(await read_body(request), body_limits(request.app).max_depth)
 
 
 def parse_json(raw: bytes, max_depth: int) -> Any:

@@ -52,7 +52,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from shared.errors import ApiError, unavailable
-from shared.http import LIMITS, BodyLimits
+from shared.http import body_limits
 from shared.logs import ACCESS_LOG_FORMAT, AccessLog
 from shared.settings import IngressSettings, ProxySettings
 from shared.tls import context_from_files
@@ -648,7 +648,7 @@ class GuardedSite(web.BaseSite):
 
     def _fast_handler(self, server: web.Server, app: web.Application,
                       routes: dict[tuple[str, str], FastRoute]) -> FastHandler:
-        limits = app.get(LIMITS) or BodyLimits()
+        limits = body_limits(app)
         kwargs = server._kwargs  # noqa: SLF001 - the runner's: keep-alive timeout and access log
         return FastHandler(server, app, routes, lambda: self._aiohttp_handler(server),
                            header_timeout_s=float(kwargs.get("keepalive_timeout", 75.0)),
