@@ -25,7 +25,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from shared.messages import ProxyHeartbeat
+from shared.messages import ProxyHeartbeat, ReplicaReport
 
 WARM, LUKEWARM, COLD = "warm", "lukewarm", "cold"
 
@@ -191,15 +191,12 @@ class ProxyState:
     @classmethod
     def from_heartbeat(cls, data: dict[str, Any]) -> "ProxyState":
         """From a heartbeat as Redis holds it (``shared.messages.ProxyHeartbeat``); raises when malformed."""
-        beat = ProxyHeartbeat.from_dict(data)
+        beat = ProxyHeartbeat.from_dict(data, replicas=False)
         cap = beat.capacity
         return cls(
             proxy_id=beat.proxy_id, url=beat.url, epoch=beat.epoch, ts=beat.ts,
-            replicas=tuple(
-                # Positional: heartbeats are parsed by the thousand on every poll of a big fleet.
-                ReplicaState(r.version, r.state, r.in_flight, r.concurrency, r.memory_mb, r.cpus, r.gpu)
-                for r in beat.replicas
-            ),
+            # Positional, and no ReplicaReport between: heartbeats are parsed by the thousand on every poll.
+            replicas=tuple(ReplicaState(*ReplicaReport.routing_fields(r)) for r in data.get("replicas") or ()),
             max_replicas=cap.max_replicas, images=frozenset(beat.images), cpus=cap.cpus, load1=cap.load1,
             memory_mb=cap.memory_mb, memory_available_mb=cap.memory_available_mb,
             memory_budget_mb=cap.memory_budget_mb, max_replicas_per_customer=cap.max_replicas_per_customer,

@@ -338,14 +338,23 @@ class ReplicaReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ReplicaReport":
+        version, state, in_flight, concurrency, memory_mb, cpus, gpu = cls.routing_fields(data)
         return cls(
-            replica_id=str(data.get("replica_id", "")), version=str(data["version"]), state=str(data["state"]),
-            in_flight=_num(data.get("in_flight"), int), concurrency=_num(data.get("concurrency"), int, 1),
-            idle_s=_num(data.get("idle_s"), float), memory_mb=_num(data.get("memory_mb"), int),
-            cpus=_num(data.get("cpus"), float, 1.0), gpu=bool(data.get("gpu")),
-            gpu_uuid=str(data["gpu_uuid"]) if data.get("gpu_uuid") else None,
+            replica_id=str(data.get("replica_id", "")), version=version, state=state, in_flight=in_flight,
+            concurrency=concurrency, idle_s=_num(data.get("idle_s"), float), memory_mb=memory_mb, cpus=cpus,
+            gpu=gpu, gpu_uuid=str(data["gpu_uuid"]) if data.get("gpu_uuid") else None,
             memory_used_mb=_num(data.get("memory_used_mb"), float, None), cpu_s=_num(data.get("cpu_s"), float, None),
         )
+
+    @staticmethod
+    def routing_fields(data: dict[str, Any]) -> tuple[str, str, int, int, int, float, bool]:
+        """What routing reads of a reported replica — version, state, in_flight, concurrency, memory_mb,
+        cpus, gpu — read and checked as ``from_dict`` reads them. An ingress reads the fleet's replicas
+        by the thousand per poll: a frozen ReplicaReport per replica was two thirds of a heartbeat's
+        parse (``loadtests.fleet_scale``'s ``beat_us``)."""
+        return (str(data["version"]), str(data["state"]), _num(data.get("in_flight"), int),
+                _num(data.get("concurrency"), int, 1), _num(data.get("memory_mb"), int),
+                _num(data.get("cpus"), float, 1.0), bool(data.get("gpu")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,8 +372,11 @@ class HostCapacity:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HostCapacity":
-        return cls(**{f.name: _num(data.get(f.name), type(f.default), f.default)
-                      for f in dataclasses.fields(cls)})
+        return cls(**{name: _num(data.get(name), kind, default) for name, kind, default in _CAPACITY_FIELDS})
+
+
+# Read once: every heartbeat of the fleet is parsed through HostCapacity.from_dict on every poll.
+_CAPACITY_FIELDS = tuple((f.name, type(f.default), f.default) for f in dataclasses.fields(HostCapacity))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,15 +401,17 @@ class ProxyHeartbeat:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ProxyHeartbeat":
-        """KeyError, TypeError or ValueError when malformed (a reader skips such a heartbeat)."""
+    def from_dict(cls, data: dict[str, Any], replicas: bool = True) -> "ProxyHeartbeat":
+        """KeyError, TypeError or ValueError when malformed (a reader skips such a heartbeat).
+        ``replicas`` False: the replicas are left out (a reader that wants only their routing fields
+        takes them with ``ReplicaReport.routing_fields``)."""
         waiting = data.get("waiting")
         return cls(
             proxy_id=str(data["proxy_id"]), url=str(data["url"]), epoch=_num(data.get("epoch"), int),
             ts=_num(data.get("ts"), float), runtime=str(data.get("runtime") or ""),
             started_at=_num(data.get("started_at"), float),
             capacity=HostCapacity.from_dict(data.get("capacity") or {}),
-            replicas=tuple(ReplicaReport.from_dict(r) for r in data.get("replicas") or ()),
+            replicas=tuple(ReplicaReport.from_dict(r) for r in data.get("replicas") or ()) if replicas else (),
             waiting={str(k): int(v) for k, v in waiting.items() if v} if isinstance(waiting, dict) else {},
             gpus=tuple(g for g in data.get("gpus") or () if isinstance(g, dict)),
             nvml=str(data.get("nvml") or ""), images=tuple(str(i) for i in data.get("images") or ()),

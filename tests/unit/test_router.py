@@ -14,7 +14,7 @@ from ingress.router import (
 from runtime_proxy.heartbeat import Heartbeat
 from runtime_proxy.lifecycle import State
 from runtime_proxy.replicas import ReplicaManager
-from shared.messages import VersionSpec
+from shared.messages import ProxyHeartbeat, VersionSpec
 from shared.settings import ProxySettings
 
 V = "acme/churn/main/3"
@@ -195,11 +195,32 @@ def test_from_heartbeat(data: dict[str, Any], expected: ProxyState) -> None:
         {"proxy_id": "p"},
         {"proxy_id": "p", "url": "u", "replicas": [{"state": "running"}]},
         {"proxy_id": "p", "url": "u", "epoch": "x"},
+        {"proxy_id": "p", "url": "u", "replicas": [{"version": V}]},
+        {"proxy_id": "p", "url": "u", "replicas": ["not a replica"]},
+        {"proxy_id": "p", "url": "u", "replicas": [{"version": V, "state": "running", "in_flight": "many"}]},
+        {"proxy_id": "p", "url": "u", "replicas": [{"version": V, "state": "running", "cpus": [1]}]},
     ],
 )
 def test_from_heartbeat_rejects_broken(data: dict[str, Any]) -> None:
+    """As the heartbeat's own parse does (the view skips what either refuses)."""
+    with pytest.raises((KeyError, ValueError, TypeError)):
+        ProxyHeartbeat.from_dict(data)
     with pytest.raises((KeyError, ValueError, TypeError)):
         ProxyState.from_heartbeat(data)
+
+
+def test_from_heartbeat_reads_each_replica_as_the_heartbeat_s_own_parse_does() -> None:
+    """The view skips ReplicaReport for speed: what it reads must be what ReplicaReport reads."""
+    data = {"proxy_id": "p", "url": "u", "replicas": [
+        {"version": V, "state": "running", "in_flight": 2.0, "concurrency": None, "memory_mb": "512",
+         "cpus": 2, "gpu": 1, "idle_s": 4},
+        {"version": 3, "state": "paused", "in_flight": None, "memory_mb": None, "cpus": None, "gpu": None},
+    ]}
+    reports = ProxyHeartbeat.from_dict(data).replicas
+    replicas = ProxyState.from_heartbeat(data).replicas
+    assert [(r.version, r.state, r.in_flight, r.concurrency, r.memory_mb, r.cpus, r.gpu) for r in replicas] == \
+        [(r.version, r.state, r.in_flight, r.concurrency, r.memory_mb, r.cpus, r.gpu) for r in reports] == \
+        [(V, "running", 2, 1, 512, 2.0, True), ("3", "paused", 0, 1, 0, 1.0, False)]
 
 
 class _NoRuntime:
