@@ -43,9 +43,10 @@ RECOVERY_GRACE_S = 15.0
 # How long a warm call waits for the re-read of a key it knows (Redis answers in about a millisecond).
 STALE_KEY_WAIT_S = 0.25
 # The longest the heartbeat intake holds the loop before it yields (parsing and applying heartbeats):
-# a quarter of the 1 ms goal, because a slice may end with the next page's Redis command sent in the same
-# step, and one heartbeat more than the budget (about 0.1 ms at 5000 proxies) may run before the check.
-SLICE_S = 0.00025
+# well under the 1 ms goal, because one heartbeat more than the budget runs before the check, and the
+# intake runs once a second, from cold caches: on this VM a heartbeat that costs 55 µs in a tight loop
+# costs 150-200 µs there (loadtests.fleet_scale; at 0.25 ms slices reached 0.67 ms).
+SLICE_S = 0.00015
 # A proxy whose score has not moved for this long (by this ingress's clock) has its heartbeat read
 # again at each poll, so that its expiry (TTL) is seen: live proxies beat every 2 s.
 QUIET_S = 5.0
@@ -347,15 +348,15 @@ class StateView:
         if not keep_missing:
             self._fleet.pop(pid, None)
 
-    async def _intake(self, scores: dict[str, float], now: float, keep_missing: bool) -> int:
+    async def _intake(self, scores: dict[str, float], now: float, keep_missing: bool, turn: _Turn) -> int:
         """Apply what changed in the fleet since the last poll; returns how many heartbeats were read.
 
         Reads only the heartbeats whose score moved (or quiet ones, to see them expire), in pages; parses
         and applies them in slices of at most ``SLICE_S`` between yields to the loop (each Redis reply
-        is parsed in a step of its own, too).
+        is parsed in a step of its own, too). ``turn`` began before the scores were read: their reply's
+        parse is in the first slice.
         """
         client = self.registry.redis
-        turn = _Turn()
         wanted = []
         for pid, score in scores.items():
             seen = self._fetched.get(pid)
@@ -373,6 +374,7 @@ class StateView:
         for pid in [pid for pid in self._fetched if pid not in scores]:
             del self._fetched[pid]
         for page in heartbeats.pages(wanted):
+            await turn.tick()  # sending a command is a few hundred µs of redis-py from cold: not on a full slice
             raws = await heartbeats.fetch(client, page)
             await turn.now()  # the reply's parse was a step: the heartbeats' starts another
             for pid, raw in zip(page, raws):
@@ -390,13 +392,14 @@ class StateView:
     async def _refresh(self) -> None:
         try:
             start = self.clock()
+            turn = _Turn()
             scores = await heartbeats.scores(self.registry.redis, start - FLEET_WINDOW_S)
             now = self.clock()
             if not self.redis_ok and self.last_refresh and now - self._recovered_at > RECOVERY_GRACE_S:
                 # Back after an outage: proxies could not beat meanwhile and their keys
                 # expired. Until they beat again, judge the last view as of its time.
                 self._outage_s, self._recovered_at = now - self.last_refresh, now
-            await self._intake(scores, now, keep_missing=self._recovering(now))
+            await self._intake(scores, now, keep_missing=self._recovering(now), turn=turn)
             branches = set(self.pointers) | self._dirty
             self._dirty = set()
             for bid in branches:
