@@ -206,6 +206,73 @@ def run_predictive(app: App, cfg: Config, horizon: float, params: keepwarm.Param
 POLICIES = ("fixed", "predictive", "paper")
 
 
+# ---- what any policy could reach on this trace ------------------------------------------
+
+
+def _window_frontier(gaps: Sequence[float], tail: float) -> list[tuple[float, int]]:
+    """The (memory, starts) of every fixed window worth choosing over ``gaps`` (sorted idle times, ``tail``
+    the last one's, cut by the horizon), with the gaps known: hindsight. Windows end just past a gap (or
+    are 0); of those, the lower convex hull: what minimises memory + mu × starts for some mu."""
+    n = len(gaps)
+    points = [(0.0, n)]  # window 0: nothing held, every gap a start
+    covered = 0.0  # the sum of the gaps under the window
+    for k, g in enumerate(gaps):
+        covered += g
+        points.append((covered + g * (n - k - 1) + min(tail, g), n - k - 1))
+    hull: list[tuple[float, int]] = []
+    for m, st in points:  # starts fall and memory rises along the list
+        while len(hull) >= 2:
+            (m1, s1), (m2, s2) = hull[-2], hull[-1]
+            # the middle point is above the chord from hull[-2] to this one: never the best
+            if (m2 - m1) * (s1 - st) >= (m - m1) * (s1 - s2):
+                hull.pop()
+            else:
+                break
+        hull.append((m, st))
+    return hull
+
+
+def hindsight_bound(apps: Sequence[App], cfg: Config, starts_budget: int) -> dict[str, float]:
+    """A floor under any keep-warm policy's memory on this trace at ``starts_budget`` starts.
+
+    Periodic apps are granted their busy time alone, with no start but their first call (no policy does
+    better). Poisson and bursty apps get, each, the fixed window that a Lagrangian multiplier picks with
+    their idle times known in hindsight, the multiplier set so that all starts fit the budget. For a
+    Poisson app this is a floor for every policy that does not see the future: its arrivals are
+    memoryless, so a second of memory held buys the same chance of a warm call whenever it is held, and
+    a window (or none) is the best use of it. Bursty apps' idle times fall off in likelihood after a
+    burst (seconds-apart calls, then lognormal gaps), which also favours one window from the call's end;
+    the predictive policy given each app's whole week of idle times up front lands on the same frontier
+    (``python -m loadtests.keepwarm``'s note in README). Returns the memory-seconds and the starts."""
+    horizon = cfg.days * DAY_S
+    floor_s, first_calls = 0.0, 0
+    rest: list[list[tuple[float, int]]] = []
+    for app in apps:
+        periods = busy_periods(app)
+        if not periods:
+            continue
+        busy = sum(e - s for s, e, _ in periods)
+        floor_s += busy
+        first_calls += 1  # every app's first call
+        if app.cls != "periodic":
+            gaps = sorted(periods[i + 1][0] - periods[i][1] for i in range(len(periods) - 1))
+            rest.append(_window_frontier(gaps, max(horizon, periods[-1][1]) - periods[-1][1]))
+
+    def at(mu: float) -> tuple[float, int]:
+        memory, starts = 0.0, 0
+        for hull in rest:
+            m, n = min(hull, key=lambda point: point[0] + mu * point[1])
+            memory, starts = memory + m, starts + n
+        return memory, starts
+
+    lo, hi = 1e-3, horizon  # starts fall as mu rises; at mu = horizon every gap is held
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if at(mid)[1] + first_calls <= starts_budget else (mid, hi)
+    memory, starts = at(hi)
+    return {"memory_s": floor_s + memory, "starts": starts + first_calls, "multiplier_s": hi}
+
+
 def run_all(cfg: Config, seed: int) -> tuple[dict[str, Tally], dict[str, dict[str, Tally]], dict[str, dict[str, int]],
                                                list[App]]:
     apps = make_trace(cfg, seed)
@@ -234,6 +301,7 @@ def ratio(a: float, b: float) -> float:
 def result_json(cfg: Config, seed: int, totals: dict[str, Tally], by_class: dict[str, dict[str, Tally]],
                 sources: dict[str, dict[str, int]], apps: Sequence[App], elapsed_s: float) -> dict[str, Any]:
     f, p, paper = totals["fixed"], totals["predictive"], totals["paper"]
+    bound = hindsight_bound(apps, cfg, f.starts)
     memory_ratio = ratio(p.memory_s, f.memory_s)
     start_ratio = ratio(p.start_fraction, f.start_fraction)
     return {
@@ -252,6 +320,9 @@ def result_json(cfg: Config, seed: int, totals: dict[str, Tally], by_class: dict
                           "start_fraction": {k: by_class[c][k].start_fraction for k in POLICIES},
                           "memory_s": {k: by_class[c][k].memory_s for k in POLICIES}} for c in CLASSES},
         "plan_sources": sources,
+        # The least memory any policy not seeing the future could hold at the fixed policy's starts (hindsight_bound).
+        "floor": {"memory_ratio": ratio(bound["memory_s"], f.memory_s), "starts": bound["starts"],
+                  "multiplier_s": bound["multiplier_s"]},
         "apps": len(apps), "calls": f.calls, "seed": seed, "days": cfg.days, "fixed_idle_s": cfg.fixed_s,
         "reaper_s": cfg.reaper_s, "start_s": cfg.start_s, "max_per_day": cfg.max_per_day,
         "infrequent_apps": sum(1 for a in apps if a.per_day <= 24) / max(1, len(apps)),
@@ -305,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{cfg.reaper_s:g} s, pre-warm start {cfg.start_s:g} s; {elapsed:.1f} s")
     print(f"predictive / fixed: memory {result['memory_ratio']:.3f}, start fraction {result['start_ratio']:.3f}; "
           f"targets (start fraction <= fixed, memory <= 0.5x): {'met' if result['targets_met'] else 'NOT met'}")
+    print(f"floor at the fixed policy's starts (hindsight windows for Poisson and bursty apps, periodic ones at "
+          f"busy time only): memory {result['floor']['memory_ratio']:.3f}x fixed")
     report(table(totals, by_class, apps), result)
 
 

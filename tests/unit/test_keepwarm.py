@@ -262,4 +262,26 @@ def test_the_bench_prints_its_json_last_with_the_pinned_keys(capsys: pytest.Capt
     assert data["memory_ratio"] == pytest.approx(data["memory_s"]["predictive"] / data["memory_s"]["fixed"], rel=1e-2)
     assert data["start_ratio"] >= 0 and isinstance(data["targets_met"], bool)
     assert set(data["per_class"]) == set(bench.CLASSES)
+    assert 0 < data["floor"]["memory_ratio"] < 1 and data["floor"]["starts"] <= data["starts"]["fixed"]
     assert any("policy" in line for line in out[:-1])  # the table came first
+
+
+def test_the_window_frontier_keeps_only_windows_some_price_of_a_start_would_choose() -> None:
+    # Gaps 10, 20 and 1000 s: hold nothing (3 starts), past 10 s (30 s held, 2 starts), past 20 s (50 s, 1)
+    # or past 1000 s (1030 s, 0). Past 10 s is never the best: 50 s for two starts fewer beats it at any price.
+    assert bench._window_frontier([10.0, 20.0, 1000.0], 0.0) == [(0.0, 3), (50.0, 1), (1030.0, 0)]
+    # The tail (the last call's idle time, cut by the horizon) is held up to the window too.
+    assert bench._window_frontier([10.0], 4.0) == [(0.0, 1), (14.0, 0)]
+
+
+def test_no_policy_holds_less_than_the_floor_at_as_many_starts() -> None:
+    totals, _, _, apps = bench.run_all(SMALL, seed=4)
+    fixed = totals["fixed"]
+    floor = bench.hindsight_bound(apps, SMALL, fixed.starts)
+    assert floor["starts"] <= fixed.starts
+    assert floor["memory_s"] < fixed.memory_s
+    for tally in totals.values():
+        if tally.starts <= fixed.starts:
+            assert floor["memory_s"] <= tally.memory_s
+    # More starts allowed, less memory needed.
+    assert bench.hindsight_bound(apps, SMALL, 2 * fixed.starts)["memory_s"] < floor["memory_s"]
