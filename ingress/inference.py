@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import time
 import urllib.parse
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
@@ -23,7 +22,7 @@ from ingress.dispatch import Outcome
 from ingress.hosts import customer_from_host
 from ingress.usage import USAGE
 from shared.errors import ApiError, Refused, ReplicaFailed, bad_request
-from shared.http import JSON, bearer_token, body_limits, parse_json, read_body
+from shared.http import JSON, bearer_token, body_limits, parse_json, read_body, request_id_of
 from shared.logs import REQUEST_ID
 from shared.messages import START_PHASES, VersionSpec, check_branch, check_name, start_ms
 from shared.serving import FAST_ROUTES, FastAnswer, FastRequest
@@ -66,13 +65,6 @@ class Call:
     labels: tuple[str, str] = ("", "")
 
 
-def _request_id(given: str) -> str:
-    """The caller's id when it is a sane token (it is echoed in headers and logs), else a fresh one."""
-    if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
-        return given
-    return uuid.uuid4().hex
-
-
 def _is_batch_work(call: Call) -> bool:
     """``X-Lukewarm-Priority: batch`` marks work that yields to on-demand requests (the default)."""
     value = call.headers.get("x-lukewarm-priority", "on-demand").strip().lower()
@@ -93,7 +85,7 @@ def _version_pointer(raw: str) -> str:
 
 async def answer(call: Call) -> Answer:
     """The answer to one inference call: the model's outputs, or the one error shape."""
-    request_id = _request_id(call.headers.get("x-request-id", ""))
+    request_id = request_id_of(call.headers.get("x-request-id", ""))
     REQUEST_ID.set(request_id)  # this handler's task (and the chunk tasks it starts): every log line carries it
     headers = {"X-Request-Id": request_id}
     t0 = time.perf_counter()

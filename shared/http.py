@@ -108,6 +108,14 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(ApiError(500, "internal", f"internal error (incident {incident})"))
 
 
+def request_id_of(given: str) -> str:
+    """The caller's ``X-Request-Id`` when it is a sane token (it is echoed in headers and logs), else a
+    fresh one."""
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable() and " " not in given:
+        return given
+    return uuid.uuid4().hex
+
+
 def bearer(request: web.Request) -> str:
     return bearer_token(request.headers.get("Authorization", ""))
 

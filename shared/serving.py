@@ -52,7 +52,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from shared.errors import ApiError, unavailable
-from shared.http import body_limits
+from shared.http import body_limits, request_id_of
 from shared.logs import ACCESS_LOG_FORMAT, AccessLog
 from shared.settings import IngressSettings, ProxySettings
 from shared.tls import context_from_files
@@ -525,9 +525,24 @@ class FastHandler(asyncio.Protocol):
         self._transport.write(head + body)
 
     def _refuse(self, error: ApiError) -> None:
-        """Answer a request that cannot be served (malformed, too large, too slow) and close."""
+        """Answer a request that cannot be served (malformed, too large, too slow) and close.
+
+        With an ``X-Request-Id`` (the caller's, when sane) and an access line, as a route's own answers
+        have: a 413 or 408 is refused here, before the route runs, and its caller needs the id as much."""
         self._closing = True
-        self._answer(error.status, error.json_bytes(), error.headers, keep_alive=False)
+        parsed = self._parsed
+        given = ""
+        if parsed is not None:
+            given = next((v for k, v in parsed.headers.items() if k.lower() == "x-request-id"), "")
+        rid = request_id_of(given)
+        body = error.json_bytes()
+        self._answer(error.status, body, {**(error.headers or {}), "X-Request-Id": rid}, keep_alive=False)
+        if self._access_log is not None:
+            first = "-"
+            if parsed is not None and parsed.head_done and self._parser is not None:
+                first = f"{self._parser.get_method().decode('latin-1')} {parsed.url.decode('latin-1')} HTTP/1.1"
+            agent = next((v for k, v in parsed.headers.items() if k.lower() == "user-agent"), "-") if parsed else "-"
+            self._access_log.add(*access_line(self._remote or "-", first, error.status, len(body), 0.0, agent, rid))
         if self._transport is not None:
             self._transport.close()
 

@@ -142,8 +142,9 @@ def test_bad_requests_are_refused_and_closed(run_on: Callable[[Scenario], None],
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(request_bytes)
-            got, _, body = await read_answer(reader)
+            got, headers, body = await read_answer(reader)
             assert got == status and "error" in orjson.loads(body)
+            assert len(headers["x-request-id"]) == 32  # refused before any route ran, yet with an id (DESIGN.md)
             assert await closed(reader)
             writer.close()
         finally:
@@ -380,5 +381,33 @@ def test_an_answer_that_ends_after_the_drain_began_says_close(run_on: Callable[[
             assert status == 200 and headers["connection"] == "close"
             assert await closed(reader)
             await asyncio.wait_for(draining, IO_TIMEOUT_S)
+
+    run_on(scenario)
+
+
+def test_a_refusal_echoes_the_caller_s_request_id_and_writes_an_access_line(
+        run_on: Callable[[Scenario], None]) -> None:
+    async def scenario() -> None:
+        logger = logging.getLogger("test.fast.refusals")
+        logger.setLevel(logging.INFO)
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        logger.addHandler(handler)
+        runner = await start_server(fast_app(), Listener("127.0.0.1", 0, header_timeout_s=HEADER_TIMEOUT_S),
+                                    access_log=logger)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+            writer.write(post(b"x" * 2000, extra=b"X-Request-Id: mine-7\r\nUser-Agent: probe/2\r\n"))
+            status, headers, body = await read_answer(reader)
+            assert (status, headers["x-request-id"], orjson.loads(body)["type"]) == (413, "mine-7", "too_large")
+            writer.close()
+        finally:
+            await runner.cleanup()
+            AccessLog.of(logger).flush()
+            logger.removeHandler(handler)
+        (record,) = records
+        assert record.getMessage().startswith('127.0.0.1 "POST /fast HTTP/1.1" 413 ')
+        assert record.getMessage().endswith('"probe/2" request_id=mine-7')
 
     run_on(scenario)
