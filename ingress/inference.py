@@ -202,7 +202,9 @@ async def infer_fast(request: FastRequest) -> FastAnswer:
     if "%" in path:
         parts = [_unquoted(part) for part in parts]
         path = _unquoted(path)
-    headers = {name.lower(): value for name, value in request.headers.items()}
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        headers.setdefault(name.lower(), value)  # the first of a repeated header, whatever its case (as aiohttp)
     body = request.body
 
     async def arrived() -> bytes:  # the lean server answered 413 and 408 before the route ran

@@ -86,7 +86,7 @@ class FastRequest:
     app: web.Application
     method: str
     path: str  # as sent, with the query
-    headers: dict[str, str]  # names as sent; a repeated header keeps its last value (as dict(CIMultiDict))
+    headers: dict[str, str]  # names as sent; a repeated header keeps its first value (as CIMultiDict.get)
     body: bytes
     remote: str
 
@@ -258,7 +258,9 @@ class _Parsed:
             # Which of two Hosts names the customer would be this parser's guess, not the caller's.
             self.error = ApiError(400, "bad_request", "more than one Host header")
             raise self.error
-        self.headers[key] = value.decode("latin-1")
+        # A repeated header keeps its first value, as aiohttp's CIMultiDict.get reads it: the inference route
+        # is served by either, and two Authorization headers must name the same key on both.
+        self.headers.setdefault(key, value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         self.head_done = True

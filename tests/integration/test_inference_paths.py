@@ -79,6 +79,11 @@ async def test_the_lean_and_the_aiohttp_route_answer_alike(redis_url: str, state
             "no data field": _call(key, "/v1/echo/latest", b'{"x": 1}'),
             "a bad priority": _call(key, "/v1/echo/latest", X_Lukewarm_Priority="urgent"),
             "a bad request id": _call(key, "/v1/echo/latest", X_Request_Id="has space"),
+            # Two keys: the first counts on both paths (aiohttp's CIMultiDict.get), whatever the names' case.
+            "a good key, then a bad one": _call(key, "/v1/echo/latest", authorization="Bearer lw_nope"),
+            "a bad key, then a good one": Request(b"POST", b"/v1/echo/latest", (
+                (b"Host", b"acme.localhost"), (b"authorization", b"Bearer lw_nope"),
+                (b"Authorization", f"Bearer {key}".encode())), b'{"data": 7}'),
         }
         for name, request in cases.items():
             lean = await _exchange(stack.port, request, via_aiohttp=False)
@@ -96,7 +101,8 @@ async def test_the_lean_and_the_aiohttp_route_answer_alike(redis_url: str, state
         expected = {"a call": 200, "a percent-encoded name": 200, "a branch with a slash": 200, "no key": 401,
                     "another customer's key": 403, "no customer in the Host": 400, "an unknown model": 404,
                     "too many segments": 404, "an empty segment": 404, "not JSON": 400, "a bad name": 400,
-                    "invalid UTF-8 in a name": 400, "nested too deep": 400, "a bad priority": 400}
+                    "invalid UTF-8 in a name": 400, "nested too deep": 400, "a bad priority": 400,
+                    "a good key, then a bad one": 200, "a bad key, then a good one": 401}
         for name, status in expected.items():
             answer = await _exchange(stack.port, cases[name], via_aiohttp=False)
             assert answer.status == status, (name, answer)
