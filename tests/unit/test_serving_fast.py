@@ -4,8 +4,9 @@ deadlines, malformed input, the connection cap, cancellation when the client lea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
@@ -335,15 +336,34 @@ def test_a_prefix_route_takes_every_path_under_it_and_only_those(run_on: Callabl
     run_on(scenario)
 
 
+@contextlib.contextmanager
+def access_records(name: str) -> Iterator[tuple[logging.Logger, list[logging.LogRecord]]]:
+    """A logger for a server's access lines, and the records it got (flushed when the block ends)."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        yield logger, records
+    finally:
+        AccessLog.of(logger).flush()
+        logger.removeHandler(handler)
+
+
 def test_an_access_line_names_the_answer_s_request_id_with_aiohttp_s_fields(
         run_on: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
-        logger = logging.getLogger("test.fast.access")
-        logger.setLevel(logging.INFO)
-        records: list[logging.LogRecord] = []
-        handler = logging.Handler()
-        handler.emit = records.append  # type: ignore[method-assign]
-        logger.addHandler(handler)
+        with access_records("test.fast.access") as (logger, records):
+            await answer_with_id(logger)
+        (record,) = records
+        assert record.getMessage().startswith('127.0.0.1 "POST /fast HTTP/1.1" 200 2 ')
+        assert record.getMessage().endswith('"probe/1" request_id=r-42')
+        assert record.__dict__["response_header"] == {"X-Request-Id": "r-42"}
+        assert record.__dict__["request_header"] == {"User-Agent": "probe/1"}
+
+    async def answer_with_id(logger: logging.Logger) -> None:
         app = fast_app()
 
         async def with_id(request: FastRequest) -> FastAnswer:
@@ -358,13 +378,6 @@ def test_an_access_line_names_the_answer_s_request_id_with_aiohttp_s_fields(
             writer.close()
         finally:
             await runner.cleanup()
-            AccessLog.of(logger).flush()
-            logger.removeHandler(handler)
-        (record,) = records
-        assert record.getMessage().startswith('127.0.0.1 "POST /fast HTTP/1.1" 200 2 ')
-        assert record.getMessage().endswith('"probe/1" request_id=r-42')
-        assert record.__dict__["response_header"] == {"X-Request-Id": "r-42"}
-        assert record.__dict__["request_header"] == {"User-Agent": "probe/1"}
 
     run_on(scenario)
 
@@ -388,24 +401,17 @@ def test_an_answer_that_ends_after_the_drain_began_says_close(run_on: Callable[[
 def test_a_refusal_echoes_the_caller_s_request_id_and_writes_an_access_line(
         run_on: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
-        logger = logging.getLogger("test.fast.refusals")
-        logger.setLevel(logging.INFO)
-        records: list[logging.LogRecord] = []
-        handler = logging.Handler()
-        handler.emit = records.append  # type: ignore[method-assign]
-        logger.addHandler(handler)
-        runner = await start_server(fast_app(), Listener("127.0.0.1", 0, header_timeout_s=HEADER_TIMEOUT_S),
-                                    access_log=logger)
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
-            writer.write(post(b"x" * 2000, extra=b"X-Request-Id: mine-7\r\nUser-Agent: probe/2\r\n"))
-            status, headers, body = await read_answer(reader)
-            assert (status, headers["x-request-id"], orjson.loads(body)["type"]) == (413, "mine-7", "too_large")
-            writer.close()
-        finally:
-            await runner.cleanup()
-            AccessLog.of(logger).flush()
-            logger.removeHandler(handler)
+        with access_records("test.fast.refusals") as (logger, records):
+            runner = await start_server(fast_app(), Listener("127.0.0.1", 0, header_timeout_s=HEADER_TIMEOUT_S),
+                                        access_log=logger)
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+                writer.write(post(b"x" * 2000, extra=b"X-Request-Id: mine-7\r\nUser-Agent: probe/2\r\n"))
+                status, headers, body = await read_answer(reader)
+                assert (status, headers["x-request-id"], orjson.loads(body)["type"]) == (413, "mine-7", "too_large")
+                writer.close()
+            finally:
+                await runner.cleanup()
         (record,) = records
         assert record.getMessage().startswith('127.0.0.1 "POST /fast HTTP/1.1" 413 ')
         assert record.getMessage().endswith('"probe/2" request_id=mine-7')
