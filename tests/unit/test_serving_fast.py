@@ -60,9 +60,11 @@ def fast_app(max_body: int = 1024) -> web.Application:
     return app
 
 
-async def serving(app: web.Application, max_connections: int = 100) -> tuple[web.AppRunner, int]:
+async def serving(app: web.Application, max_connections: int = 100,
+                  access_log: logging.Logger | None = None) -> tuple[web.AppRunner, int]:
     runner = await start_server(app, Listener("127.0.0.1", 0, max_connections=max_connections,
-                                              header_timeout_s=HEADER_TIMEOUT_S), handler_cancellation=True)
+                                              header_timeout_s=HEADER_TIMEOUT_S), handler_cancellation=True,
+                                access_log=access_log)
     return runner, bound_port(runner)
 
 
@@ -135,6 +137,9 @@ def test_errors_in_the_one_shape(run_on: Callable[[Scenario], None]) -> None:
     (b"POST /fast HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n", 400),
     (b"POST /fast HTTP/1.1\nHost: t\nContent-Length: 2\n\n{}", 400),  # bare LFs: refused, not left to the clock
     (b"POST /fast HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n", 431),
+    (b"POST /fast HTTP/1.1\r\nHost: t\r\nExpect: 200-ok\r\nContent-Length: 3\r\n\r\nabc", 417),
+    # Which Host names the customer would be this server's guess: refused, not guessed.
+    (b"POST /fast HTTP/1.1\r\nHost: a.example\r\nhost: b.example\r\nContent-Length: 3\r\n\r\nabc", 400),
 ])
 def test_bad_requests_are_refused_and_closed(run_on: Callable[[Scenario], None], request_bytes: bytes,
                                              status: int) -> None:
@@ -144,7 +149,7 @@ def test_bad_requests_are_refused_and_closed(run_on: Callable[[Scenario], None],
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(request_bytes)
             got, headers, body = await read_answer(reader)
-            assert got == status and "error" in orjson.loads(body)
+            assert got == status and set(orjson.loads(body)) == {"error", "type"}
             assert len(headers["x-request-id"]) == 32  # refused before any route ran, yet with an id (DESIGN.md)
             assert await closed(reader)
             writer.close()
@@ -285,28 +290,6 @@ def test_a_body_sent_after_100_continue_is_answered(run_on: Callable[[Scenario],
     run_on(scenario)
 
 
-@pytest.mark.parametrize("head, status", [
-    (b"POST /fast HTTP/1.1\r\nHost: t\r\nExpect: 200-ok\r\nContent-Length: 3\r\n\r\n", 417),
-    # Which Host names the customer would be this server's guess: refused, not guessed.
-    (b"POST /fast HTTP/1.1\r\nHost: a.example\r\nhost: b.example\r\nContent-Length: 3\r\n\r\n", 400),
-])
-def test_an_unknown_expectation_or_a_second_host_is_refused(run_on: Callable[[Scenario], None], head: bytes,
-                                                            status: int) -> None:
-    async def scenario() -> None:
-        runner, port = await serving(fast_app())
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(head + b"abc")
-            got, _, body = await read_answer(reader)
-            assert got == status and set(orjson.loads(body)) == {"error", "type"}
-            assert await closed(reader)
-            writer.close()
-        finally:
-            await runner.cleanup()
-
-    run_on(scenario)
-
-
 def test_a_prefix_route_takes_every_path_under_it_and_only_those(run_on: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
         app = fast_app()
@@ -370,9 +353,9 @@ def test_an_access_line_names_the_answer_s_request_id_with_aiohttp_s_fields(
             return 200, b"{}", {"X-Request-Id": "r-42"}
 
         app[FAST_ROUTES] = {("POST", "/fast"): with_id}
-        runner = await start_server(app, Listener("127.0.0.1", 0, header_timeout_s=HEADER_TIMEOUT_S), access_log=logger)
+        runner, port = await serving(app, access_log=logger)
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(post(b"{}", extra=b"User-Agent: probe/1\r\n"))
             assert (await read_answer(reader))[0] == 200
             writer.close()
@@ -402,10 +385,9 @@ def test_a_refusal_echoes_the_caller_s_request_id_and_writes_an_access_line(
         run_on: Callable[[Scenario], None]) -> None:
     async def scenario() -> None:
         with access_records("test.fast.refusals") as (logger, records):
-            runner = await start_server(fast_app(), Listener("127.0.0.1", 0, header_timeout_s=HEADER_TIMEOUT_S),
-                                        access_log=logger)
+            runner, port = await serving(fast_app(), access_log=logger)
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(post(b"x" * 2000, extra=b"X-Request-Id: mine-7\r\nUser-Agent: probe/2\r\n"))
                 status, headers, body = await read_answer(reader)
                 assert (status, headers["x-request-id"], orjson.loads(body)["type"]) == (413, "mine-7", "too_large")
