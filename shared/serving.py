@@ -98,6 +98,11 @@ FastRoute = Callable[[FastRequest], Awaitable[FastAnswer]]
 FAST_ROUTES = web.AppKey("fast_routes", dict)
 
 
+def header(headers: dict[str, str], lowered: str, default: str = "") -> str:
+    """A lean request's header (``FastRequest.headers`` keeps the names as sent), by its lower-case name."""
+    return next((v for k, v in headers.items() if k.lower() == lowered), default)
+
+
 def fast_route(routes: dict[tuple[str, str], FastRoute], method: str, path: str) -> FastRoute | None:
     """The route for ``method`` and ``path`` (no query): an exact entry, else a prefix entry's."""
     route = routes.get((method, path))
@@ -504,7 +509,7 @@ class FastHandler(asyncio.Protocol):
             request_id = headers.get("X-Request-Id", "-") if headers else "-"
             self._access_log.add(*access_line(self._remote or "-", f"{request.method} {request.path} HTTP/1.1", status,
                                               len(body), time.perf_counter() - t0,
-                                              request.headers.get("User-Agent", "-"), request_id))
+                                              header(request.headers, "user-agent", "-"), request_id))
         self._task = None
         if self._transport is None:
             return
@@ -533,18 +538,16 @@ class FastHandler(asyncio.Protocol):
         have: a 413 or 408 is refused here, before the route runs, and its caller needs the id as much."""
         self._closing = True
         parsed = self._parsed
-        given = ""
-        if parsed is not None:
-            given = next((v for k, v in parsed.headers.items() if k.lower() == "x-request-id"), "")
-        rid = request_id_of(given)
+        sent = parsed.headers if parsed is not None else {}
+        rid = request_id_of(header(sent, "x-request-id"))
         body = error.json_bytes()
         self._answer(error.status, body, {**(error.headers or {}), "X-Request-Id": rid}, keep_alive=False)
         if self._access_log is not None:
             first = "-"
             if parsed is not None and parsed.head_done and self._parser is not None:
                 first = f"{self._parser.get_method().decode('latin-1')} {parsed.url.decode('latin-1')} HTTP/1.1"
-            agent = next((v for k, v in parsed.headers.items() if k.lower() == "user-agent"), "-") if parsed else "-"
-            self._access_log.add(*access_line(self._remote or "-", first, error.status, len(body), 0.0, agent, rid))
+            self._access_log.add(*access_line(self._remote or "-", first, error.status, len(body), 0.0,
+                                              header(sent, "user-agent", "-"), rid))
         if self._transport is not None:
             self._transport.close()
 
