@@ -252,7 +252,6 @@ def test_a_busy_port_is_an_oserror_before_the_app_starts(run_on: Callable[[Scena
     run_on(scenario)
 
 
-
 async def refuses_connections(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
