@@ -74,12 +74,16 @@ async def test_a_timer_like_version_is_stopped_between_calls_and_prewarmed_befor
         assert done["stopped"] == [replica.replica_id] and replica.state is State.STOPPED
         assert docker_state(manager) == "exited"
 
-        # Shortly before the call is due: started again in the background, then frozen to wait for it.
+        # Not yet: the pre-warm window is the histogram's bin holding these idle times (117.4-129.1 s),
+        # started the 5 s start lead before it.
         clock.now = last + 110
+        assert (await manager.reap_once())["prewarmed"] == [] and replica.state is State.STOPPED
+        # Shortly before the call is due: started again in the background, then frozen to wait for it.
+        clock.now = last + 114
         done = await manager.reap_once()
         assert done["prewarmed"] == [replica.replica_id]
         await wait_until(lambda: replica.state is State.RUNNING, 60, "the pre-warmed replica to be up", 0.05)
-        clock.now = last + 111
+        clock.now = last + 115
         done = await manager.reap_once()
         assert done["paused"] == [replica.replica_id]
         assert docker_state(manager) == "paused"
