@@ -98,8 +98,8 @@ class Params:
     forecast_alpha: float = 0.3  # smoothing weight of the newest out-of-range idle time
     pause_after_s: float = 30.0  # a running replica idle this long is paused (thaw ~1 ms, so soon)
     min_unload_s: float = 30.0  # shorter unloaded gaps are held through: a stop/start cycle is not worth it
-    start_lead_s: float = 5.0  # a stopped replica is started this long before its window (boot + load);
-    # a caller that knows the version's own start time passes it to ``windows``/``plan`` instead
+    start_lead_s: float = 5.0  # a stopped replica is started this long before its window (boot + load),
+    # at least: a caller that knows the version's own start time passes ``start_lead`` of it instead
     max_idle_s: float = 366 * 86400.0  # longer idle times are taken as this (no inf in the forecast)
 
 
@@ -411,6 +411,19 @@ def plan_from(w: Windows, idle_since: float, params: Params = DEFAULT_PARAMS) ->
         return Plan(w.source, idle_since, idle_since + pause, idle_since + hold)
     return Plan(w.source, idle_since, idle_since + pause, idle_since + hold, idle_since + w.prewarm_s,
                 idle_since + w.keep_s)
+
+
+# A pre-warm starts this many times the version's measured start before its window: starts vary.
+LEAD_PER_START = 1.5
+
+
+def start_lead(start_ms: float | None, params: Params = DEFAULT_PARAMS) -> float:
+    """How long before its window a stopped replica of a version whose starts here take ``start_ms`` (a
+    moving average; None before one was timed) is started: ``params.start_lead_s``, or more for a slow
+    model, which must be up when the call comes (a 30 s load pre-warmed 5 s ahead is a start after all)."""
+    if start_ms is None:
+        return params.start_lead_s
+    return max(params.start_lead_s, LEAD_PER_START * start_ms / 1000.0)
 
 
 def fixed_plan(last_used: float, idle_timeout_s: float, params: Params = DEFAULT_PARAMS) -> Plan:

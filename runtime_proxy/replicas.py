@@ -25,7 +25,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from runtime_proxy import policy
+from runtime_proxy import keepwarm, policy
 from runtime_proxy.cgroups import container_usage
 from runtime_proxy.failures import StartBackoff, exit_error, runtime_error
 from runtime_proxy.gpu import GpuCoordinator, NoGpuAvailable
@@ -233,7 +233,7 @@ class ReplicaManager:
         plans = {}
         for key, pool in self._pools.items():
             live = [r for r in pool.replicas if r.spec.idle_auto]
-            plan = pool.idle.plan(live[0].spec.idle_timeout_s) if live else None
+            plan = pool.idle.plan(live[0].spec.idle_timeout_s, keepwarm.start_lead(pool.start_ms)) if live else None
             if plan is not None:
                 plans[key] = plan
         views = [r.view() for r in self.replicas.values()]

@@ -97,6 +97,30 @@ async def test_a_timer_like_version_is_stopped_between_calls_and_prewarmed_befor
         assert docker_state(manager) == "running"
 
 
+async def test_a_slow_starting_timer_is_prewarmed_as_far_ahead_as_its_starts_take(
+    state_dir: Path, model_image: str,
+) -> None:
+    """The same timer, its starts measured at 20 s here (set on the pool, as a slow model's would be): the
+    pre-warm comes 30 s before the window (117.4 s), not the default 5 s, so that it is up when called."""
+    clock = ManualClock(10_000.0)
+    spec = VersionSpec("acme", "slowtimer", "main", 1, model_image, entrypoint="models:echo",
+                       idle_timeout_s=AUTO_FALLBACK_IDLE_S, idle_auto=True)
+    async with manager_on(clock, state_dir) as manager:
+        for i in range(12):
+            clock.now = 10_000.0 + i * PERIOD_S
+            assert (await call(manager, spec, i))[0] == {"echo": i}
+        last = clock.now
+        [replica] = manager.replicas.values()
+        manager._pool(spec.key).start_ms = 20_000.0
+        clock.now = last + 40
+        assert (await manager.reap_once())["stopped"] == [replica.replica_id]
+        clock.now = last + 85
+        assert (await manager.reap_once())["prewarmed"] == [] and replica.state is State.STOPPED
+        clock.now = last + 90
+        assert (await manager.reap_once())["prewarmed"] == [replica.replica_id]
+        await wait_until(lambda: replica.state is State.RUNNING, 60, "the pre-warmed replica to be up", 0.05)
+
+
 async def test_an_auto_version_with_too_few_calls_keeps_the_fallback_timeout(
     state_dir: Path, model_image: str,
 ) -> None:

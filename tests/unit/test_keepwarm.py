@@ -237,6 +237,13 @@ def test_a_start_lead_moves_the_prewarm_earlier() -> None:
     assert quick.prewarm_at - slow.prewarm_at == pytest.approx(59.0)
 
 
+def test_a_slow_model_is_prewarmed_as_far_ahead_as_its_starts_take() -> None:
+    default = keepwarm.DEFAULT_PARAMS.start_lead_s
+    assert keepwarm.start_lead(None) == default  # not timed yet
+    assert keepwarm.start_lead(800.0) == default  # a quick start: the default lead covers it
+    assert keepwarm.start_lead(30_000.0) == pytest.approx(45.0)  # a 30 s load: half as long again ahead
+
+
 def test_plan_actions_for_every_state() -> None:
     plan = Plan("histogram", 0.0, pause_at=10.0, stop_at=20.0, prewarm_at=100.0, keep_until=150.0)
     table = [
