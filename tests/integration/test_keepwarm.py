@@ -18,6 +18,7 @@ from runtime_proxy import freezer
 from runtime_proxy.daemon import install_harness
 from runtime_proxy.docker_runtime import DockerRuntime
 from runtime_proxy.lifecycle import State
+from runtime_proxy.replica import Replica
 from runtime_proxy.replicas import ReplicaManager
 from shared.messages import AUTO_FALLBACK_IDLE_S, ChunkRequest, VersionSpec
 from shared.settings import ProxySettings
@@ -48,6 +49,17 @@ async def call(manager: ReplicaManager, spec: VersionSpec, data: Any) -> tuple[A
     return result.outputs[0], result.start
 
 
+async def called_like_a_timer(manager: ReplicaManager, clock: ManualClock, spec: VersionSpec) -> tuple[float, Replica]:
+    """A call every two minutes, twelve times: the histogram has seen enough to trust it. The last call's
+    time, and the one replica that served them (running)."""
+    for i in range(12):
+        clock.now = 10_000.0 + i * PERIOD_S
+        assert (await call(manager, spec, i))[0] == {"echo": i}
+    [replica] = manager.replicas.values()
+    assert replica.state is State.RUNNING
+    return clock.now, replica
+
+
 def docker_state(manager: ReplicaManager) -> str:
     [container] = containers(manager.settings.proxy_id)
     return effective_status(container)
@@ -60,12 +72,7 @@ async def test_a_timer_like_version_is_stopped_between_calls_and_prewarmed_befor
     spec = VersionSpec("acme", "timer", "main", 1, model_image, entrypoint="models:echo",
                        idle_timeout_s=AUTO_FALLBACK_IDLE_S, idle_auto=True)
     async with manager_on(clock, state_dir) as manager:
-        for i in range(12):  # a call every two minutes: the histogram has seen enough to trust it
-            clock.now = 10_000.0 + i * PERIOD_S
-            assert (await call(manager, spec, i))[0] == {"echo": i}
-        last = clock.now
-        [replica] = manager.replicas.values()
-        assert replica.state is State.RUNNING
+        last, replica = await called_like_a_timer(manager, clock, spec)
 
         # Half way to the next call: no memory is worth holding, the replica is stopped (a fixed
         # 300 s idle timeout would still hold it running).
@@ -106,11 +113,7 @@ async def test_a_slow_starting_timer_is_prewarmed_as_far_ahead_as_its_starts_tak
     spec = VersionSpec("acme", "slowtimer", "main", 1, model_image, entrypoint="models:echo",
                        idle_timeout_s=AUTO_FALLBACK_IDLE_S, idle_auto=True)
     async with manager_on(clock, state_dir) as manager:
-        for i in range(12):
-            clock.now = 10_000.0 + i * PERIOD_S
-            assert (await call(manager, spec, i))[0] == {"echo": i}
-        last = clock.now
-        [replica] = manager.replicas.values()
+        last, replica = await called_like_a_timer(manager, clock, spec)
         manager._pool(spec.key).start_ms = 20_000.0
         clock.now = last + 40
         assert (await manager.reap_once())["stopped"] == [replica.replica_id]
