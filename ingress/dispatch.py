@@ -81,10 +81,18 @@ class Dispatcher:
         O(the version's holders), whatever the fleet."""
         return self.view.running_of(spec.key) < spec.capacity.max
 
-    def _choices(self, spec: VersionSpec, exclude: frozenset[str] = frozenset(), d: int = SAMPLE_D) -> list[Choice]:
+    def _choices(self, spec: VersionSpec, exclude: frozenset[str] = frozenset(), d: int = SAMPLE_D,
+                 one_chunk: bool = True) -> list[Choice]:
         """The proxies holding the version and ``d`` sampled ones with room (``StateView.candidates``),
-        ranked: the cost of a request's routing does not grow with the fleet."""
-        candidates = self.view.candidates(spec.key, self.rng, d=d, max_age_s=self.max_age_s, exclude=exclude)
+        ranked: the cost of a request's routing does not grow with the fleet.
+
+        ``one_chunk``: only the first choice will be used. Then, while this ingress has none of the version's
+        requests in flight, a holder with a warm slot free goes first whatever is sampled (``spread``
+        leaves it there: nothing queues at it), so no cold host is sampled. With requests in flight the
+        heartbeat may show a slot that ours have taken since, and ``spread`` may need a cold host."""
+        cold_if_busy = one_chunk and spec.key not in self._sent
+        candidates = self.view.candidates(spec.key, self.rng, d=d, max_age_s=self.max_age_s, exclude=exclude,
+                                          cold_if_busy=cold_if_busy)
         return choose_proxies(candidates, spec.key, self.view.routing_now(), self.rng, self.costs.costs(spec.key),
                               self.max_age_s, exclude)
 
@@ -107,15 +115,16 @@ class Dispatcher:
                    batch: bool) -> Outcome:
         # A big batch may be split over as many proxies as it has chunks' worth of items: sample that many.
         d = max(SAMPLE_D, min(len(inputs) // MIN_CHUNK, MAX_SPLIT_PROXIES))
-        choices = self._choices(spec, d=d) or await self._fresh_choices(spec, frozenset(), d) \
-            or await self._hold(spec, deadline)
+        one_chunk = len(inputs) < 2 * MIN_CHUNK
+        choices = self._choices(spec, d=d, one_chunk=one_chunk) \
+            or await self._fresh_choices(spec, frozenset(), d, one_chunk) or await self._hold(spec, deadline, one_chunk)
         # From the version's holders (O(holders)): once per request, shared by its chunks.
         may_start = self._may_start(spec)
         choices = spread(choices, spec.key, self._sent.get(spec.key, {}), may_start,
                          self.costs.costs(spec.key).infer_ms)
         if not choices:
             raise unavailable("no runtime proxy is alive to run this model", retry_after_s=2)
-        if len(inputs) < 2 * MIN_CHUNK:
+        if one_chunk:
             plan = [(choices[0], (0, len(inputs)))]
         else:
             costs = self.costs.costs(spec.key)
@@ -243,7 +252,8 @@ class Dispatcher:
 
         Raises the first failure (the version never got ready) or 503 when fewer proxies live.
         """
-        choices = (self._choices(spec, d=count) or await self._fresh_choices(spec, frozenset(), count))[:count]
+        choices = (self._choices(spec, d=count, one_chunk=False)
+                   or await self._fresh_choices(spec, frozenset(), count, one_chunk=False))[:count]
         if len(choices) < count:
             raise unavailable(f"{count} replicas asked for, {len(choices)} proxies alive", retry_after_s=2)
         chunk = ChunkRequest(spec=spec, inputs=[], timeout_s=max(0.0, deadline - self.clock()), request_id="prewarm")
@@ -257,25 +267,26 @@ class Dispatcher:
                 task.cancel()
         return [str(a.get("proxy_id")) for a in answers]
 
-    async def _hold(self, spec: VersionSpec, deadline: float) -> list[Choice]:
+    async def _hold(self, spec: VersionSpec, deadline: float, one_chunk: bool = True) -> list[Choice]:
         """Wait, bounded by ``deadline``, for any proxy to be routable again (a restarted one beats again;
         one that refused us stays out until it does); [] when none is by then."""
         delay_s = 0.05
         while self.clock() + delay_s < deadline:
             await asyncio.sleep(delay_s)  # a bounded backoff between reads of the fleet, not a synchronisation
-            choices = await self._fresh_choices(spec, frozenset())
+            choices = await self._fresh_choices(spec, frozenset(), one_chunk=one_chunk)
             if choices:
                 return choices
             delay_s = min(delay_s * 2, 1.0)
         return []
 
-    async def _fresh_choices(self, spec: VersionSpec, exclude: frozenset[str], d: int = SAMPLE_D) -> list[Choice]:
+    async def _fresh_choices(self, spec: VersionSpec, exclude: frozenset[str], d: int = SAMPLE_D,
+                             one_chunk: bool = True) -> list[Choice]:
         """Candidates after re-reading the fleet: a proxy may have started since the last poll."""
         try:
             await asyncio.wait_for(self.view.refresh(), 2.0)
         except Exception:  # noqa: BLE001 - an unreachable registry just means no fresh candidates
             return []
-        return self._choices(spec, exclude, d)
+        return self._choices(spec, exclude, d, one_chunk)
 
     def _learn(self, spec: VersionSpec, result: ChunkResult, items: int) -> None:
         self.costs.record(spec.key, start_tier(result.start, result.timings), start_ms(result.timings),

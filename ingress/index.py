@@ -310,10 +310,15 @@ class FleetIndex(dict[str, ProxyState]):
                     return
 
     def candidates(self, version: str, rng: random.Random, d: int, now: float, max_age_s: float,
-                   exclude: Container[str] = frozenset()) -> list[ProxyState]:
+                   exclude: Container[str] = frozenset(), cold_if_busy: bool = False) -> list[ProxyState]:
         """The holders of ``version`` not in ``exclude`` (live or not: the router judges age, as it always
         did; past ``RANKED_HOLDERS`` of them, that many live ones drawn, warm first: ``_some_holders``), then
         up to ``d`` sampled live proxies with room that hold none of it.
+
+        ``cold_if_busy``: the sampled ones only when no live holder has a warm slot free. For a request
+        that runs as one chunk, the router puts such a holder first (its expected wait is 0) and a cold
+        host would never be read; a popular version's decisions then rank its holders alone, as Ray
+        Serve's multiplexed routing prefers the replicas holding the model.
 
         Never empty while a live proxy outside ``exclude`` exists: when sampling finds none (most of the
         fleet stale or excluded) it falls back to a scan of the fleet, the only O(fleet) path, taken
@@ -327,6 +332,8 @@ class FleetIndex(dict[str, ProxyState]):
             out = [get(pid) for pid in held if pid not in exclude]
         else:
             out = self._some_holders(version, held, rng, now, max_age_s, exclude)
+        if cold_if_busy and out and _a_slot_free(out, version, now, max_age_s):
+            return out
         skip: Container[str] = exclude if not held else _Either(held, exclude) if exclude else held
         sampled = self.sample(rng, d, now, max_age_s, skip)
         if sampled:
@@ -362,6 +369,16 @@ class FleetIndex(dict[str, ProxyState]):
             if pid not in skip and now - get(pid).ts <= max_age_s:
                 taken[pid] = get(pid)
                 return
+
+
+def _a_slot_free(holders: list[ProxyState], version: str, now: float, max_age_s: float) -> bool:
+    """A live one of ``holders`` runs ``version`` with a slot free and nobody waiting for it."""
+    for p in holders:
+        if now - p.ts <= max_age_s:
+            kind, units = p.offer(version)
+            if kind == "warm" and not units:
+                return True
+    return False
 
 
 def _leave(index: dict[str, dict[str, Any]], version: str, pid: str) -> bool:

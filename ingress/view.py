@@ -227,16 +227,18 @@ class StateView:
         return list(self._fleet.values())
 
     def candidates(self, version_key: str, rng: random.Random, d: int = SAMPLE_D, now: float | None = None,
-                   max_age_s: float = PROXY_MAX_AGE_S, exclude: frozenset[str] = frozenset()) -> list[ProxyState]:
+                   max_age_s: float = PROXY_MAX_AGE_S, exclude: frozenset[str] = frozenset(),
+                   cold_if_busy: bool = False) -> list[ProxyState]:
         """What ``choose_proxies`` needs to rank for ``version_key``: every proxy holding a replica of it
         (warm or lukewarm, not excluded) and up to ``d`` live proxies with room sampled at random (cold
         candidates: power of d choices). O(holders + d), whatever the fleet.
 
         ``now`` defaults to ``routing_now()``; a caller wanting ``count`` distinct proxies (a pre-warm)
-        passes ``d=count``. Never empty while a live proxy outside ``exclude`` is in the view.
+        passes ``d=count``. ``cold_if_busy``: no cold candidates when a live holder has a warm slot free
+        (``FleetIndex.candidates``). Never empty while a live proxy outside ``exclude`` is in the view.
         """
         when = self.routing_now() if now is None else now
-        return self._fleet.candidates(version_key, rng, d, when, max_age_s, exclude)
+        return self._fleet.candidates(version_key, rng, d, when, max_age_s, exclude, cold_if_busy)
 
     def running_of(self, version_key: str) -> int:
         """Replicas of ``version_key`` running or starting across the fleet (as of the last heartbeats),

@@ -3,7 +3,9 @@
 Synthetic fleets of ``--sizes`` proxies (16 replicas each over ``--versions`` versions), measured in one run:
 
 - ``route_us``: µs per routing decision, ``choose_proxies(view.candidates(...))`` (the index: the version's
-  holders, at most ``RANKED_HOLDERS`` of them drawn warm first, + d sampled hosts with room); baseline ``route_old_us``, ``choose_proxies(view.live_proxies())``
+  holders, at most ``RANKED_HOLDERS`` of them drawn warm first, + d sampled hosts with room unless a holder
+  has a warm slot free: what the dispatcher ranks for a one-chunk request with none of its version in
+  flight); baseline ``route_old_us``, ``choose_proxies(view.live_proxies())``
   (every proxy, every replica: what the dispatcher did per request), and the ratio. Requests pick versions
   by the same Zipf popularity the replicas were placed by; a version has at most ``--max-holders``
   replicas (its capacity.max). ``route_wide_us``: a version held by every proxy (up to 1000, capacity.max's
@@ -202,7 +204,7 @@ def route_figures(view: StateView, pop: Popularity, versions: int, seed: int, mi
 
     def new(i: int, v: str | None = None) -> object:
         key = v or wanted[i % len(wanted)]
-        return choose_proxies(view.candidates(key, rng, now=NOW), key, NOW, rng, costs)
+        return choose_proxies(view.candidates(key, rng, now=NOW, cold_if_busy=True), key, NOW, rng, costs)
 
     def old(i: int) -> object:
         key = wanted[i % len(wanted)]
@@ -439,7 +441,8 @@ class RequestLoad:
         began = time.monotonic()
         while not self._stopping:  # the flag too: redis-py can swallow a cancellation during a read
             key = version_key(self.pop.draw(self.rng))
-            choose_proxies(self.view.candidates(key, self.rng, now=time.time()), key, time.time(), self.rng, costs)
+            choose_proxies(self.view.candidates(key, self.rng, now=time.time(), cold_if_busy=True), key, time.time(),
+                           self.rng, costs)
             await self.client.get(key)
             self.requests += 1
             await asyncio.sleep(max(0.0, began + self.requests * period - time.monotonic()))

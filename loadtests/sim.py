@@ -665,7 +665,9 @@ def route_lukewarm(fleet: Fleet, req: Request, now: float, rng: random.Random) -
     name = fleet.models[req.arrival.model].name
     sync_view(fleet)
     # What the Dispatcher ranks: the version's holders and SAMPLE_D sampled hosts with room (the fleet index).
-    # Heartbeats are taken as fresh (ts 0, any age accepted): the simulator models no staleness.
+    # Heartbeats are taken as fresh (ts 0, any age accepted): the simulator models no staleness. Cold hosts
+    # are always sampled (the dispatcher skips them when a warm slot is free and none of its requests of the
+    # version is in flight: the same first choice, the sampling's cost saved).
     proxies = fleet.index.candidates(name, rng, SAMPLE_D, now, math.inf, frozenset())
     choices = choose_proxies(proxies, name, now, rng, fleet.costs.costs(name), max_age_s=math.inf)
     if fleet.cfg.spread:

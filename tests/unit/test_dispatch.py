@@ -236,3 +236,25 @@ async def test_an_at_most_once_chunk_that_may_have_run_is_not_sent_elsewhere() -
         await asyncio.wait_for(dispatcher(client, beat("a"), beat("b")).run(spec, [1], time.time() + 5, "r"), WAIT_S)
     assert (info.value.status, info.value.type) == (502, "proxy_unreachable")
     assert len({u for u, _ in client.calls}) == 1, client.calls
+
+
+async def test_a_one_chunk_request_ranks_no_cold_host_while_a_warm_slot_is_free_and_none_of_ours_is_in_flight() -> None:
+    """The free slot goes first whatever is sampled, so sampling is skipped; with one of this ingress's
+    requests in flight the heartbeat's free slot may be taken by it, and cold hosts are ranked again."""
+    gate = asyncio.Event()
+    client = FakeClient({"http://a": gate})
+    d = dispatcher(client, beat("a"), beat("b", None), beat("c", None))
+    sampled: list[int] = []
+    fleet = d.view.proxies
+    sample = fleet.sample
+    fleet.sample = lambda *a, **k: sampled.append(1) or sample(*a, **k)  # type: ignore[method-assign]
+    first = asyncio.ensure_future(d.run(SPEC, [1], time.time() + 5, "r1"))
+    await wait_until(lambda: len(client.calls) == 1, WAIT_S, "the first call")
+    assert client.calls == [("http://a", 1)] and sampled == []
+    second = asyncio.ensure_future(d.run(SPEC, [2], time.time() + 5, "r2"))
+    await wait_until(lambda: len(client.calls) == 2, WAIT_S, "the second call")
+    assert sampled == [1]
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), WAIT_S)
+    big = await d.run(SPEC, list(range(100)), time.time() + 5, "r3")  # split: the cold hosts are ranked
+    assert sampled == [1, 1] and len(big.outputs) == 100

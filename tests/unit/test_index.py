@@ -184,6 +184,41 @@ def test_excluded_holders_and_samples_are_left_out() -> None:
     assert [p.proxy_id for p in found] == ["c"]
 
 
+def test_cold_hosts_are_sampled_only_when_no_live_holder_has_a_warm_slot_free() -> None:
+    fleet = {f"room{i}": proxy(f"room{i}") for i in range(10)}
+    free = FleetIndex(fleet | {"warm": proxy("warm", ("v", "running")), "paused": proxy("paused", ("v", "paused"))})
+    found = free.candidates("v", random.Random(1), 2, NOW, MAX_AGE_S, cold_if_busy=True)
+    assert [p.proxy_id for p in found] == ["warm", "paused"]
+    assert len(free.candidates("v", random.Random(1), 2, NOW, MAX_AGE_S)) == 4, "without the flag: sampled as ever"
+    for holders in ({"busy": proxy("busy", ("v", "running"), in_flight=1)},  # its one slot taken
+                    {"queued": proxy("queued", ("v", "running"), waiting=(("v", 2),))},  # free slot, queue ahead
+                    {"stale": proxy("stale", ("v", "running"), ts=NOW - 16)},  # free, but its heartbeat too old
+                    {"paused": proxy("paused", ("v", "paused"))}):  # a thaw is not a free slot
+        index = FleetIndex(fleet | holders)
+        found = index.candidates("v", random.Random(1), 2, NOW, MAX_AGE_S, cold_if_busy=True)
+        assert [p.proxy_id for p in found][:1] == list(holders) and len(found) == 3, holders
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_leaving_out_cold_hosts_when_a_slot_is_free_does_not_change_the_best_choice(seed: int) -> None:
+    rng = random.Random(seed)
+    fleet = {}
+    for i in range(60):
+        reps = [(f"v{rng.randrange(40)}", rng.choice(["running", "paused"])) for _ in range(rng.randrange(4))]
+        fleet[f"p{i}"] = proxy(f"p{i}", *reps, max_replicas=4, in_flight=rng.randrange(2))
+    index = FleetIndex(fleet)
+    lean = 0
+    for n in range(40):
+        version = f"v{n}"
+        every = choose_proxies(index.candidates(version, random.Random(1), 2, NOW, MAX_AGE_S), version, NOW,
+                               random.Random(1))
+        some = choose_proxies(index.candidates(version, random.Random(1), 2, NOW, MAX_AGE_S, cold_if_busy=True),
+                              version, NOW, random.Random(1))
+        lean += len(some) < len(every)
+        assert (some[0].tier, some[0].expected_ms) == (every[0].tier, every[0].expected_ms)
+    assert lean, "some versions had a slot free"
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_routing_over_candidates_matches_the_full_scan_for_held_versions(seed: int) -> None:
     """A few holders are all candidates, so the best tier and its cost are the full scan's; past
