@@ -254,8 +254,8 @@ async def test_from_heartbeat_reads_the_proxys_real_payload(tmp_path: Path) -> N
     assert (state.proxy_id, state.url, state.epoch, state.max_replicas) == ("host-1", "http://10.0.0.2:8081", 9, 5)
     assert state.ts == payload["ts"] > 0
     assert sorted(state.replicas, key=lambda r: r.version) == [
-        ReplicaState("acme/churn/main/1", "running", 1, 2),
-        ReplicaState("acme/churn/main/2", "paused", 0, 2),
+        ReplicaState("acme/churn/main/1", "running", 1, 2, memory_mb=512),  # the default limit, as placement reads it
+        ReplicaState("acme/churn/main/2", "paused", 0, 2, memory_mb=512),
     ]
     assert state.in_flight == 1
     assert (state.waiting, state.memory_budget_mb, state.max_replicas_per_customer) == \
