@@ -74,6 +74,17 @@ def _reuse(held: tuple[ReplicaState, ...], new: tuple[ReplicaState, ...]) -> tup
     return tuple(out)
 
 
+def _parse(raw: bytes | None) -> ProxyState | None:
+    """A heartbeat as read from Redis; None when it expired, was withdrawn or is malformed (skipped, as a
+    full poll did)."""
+    if raw is None:
+        return None
+    try:
+        return ProxyState.from_heartbeat(orjson.loads(raw))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 class _Turn:
     """Cooperative slicing of a long piece of work: ``tick`` yields to the loop once ``SLICE_S`` is spent."""
 
@@ -330,14 +341,9 @@ class StateView:
         self._fleet[pid] = state
         return True
 
-    def _take_raw(self, pid: str, raw: bytes | None, keep_missing: bool) -> None:
-        """The heartbeat read under ``pid``'s key: None when it expired or was withdrawn."""
-        state = None
-        if raw is not None:
-            try:
-                state = ProxyState.from_heartbeat(orjson.loads(raw))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-                state = None  # malformed: skipped, as a full poll did
+    def _take_parsed(self, pid: str, state: ProxyState | None, keep_missing: bool) -> None:
+        """The heartbeat read under ``pid``'s key (``_parse``): None when it expired, was withdrawn or is
+        malformed."""
         if state is not None and state.proxy_id == pid and self._take(state):
             return
         if not keep_missing:
@@ -374,7 +380,11 @@ class StateView:
             await turn.now()  # the reply's parse was a step: the heartbeats' starts another
             for pid, raw in zip(page, raws):
                 self._fetched[pid] = (scores[pid], now)
-                self._take_raw(pid, raw, keep_missing)
+                state = _parse(raw)
+                # Parse and apply touch different code and data: on a VM that charges the first touch of
+                # memory left idle (here ~10 µs a page after 1 s), each is a slice's worth on its own.
+                await turn.tick()
+                self._take_parsed(pid, state, keep_missing)
                 await turn.tick()
         return len(wanted)
 
