@@ -74,7 +74,7 @@ def _reuse(held: tuple[ReplicaState, ...], new: tuple[ReplicaState, ...]) -> tup
     return tuple(out)
 
 
-def _parse(raw: bytes | None) -> ProxyState | None:
+def parse_heartbeat(raw: bytes | None) -> ProxyState | None:
     """A heartbeat as read from Redis; None when it expired, was withdrawn or is malformed (skipped, as a
     full poll did)."""
     if raw is None:
@@ -342,8 +342,8 @@ class StateView:
         return True
 
     def _take_parsed(self, pid: str, state: ProxyState | None, keep_missing: bool) -> None:
-        """The heartbeat read under ``pid``'s key (``_parse``): None when it expired, was withdrawn or is
-        malformed."""
+        """The heartbeat read under ``pid``'s key (``parse_heartbeat``): None when it expired, was withdrawn
+        or is malformed."""
         if state is not None and state.proxy_id == pid and self._take(state):
             return
         if not keep_missing:
@@ -380,7 +380,7 @@ class StateView:
             await turn.now()  # the reply's parse was a step: the heartbeats' starts another
             for pid, raw in zip(page, raws):
                 self._fetched[pid] = (scores[pid], now)
-                state = _parse(raw)
+                state = parse_heartbeat(raw)
                 # Parse and apply touch different code and data: on a VM that charges the first touch of
                 # memory left idle (here ~10 µs a page after 1 s), each is a slice's worth on its own.
                 await turn.tick()

@@ -27,6 +27,8 @@ Synthetic fleets of ``--sizes`` proxies (16 replicas each over ``--versions`` ve
   callbacks do not go through ``Handle._run``: there ``stall_ms`` reads 0). The lag probe's own steps are
   left out of ``stall_ms`` (no ingress runs them) and reported as ``probe_step_ms``: a step of a few lines,
   so its longest is the CPU time this machine charges now and then to whatever runs (``StallMeter``).
+- ``idle_touch_us``: this machine's price for touching a page of memory back to back and after 1 s idle
+  (``idle_touch_us()``): the stalls are steps that run once a poll and pay it, so read them beside it.
 - ``view_mb``: the view's memory for the fleet (tracemalloc), and the index's share of it.
 - Redis: keys and bytes per 1000 proxies (``MEMORY USAGE``), per 1000 versions (created through
   ``Registry.create_version``), heartbeat bytes, commands and bytes an ingress reads per second, pub/sub
@@ -43,7 +45,9 @@ import bisect
 import contextlib
 import dataclasses
 import gc
+import mmap
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -59,7 +63,7 @@ from ingress import heartbeats
 from ingress.index import FleetIndex
 from ingress.registry import Registry
 from ingress.router import ProxyState, ReplicaState, StartCosts, choose_proxies
-from ingress.view import PROXY_MAX_AGE_S, SAMPLE_D, StateView
+from ingress.view import PROXY_MAX_AGE_S, SAMPLE_D, StateView, parse_heartbeat
 from loadtests.common import log, report, run_async, throwaway_redis
 from shared import keys
 from shared.background import Periodic, cancel_and_wait
@@ -256,7 +260,7 @@ def beat_figures(fleet: Fleet, view: StateView, min_s: float) -> dict[str, float
     n = len(raws)
 
     def apply(i: int) -> object:
-        view._take_raw(ids[i % n], raws[i % n], False)
+        view._take_parsed(ids[i % n], parse_heartbeat(raws[i % n]), False)
         return None
 
     per_beat = timed_calls(apply, max(n, 2000), 200_000, min_s)
@@ -637,9 +641,39 @@ def figures_of(size: int, args: argparse.Namespace) -> dict[str, float]:
     return orjson.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def idle_touch_us(pages: int = 2048, idle_s: float = 1.0, rounds: int = 3) -> dict[str, float]:
+    """This machine's price for touching memory left alone: µs per 4 KiB page read back to back, and after
+    ``idle_s`` asleep (the median of ``rounds``). Stalls are steps that run once a poll, so they pay it: on
+    the VM this was written on it went from ~2 to ~10 µs a page from one day to the next, and the longest
+    callback at 10 proxies from 0.7-0.85 ms to 2.3-3.9 ms with the code unchanged."""
+    buf = mmap.mmap(-1, pages * 4096)
+    view = memoryview(buf)
+    for i in range(0, pages * 4096, 4096):
+        view[i] = 1
+
+    def touch() -> float:
+        started = time.perf_counter()
+        for i in range(0, pages * 4096, 4096):
+            view[i] += 1
+        return (time.perf_counter() - started) / pages * 1e6
+
+    touch()
+    warm = statistics.median(touch() for _ in range(rounds))
+    idle = []
+    for _ in range(rounds):
+        time.sleep(idle_s)
+        idle.append(touch())
+    view.release()
+    buf.close()
+    return {"warm": round(warm, 3), f"after_{idle_s:g}s": round(statistics.median(idle), 3)}
+
+
 async def measure(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     pop = Popularity(args.versions)
+    machine = idle_touch_us()
+    log(f"this machine: touching a page costs {machine['warm']} µs back to back, {machine['after_1s']} µs "
+        f"after 1 s idle (what steps that run once a poll pay)")
     per = {size: figures_of(size, args) for size in sizes}
     async with (throwaway_redis() if not args.redis_url else _given(args.redis_url)) as url:
         versions = await version_costs(url, args.deploy_versions)
@@ -649,7 +683,7 @@ async def measure(args: argparse.Namespace) -> None:
                     f"{rps:g} requests/s")
                 got = await run_polls(url, size, args, legacy, pop, rps)
                 per[size] |= {prefix + k: v for k, v in got.items()}
-    publish(sizes, per, versions, args)
+    publish(sizes, per, versions | {"idle_touch_us": machine}, args)
 
 
 class _given:
@@ -663,7 +697,7 @@ class _given:
         redis.Redis.from_url(self.url).flushdb()
 
 
-def publish(sizes: list[int], per: dict[int, dict[str, float]], versions: dict[str, float],
+def publish(sizes: list[int], per: dict[int, dict[str, float]], versions: dict[str, Any],
             args: argparse.Namespace) -> None:
     rows: list[list[Any]] = [["proxies", "route µs", "old µs", "ratio", "cold µs", "hot µs (holders)",
                               "wide µs (holders)", "wide, all ranked µs",
