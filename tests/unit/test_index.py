@@ -184,6 +184,16 @@ def test_excluded_holders_and_samples_are_left_out() -> None:
     assert [p.proxy_id for p in found] == ["c"]
 
 
+def random_fleet(seed: int) -> dict[str, ProxyState]:
+    """60 proxies holding 0-3 replicas each of 40 versions, running or paused, a slot taken or not."""
+    rng = random.Random(seed)
+    fleet = {}
+    for i in range(60):
+        reps = [(f"v{rng.randrange(40)}", rng.choice(["running", "paused"])) for _ in range(rng.randrange(4))]
+        fleet[f"p{i}"] = proxy(f"p{i}", *reps, max_replicas=4, in_flight=rng.randrange(2))
+    return fleet
+
+
 def test_cold_hosts_are_sampled_only_when_no_live_holder_has_a_warm_slot_free() -> None:
     fleet = {f"room{i}": proxy(f"room{i}") for i in range(10)}
     free = FleetIndex(fleet | {"warm": proxy("warm", ("v", "running")), "paused": proxy("paused", ("v", "paused"))})
@@ -201,12 +211,7 @@ def test_cold_hosts_are_sampled_only_when_no_live_holder_has_a_warm_slot_free() 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_leaving_out_cold_hosts_when_a_slot_is_free_does_not_change_the_best_choice(seed: int) -> None:
-    rng = random.Random(seed)
-    fleet = {}
-    for i in range(60):
-        reps = [(f"v{rng.randrange(40)}", rng.choice(["running", "paused"])) for _ in range(rng.randrange(4))]
-        fleet[f"p{i}"] = proxy(f"p{i}", *reps, max_replicas=4, in_flight=rng.randrange(2))
-    index = FleetIndex(fleet)
+    index = FleetIndex(random_fleet(seed))
     lean = 0
     for n in range(40):
         version = f"v{n}"
@@ -223,11 +228,7 @@ def test_leaving_out_cold_hosts_when_a_slot_is_free_does_not_change_the_best_cho
 def test_routing_over_candidates_matches_the_full_scan_for_held_versions(seed: int) -> None:
     """A few holders are all candidates, so the best tier and its cost are the full scan's; past
     ``RANKED_HOLDERS`` the best tier still is (warm holders are drawn first), its queue the best drawn."""
-    rng = random.Random(seed)
-    fleet = {}
-    for i in range(60):
-        reps = [(f"v{rng.randrange(40)}", rng.choice(["running", "paused"])) for _ in range(rng.randrange(4))]
-        fleet[f"p{i}"] = proxy(f"p{i}", *reps, max_replicas=4, in_flight=rng.randrange(2))
+    fleet = random_fleet(seed)
     index = FleetIndex(fleet)
     for n in range(40):
         version = f"v{n}"
