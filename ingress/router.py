@@ -198,7 +198,8 @@ class ProxyState:
         return cls(
             proxy_id=beat.proxy_id, url=beat.url, epoch=beat.epoch, ts=beat.ts,
             # Positional, and no ReplicaReport between: heartbeats are parsed by the thousand on every poll.
-            replicas=tuple([_replica(ReplicaState, ReplicaReport.routing_fields(r)) for r in data.get("replicas") or ()]),
+            replicas=tuple([_replica(ReplicaState, ReplicaReport.routing_fields(r))
+                            for r in data.get("replicas") or ()]),
             max_replicas=cap.max_replicas, images=frozenset(beat.images), cpus=cap.cpus, load1=cap.load1,
             memory_mb=cap.memory_mb, memory_available_mb=cap.memory_available_mb,
             memory_budget_mb=cap.memory_budget_mb, max_replicas_per_customer=cap.max_replicas_per_customer,
