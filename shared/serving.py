@@ -448,8 +448,11 @@ class FastHandler(asyncio.Protocol):
             if not parsed.complete:
                 self._refuse(parsed.error or ApiError(400, "bad_request", f"malformed HTTP request: {exc}"))
                 return
-            # Pipelined requests: serving each would need the bytes of each, and this internal port's clients
-            # never pipeline. The first is answered, then the connection closes (the rest go unanswered).
+            # Pipelined requests in one read: serving each would need where the first ended, which httptools
+            # does not say. The first is answered with "Connection: close" and the connection closes, as RFC
+            # 9112 §9.3.2 allows: a client must not pipeline a POST (nothing else is served here) and must
+            # send again what a closed connection left unanswered. Requests pipelined in later reads wait in
+            # ``_pending`` and are each served in turn.
             self._closing = True
         if parsed.head_done and not was_head_done and not parsed.complete:
             self._deadline = self._loop.time() + self._body_timeout_s  # the body's own deadline
