@@ -445,5 +445,9 @@ class ChunkResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ChunkResult":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = _CHUNK_RESULT_FIELDS
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Read once: every chunk's answer is read through ChunkResult.from_dict.
+_CHUNK_RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(ChunkResult))
