@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import sys
 
+from shared.hugeheap import exec_on_huge_heap
+
+if __name__ == "__main__":
+    exec_on_huge_heap()  # first: the process may start again (shared/hugeheap.py), before the imports below
+
 from aiohttp.log import access_logger
 
 from ingress import workers

@@ -30,6 +30,7 @@ from shared.background import Periodic, cancel_and_wait
 from shared.eventloop import settle_after_startup
 from shared.heap import YOUNG_EVERY_S, HeapKeeper
 from shared.http import LIMITS, BodyLimits, error_middleware
+from shared.hugeheap import FRONTIER_EVERY_S, HeapFrontier
 from shared.metrics import IngressMetrics
 from shared.redisclient import connect
 from shared.settings import IngressSettings
@@ -89,6 +90,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     heap = HeapKeeper(max(1.0, settings.gc_full_every_s))
     heap_rounds = Periodic("heap", heap.thorough_every_s, heap.run_round)
     young_rounds = Periodic("heap-young", YOUNG_EVERY_S, heap.run_young_round)
+    frontier = HeapFrontier()
+    frontier_rounds = Periodic("heap-frontier", FRONTIER_EVERY_S, frontier.run_round)
     try:
         await view.refresh()
     except (redis.RedisError, OSError) as exc:
@@ -99,10 +102,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     usage_flusher.start()
     reconciler.start()
     settle_after_startup()  # fewer and shorter loop stalls from here on (shared/eventloop.py)
+    frontier.settle()  # the heap's reserve grown and faulted in now, not by a poll (shared/hugeheap.py)
     heap.install()  # no automatic full collection: heap_rounds runs it (shared/heap.py)
     heap_rounds.start()
     young_rounds.start()
+    frontier_rounds.start()
     yield
+    await frontier_rounds.stop()
     await young_rounds.stop()
     await heap_rounds.stop()
     heap.uninstall()

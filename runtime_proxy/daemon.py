@@ -29,6 +29,7 @@ from shared import serving
 from shared.background import Periodic
 from shared.eventloop import settle_after_startup
 from shared.http import LIMITS, BodyLimits, error_middleware
+from shared.hugeheap import FRONTIER_EVERY_S, HeapFrontier
 from shared.metrics import ProxyMetrics
 from shared.redisclient import connect
 from shared.settings import ProxySettings
@@ -141,13 +142,18 @@ def build_app(settings: ProxySettings, runtime: Runtime | None = None,
         reaper = Periodic("reaper", settings.reaper_interval_s, manager.reap_once)
         meter = UsageMeter(client, manager.snapshot, settings.usage_flush_s)
         metering = Periodic("usage", settings.usage_tick_s, meter.tick)
+        frontier = HeapFrontier()
+        frontier_rounds = Periodic("heap-frontier", FRONTIER_EVERY_S, frontier.run_round)
         beats.start()
         reaper.start()
         metering.start()
         log.info("proxy %s up (runtime %s, epoch %d, %d replicas adopted)",
                  settings.proxy_id, rt.name, heartbeat.epoch, adopted)
         settle_after_startup()  # fewer and shorter loop stalls from here on (shared/eventloop.py)
+        frontier.settle()  # the heap's reserve grown and faulted in now, not by a chunk (shared/hugeheap.py)
+        frontier_rounds.start()
         yield
+        await frontier_rounds.stop()
         await reaper.stop()
         await metering.stop()
         # The seconds up to now, before the replicas are stopped (or left for the next start to adopt).
