@@ -16,7 +16,10 @@ Synthetic fleets of ``--sizes`` proxies (16 replicas each over ``--versions`` ve
   and the ingress routes ``--rps`` requests a second (``RequestLoad``): a writer process beats every
   proxy every 2 s into a throwaway Redis (SET with TTL + ZADD, as ``runtime_proxy/heartbeat.py``), the
   view polls it every second (``view.refresh``), with the heap kept as the ingress keeps it
-  (``shared/heap.py``; ``--no-heap-keeper``: without). Measured by timing every callback the loop runs
+  (``shared/heap.py``; ``--no-heap-keeper``: without) and its memory laid out as the ingress's
+  (``shared/hugeheap.py``: this process starts again on the huge-page heap, and the new poll runs with the
+  heap's frontier kept resident; ``LUKEWARM_HUGE_PAGES=0``: 4 KiB pages, as before). Measured by timing
+  every callback the loop runs
   (``Handle._run``); ``stall_ms`` is the loop thread's CPU time in the longest one (what the code holds
   the loop for), ``stall_wall_ms`` its wall time (includes the OS preempting this process on a busy
   machine); the log names where the longest one's task then waited, and the longest collection.
@@ -30,8 +33,10 @@ Synthetic fleets of ``--sizes`` proxies (16 replicas each over ``--versions`` ve
   callbacks do not go through ``Handle._run``: there ``stall_ms`` reads 0). The lag probe's own steps are
   left out of ``stall_ms`` (no ingress runs them) and reported as ``probe_step_ms``: a step of a few lines,
   so its longest is the CPU time this machine charges now and then to whatever runs (``StallMeter``).
-- ``idle_touch_us``: this machine's price for touching a page of memory back to back and after 1 s idle
-  (``idle_touch_us()``): the stalls are steps that run once a poll and pay it, so read them beside it.
+- ``idle_touch_us``: this machine's price for touching a 4 KiB page of memory back to back and after 1 s
+  idle, and after 1 s idle where the memory lies on 2 MiB pages (``idle_touch_us()``): the stalls are steps
+  that run once a poll and pay it, so read them beside it. ``huge_heap``: whether this run's heap lay on
+  huge pages.
 - ``view_mb``: the view's memory for the fleet (tracemalloc), and the index's share of it.
 - Redis: keys and bytes per 1000 proxies (``MEMORY USAGE``), per 1000 versions (created through
   ``Registry.create_version``), heartbeat bytes, commands and bytes an ingress reads per second, pub/sub
@@ -46,9 +51,11 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import mmap
+import os
 import random
 import statistics
 import subprocess
@@ -71,6 +78,7 @@ from loadtests.common import log, report, run_async, throwaway_redis
 from shared import keys
 from shared.background import Periodic, cancel_and_wait
 from shared.heap import YOUNG_EVERY_S, HeapKeeper
+from shared.hugeheap import FRONTIER_EVERY_S, HeapFrontier, exec_on_huge_heap, on_huge_heap
 
 REPLICAS = 16
 BEAT_INTERVAL_S = 2.0  # runtime_proxy's heartbeat_interval_s
@@ -519,6 +527,8 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
     # As the ingress runs (ingress/app.py); the old poll's baseline ran without it.
     heap = None if legacy or args.no_heap_keeper else HeapKeeper()
     young: Periodic | None = None
+    frontier = None if legacy else HeapFrontier()
+    frontier_rounds: Periodic | None = None
     try:
         assert writer.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(writer.stdout.readline), 120)
@@ -542,6 +552,10 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
         with StallMeter() as first:
             await (legacy_refresh(view, registry, fetched_bytes) if legacy else view.refresh())
         fetched_bytes[0] = 0
+        if frontier is not None:  # as the ingress: after its first poll, before it serves
+            frontier.settle()
+            frontier_rounds = Periodic("heap-frontier", FRONTIER_EVERY_S, frontier.run_round)
+            frontier_rounds.start()
         calls0, cpu0 = command_calls(sync), redis_cpu_s(sync)
         polls, started = 0, time.monotonic()
         probe = LagProbe()
@@ -577,6 +591,8 @@ async def run_polls(url: str, size: int, args: argparse.Namespace, legacy: bool,
             out.update(redis_costs(sync, size))
         return out
     finally:
+        if frontier_rounds is not None:
+            await frontier_rounds.stop()
         if young is not None:
             await young.stop()
         if heap is not None:
@@ -667,38 +683,55 @@ def figures_of(size: int, args: argparse.Namespace) -> dict[str, float]:
 
 def idle_touch_us(pages: int = 2048, idle_s: float = 1.0, rounds: int = 3) -> dict[str, float]:
     """This machine's price for touching memory left alone: µs per 4 KiB page read and written back to back,
-    and after ``idle_s`` asleep (the median of ``rounds``). Stalls are steps that run once a poll, so they
-    pay it: on the 2-vCPU VM this was written on, 0.05 µs back to back and 10-16 µs after 1 s (30 November),
-    a day when the longest callback at 10 proxies was 2-4 ms before a heartbeat's parse and its apply were
-    split into slices of their own, against 0.7-0.85 ms the day before."""
-    buf = mmap.mmap(-1, pages * 4096)
+    and after ``idle_s`` asleep (the median of ``rounds``), on 4 KiB pages and on 2 MiB ones (the same
+    touches over memory madvised ``MADV_HUGEPAGE``; equal to the 4 KiB figure where the kernel's THP is
+    off). Stalls are steps that run once a poll, so they pay it: on the 2-vCPU VM this was written on,
+    0.05 µs back to back and 5-16 µs after 1 s (30 November) on 4 KiB pages, 0.1-0.25 µs on 2 MiB ones."""
+    huge = 2 << 20
+    # Private: a shared anonymous mapping is shmem, which THP's shmem setting (commonly never) governs.
+    buf = mmap.mmap(-1, pages * 4096 + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     view = memoryview(buf)
-    for i in range(0, pages * 4096, 4096):
-        view[i] = 1
+    # The first 2 MiB boundary inside the mapping: THP backs only aligned 2 MiB ranges.
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % huge
+    region = view[start:start + pages * 4096]
 
     def touch() -> float:
         started = time.perf_counter()
         for i in range(0, pages * 4096, 4096):
-            view[i] += 1
+            region[i] += 1
         return (time.perf_counter() - started) / pages * 1e6
 
-    touch()
-    warm = statistics.median(touch() for _ in range(rounds))
-    idle = []
-    for _ in range(rounds):
-        time.sleep(idle_s)
-        idle.append(touch())
-    view.release()
-    buf.close()
-    return {"warm": round(warm, 3), f"after_{idle_s:g}s": round(statistics.median(idle), 3)}
+    def after_idle() -> float:
+        for i in range(0, pages * 4096, 4096):
+            region[i] = 1
+        touch()
+        idle = []
+        for _ in range(rounds):
+            time.sleep(idle_s)
+            idle.append(touch())
+        return statistics.median(idle)
+
+    try:
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+        small = after_idle()
+        warm = statistics.median(touch() for _ in range(rounds))
+        buf.madvise(mmap.MADV_HUGEPAGE)  # new pages from here on are huge: zap the old ones first
+        buf.madvise(mmap.MADV_DONTNEED)
+        large = after_idle()
+    finally:
+        region.release()
+        view.release()
+        buf.close()
+    return {"warm": round(warm, 3), f"after_{idle_s:g}s": round(small, 3), f"after_{idle_s:g}s_huge": round(large, 3)}
 
 
 async def measure(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     pop = Popularity(args.versions)
     machine = idle_touch_us()
-    log(f"this machine: touching a page costs {machine['warm']} µs back to back, {machine['after_1s']} µs "
-        f"after 1 s idle (what steps that run once a poll pay)")
+    log(f"this machine: touching a 4 KiB page costs {machine['warm']} µs back to back, {machine['after_1s']} µs "
+        f"after 1 s idle, {machine['after_1s_huge']} µs on 2 MiB pages (what steps that run once a poll pay); "
+        f"this run's heap on huge pages: {on_huge_heap(os.environ)}")
     per = {size: figures_of(size, args) for size in sizes}
     async with (throwaway_redis() if not args.redis_url else _given(args.redis_url)) as url:
         versions = await version_costs(url, args.deploy_versions)
@@ -771,7 +804,7 @@ def publish(sizes: list[int], per: dict[int, dict[str, float]], versions: dict[s
         "heartbeat_bytes": per[sizes[-1]]["heartbeat_bytes"],
         "redis_kb_per_1000_proxies": per[sizes[-1]]["redis_kb_per_1000_proxies"],
         "redis_keys_per_1000_proxies": per[sizes[-1]]["redis_keys_per_1000_proxies"],
-        "pubsub_msgs_per_s_per_ingress_from_fleet": 0,
+        "pubsub_msgs_per_s_per_ingress_from_fleet": 0, "huge_heap": on_huge_heap(os.environ),
         **versions,
         "goals_met": {"route_5000_le_50": route.get("5000", 0.0) <= 50 if "5000" in route else None,
                       "route_growth_le_3": route[last] / route[first] <= 3,
@@ -815,4 +848,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exec_on_huge_heap()  # the ingress's memory layout (shared/hugeheap.py); LUKEWARM_HUGE_PAGES=0: without
     main()
