@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 HUGE_PAGES_ENV = "LUKEWARM_HUGE_PAGES"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGETLB = "glibc.malloc.hugetlb"
-FRONTIER_BYTES = 32 << 20
+FRONTIER_BYTES = 16 << 20
 FRONTIER_EVERY_S = 1.0
 TUNABLES = (f"{HUGETLB}=1", f"glibc.malloc.top_pad={FRONTIER_BYTES}", f"glibc.malloc.trim_threshold={64 << 20}",
             f"glibc.malloc.mmap_threshold={32 << 20}")

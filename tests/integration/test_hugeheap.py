@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from loadtests.common import IngressProcess
-from shared.hugeheap import HUGE_PAGES_ENV, THP_SETTING, thp_mode
+from shared.hugeheap import FRONTIER_BYTES, HUGE_PAGES_ENV, THP_SETTING, thp_mode
 
 pytestmark = pytest.mark.timeout(90)
 REPO = Path(__file__).resolve().parents[2]
@@ -51,9 +51,9 @@ def probe(**env: str) -> dict[str, object]:
 def test_a_daemon_process_starts_again_on_huge_pages_with_its_frontier_resident(thp: str) -> None:
     got = probe()
     assert got["malloc"] == "malloc" and got["rounds"] == 1
-    # The reserve and the frontier (32 MiB at least each) are resident, on 2 MiB pages.
-    assert isinstance(got["huge_kb"], int) and got["huge_kb"] >= 64 * 1024
-    assert isinstance(got["heap_mb"], int) and got["heap_mb"] >= 64
+    # The reserve and the frontier (FRONTIER_BYTES at least each) are resident, on 2 MiB pages.
+    assert isinstance(got["huge_kb"], int) and got["huge_kb"] >= 2 * FRONTIER_BYTES >> 10
+    assert isinstance(got["heap_mb"], int) and got["heap_mb"] >= 2 * FRONTIER_BYTES >> 20
 
 
 def test_switched_off_it_stays_on_small_pages(thp: str) -> None:
@@ -84,7 +84,7 @@ async def test_the_ingress_daemon_serves_from_a_huge_page_heap(thp: str, redis_u
         assert on.proc is not None and off.proc is not None
         assert _environ(on.proc.pid).get("PYTHONMALLOC") == "malloc"
         assert "glibc.malloc.hugetlb=1" in _environ(on.proc.pid).get("GLIBC_TUNABLES", "").split(":")
-        assert _huge_kb(on.proc.pid) >= 64 * 1024  # its reserve and frontier, resident on 2 MiB pages
+        assert _huge_kb(on.proc.pid) >= 2 * FRONTIER_BYTES >> 10  # its reserve and frontier, on 2 MiB pages
         assert "PYTHONMALLOC" not in _environ(off.proc.pid)
     finally:
         on.stop()

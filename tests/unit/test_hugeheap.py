@@ -81,7 +81,7 @@ def test_the_frontier_is_the_heaps_last_bytes_page_aligned_and_never_below_its_s
 
 def test_the_reserve_is_half_the_heap_and_never_less_than_the_frontier() -> None:
     assert reserve_size(0) == FRONTIER_BYTES
-    assert reserve_size(40 << 20) == FRONTIER_BYTES
+    assert reserve_size(FRONTIER_BYTES) == FRONTIER_BYTES
     assert reserve_size(200 << 20) == 100 << 20
 
 
