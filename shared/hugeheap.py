@@ -88,8 +88,12 @@ def exec_on_huge_heap() -> None:
     except OSError:
         return
     env = huge_heap_env(os.environ, mode)
-    if env is not None:
+    if env is None:
+        return
+    try:
         os.execve(sys.executable, sys.orig_argv, env)
+    except OSError as exc:  # the daemon still runs, as before, on 4 KiB pages (logging is not set up yet)
+        print(f"lukewarm: heap stays on 4 KiB pages: could not start again: {exc}", file=sys.stderr)
 
 
 def heap_bounds(maps: str) -> tuple[int, int] | None:

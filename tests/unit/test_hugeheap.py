@@ -2,6 +2,10 @@
 of the heap its frontier keeper faults in."""
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 from shared import hugeheap
@@ -88,7 +92,7 @@ def test_the_reserve_is_half_the_heap_and_never_less_than_the_frontier() -> None
 async def test_the_frontier_keeper_does_nothing_off_the_huge_heap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYTHONMALLOC", raising=False)
     called: list[int] = []
-    monkeypatch.setattr(hugeheap, "populate_frontier", lambda size: called.append(size) or True)
+    monkeypatch.setattr(hugeheap, "populate_frontier", called.append)
     monkeypatch.setattr(hugeheap, "grow_heap", lambda size, keep_free: called.append(size))
     keeper = HeapFrontier()
     assert not keeper.active
@@ -112,3 +116,42 @@ async def test_a_kernel_without_populate_turns_the_keeper_off_once(monkeypatch: 
     assert size >= FRONTIER_BYTES and keep_free >= size + FRONTIER_BYTES
     await keeper.run_round()  # off: no thread, no second warning
     assert sum("not kept resident" in r.message for r in caplog.records) == 1
+
+
+def _thp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str) -> None:
+    setting = tmp_path / "enabled"
+    setting.write_text(line)
+    monkeypatch.setattr(hugeheap, "THP_SETTING", setting)
+    for name in ("PYTHONMALLOC", "GLIBC_TUNABLES", HUGE_PAGES_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_it_starts_the_same_command_line_again_with_the_new_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _thp(tmp_path, monkeypatch, "always [madvise] never\n")
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    hugeheap.exec_on_huge_heap()
+    [(path, argv, env)] = calls
+    assert path == sys.executable and argv == sys.orig_argv and on_huge_heap(env)
+
+
+def test_a_failed_exec_leaves_the_daemon_running_on_small_pages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    _thp(tmp_path, monkeypatch, "always [madvise] never\n")
+
+    def refuse(path: str, argv: list[str], env: dict[str, str]) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "execve", refuse)
+    hugeheap.exec_on_huge_heap()  # returns
+    assert "stays on 4 KiB pages" in capsys.readouterr().err
+
+
+def test_no_exec_where_the_kernel_has_no_thp_setting_or_it_is_never(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("exec"))
+    _thp(tmp_path, monkeypatch, "always madvise [never]\n")
+    hugeheap.exec_on_huge_heap()
+    monkeypatch.setattr(hugeheap, "THP_SETTING", tmp_path / "absent")
+    hugeheap.exec_on_huge_heap()
