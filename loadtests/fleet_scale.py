@@ -692,7 +692,7 @@ def idle_touch_us(pages: int = 2048, idle_s: float = 1.0, rounds: int = 3) -> di
     and after ``idle_s`` asleep (the median of ``rounds``), on 4 KiB pages and on 2 MiB ones (the same
     touches over memory madvised ``MADV_HUGEPAGE``; equal to the 4 KiB figure where the kernel's THP is
     off). Stalls are steps that run once a poll, so they pay it: on the 2-vCPU VM this was written on,
-    0.05 µs back to back and 5-16 µs after 1 s (30 November) on 4 KiB pages, 0.1-0.25 µs on 2 MiB ones."""
+    0.05 µs back to back and 1.4-16 µs after 1 s (30 November) on 4 KiB pages, 0.14-0.52 µs on 2 MiB ones."""
     huge = 2 << 20
     # Private: a shared anonymous mapping is shmem, which THP's shmem setting (commonly never) governs.
     buf = mmap.mmap(-1, pages * 4096 + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -163,7 +164,11 @@ class HeapFrontier:
         try:
             populate_frontier(size)
             self.rounds += 1
-        except OSError as exc:  # a kernel before 5.14: the heap still lies on huge pages, faulted on use
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # ENOMEM: the heap shrank under the read of its bounds; next round
+                log.debug("heap frontier round skipped: %s", exc)
+                return
+            # A kernel before 5.14: the heap still lies on huge pages, faulted in on use.
             self.active = False
             log.warning("heap frontier not kept resident: %s", exc)
 

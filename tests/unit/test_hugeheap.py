@@ -2,6 +2,7 @@
 of the heap its frontier keeper faults in."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ async def test_the_frontier_keeper_does_nothing_off_the_huge_heap(monkeypatch: p
 async def test_a_kernel_without_populate_turns_the_keeper_off_once(monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     def refuse(size: int) -> bool:
-        raise OSError(22, "madvise(MADV_POPULATE_WRITE) on the heap's frontier")
+        raise OSError(errno.EINVAL, "madvise(MADV_POPULATE_WRITE) on the heap's frontier")
 
     monkeypatch.setattr(hugeheap, "populate_frontier", refuse)
     grown: list[tuple[int, int]] = []
@@ -155,3 +156,20 @@ def test_no_exec_where_the_kernel_has_no_thp_setting_or_it_is_never(
     hugeheap.exec_on_huge_heap()
     monkeypatch.setattr(hugeheap, "THP_SETTING", tmp_path / "absent")
     hugeheap.exec_on_huge_heap()
+
+
+async def test_a_heap_that_moved_under_a_round_skips_that_round_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    outcomes = [OSError(errno.ENOMEM, "Cannot allocate memory"), None]
+
+    def populate(size: int) -> bool:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        return True
+
+    monkeypatch.setattr(hugeheap, "populate_frontier", populate)
+    keeper = HeapFrontier(active=True)
+    await keeper.run_round()
+    assert keeper.active and keeper.rounds == 0
+    await keeper.run_round()
+    assert keeper.rounds == 1
