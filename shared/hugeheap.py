@@ -2,7 +2,7 @@
 
 Why (issue 14): the ingress's loop wakes once a poll and touches memory it left alone since the last one.
 Where the machine charges for that per 4 KiB page (a hypervisor that drops its mappings of idle guest
-memory: on the 2-vCPU VM the fleet bench runs on, 5-10 µs a page after 1 s asleep against 0.05 µs back
+memory: on the 2-vCPU VM the fleet bench runs on, 1.4-17 µs a page after 1 s asleep against 0.05 µs back
 to back), the heartbeat intake's steps took 2-4.5 ms instead of under 1. On 2 MiB pages the same heap is
 a few dozen mappings instead of thousands (0.25 µs a 4 KiB page's worth after 1 s asleep, there).
 
