@@ -165,18 +165,25 @@ class HeapFrontier:
             populate_frontier(size)
             self.rounds += 1
         except OSError as exc:
-            if exc.errno != errno.EINVAL:  # ENOMEM: the heap shrank under the read of its bounds; next round
+            if exc.errno == errno.ENOMEM:  # the heap shrank under the read of its bounds: next round
                 log.debug("heap frontier round skipped: %s", exc)
                 return
-            # A kernel before 5.14: the heap still lies on huge pages, faulted in on use.
-            self.active = False
-            log.warning("heap frontier not kept resident: %s", exc)
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        # A kernel before 5.14 (EINVAL), or /proc hidden: the heap still lies on huge pages, faulted on use.
+        self.active = False
+        log.warning("heap frontier not kept resident: %s", exc)
 
     def settle(self) -> None:
         """Once, before the daemon serves: the reserve grown and faulted in (on this thread: nothing waits)."""
         if not self.active:
             return
-        bounds = heap_bounds(Path("/proc/self/maps").read_text())
+        try:
+            bounds = heap_bounds(Path("/proc/self/maps").read_text())
+        except OSError as exc:
+            self._give_up(exc)
+            return
         reserve = reserve_size(bounds[1] - bounds[0] if bounds else 0, self.size)
         grow_heap(reserve, keep_free=reserve + 2 * self.size)
         self._round(reserve + self.size)

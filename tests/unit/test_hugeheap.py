@@ -173,3 +173,14 @@ async def test_a_heap_that_moved_under_a_round_skips_that_round_only(monkeypatch
     assert keeper.active and keeper.rounds == 0
     await keeper.run_round()
     assert keeper.rounds == 1
+
+
+def test_a_hidden_proc_turns_the_keeper_off_without_stopping_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    def hidden(self: Path) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", hidden)
+    monkeypatch.setattr(hugeheap, "grow_heap", lambda size, keep_free: pytest.fail("grew without bounds"))
+    keeper = HeapFrontier(active=True)
+    keeper.settle()  # no exception: the daemon starts
+    assert not keeper.active and keeper.rounds == 0
