@@ -36,6 +36,7 @@ import asyncio
 import ctypes
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import sys
@@ -49,7 +50,8 @@ THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGETLB = "glibc.malloc.hugetlb"
 FRONTIER_BYTES = 16 << 20
 FRONTIER_EVERY_S = 1.0
-TUNABLES = (f"{HUGETLB}=1", f"glibc.malloc.top_pad={FRONTIER_BYTES}", f"glibc.malloc.trim_threshold={64 << 20}",
+TRIM_THRESHOLD = 64 << 20
+TUNABLES = (f"{HUGETLB}=1", f"glibc.malloc.top_pad={FRONTIER_BYTES}", f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}",
             f"glibc.malloc.mmap_threshold={32 << 20}")
 MADV_POPULATE_WRITE = 23  # linux/mman.h
 M_TRIM_THRESHOLD = -1  # malloc.h
@@ -118,6 +120,7 @@ def reserve_size(heap_bytes: int, frontier_bytes: int = FRONTIER_BYTES) -> int:
     return max(frontier_bytes, heap_bytes // 2)
 
 
+@functools.cache  # once per process: the keeper's round calls it every second
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -185,7 +188,8 @@ class HeapFrontier:
             self._give_up(exc)
             return
         reserve = reserve_size(bounds[1] - bounds[0] if bounds else 0, self.size)
-        grow_heap(reserve, keep_free=reserve + 2 * self.size)
+        # Never below the threshold the exec set: the reserve and the frontier on top of it stay.
+        grow_heap(reserve, keep_free=max(TRIM_THRESHOLD, reserve + 2 * self.size))
         self._round(reserve + self.size)
 
     async def run_round(self) -> None:
