@@ -46,6 +46,8 @@ STALE_KEY_WAIT_S = 0.25
 # intake runs once a second, from cold caches: on this VM a heartbeat that costs 55 µs in a tight loop
 # costs 150-200 µs there (loadtests.fleet_scale; at 0.25 ms slices reached 0.67 ms).
 SLICE_S = 0.00015
+# Entries of a poll's score map freed between two slice checks (``_release``).
+RELEASE_BATCH = 64
 # A proxy whose score has not moved for this long (by this ingress's clock) has its heartbeat read
 # again at each poll, so that its expiry (TTL) is seen: live proxies beat every 2 s.
 QUIET_S = 5.0
@@ -104,6 +106,17 @@ class _Turn:
         young_pass()
         await asyncio.sleep(0)
         self.end = time.perf_counter() + SLICE_S
+
+
+async def _release(items: dict[str, float], turn: _Turn) -> None:
+    """Empties ``items`` a slice at a time. A poll's score map (one id and one float per live proxy, made
+    anew each poll) was otherwise freed in one step as the poll returned: 0.5-0.7 ms of the loop at 5000
+    proxies (free of 10 000 objects, on memory the poll built a second ago), the longest step left."""
+    pop = items.popitem
+    while items:
+        for _ in range(min(len(items), RELEASE_BATCH)):
+            pop()
+        await turn.tick()
 
 
 def branch_id(customer: str, model: str, branch: str) -> str:
@@ -405,6 +418,7 @@ class StateView:
                 # expired. Until they beat again, judge the last view as of its time.
                 self._outage_s, self._recovered_at = now - self.last_refresh, now
             await self._intake(scores, now, keep_missing=self._recovering(now), turn=turn)
+            await _release(scores, turn)
             branches = set(self.pointers) | self._dirty
             self._dirty = set()
             for bid in branches:

@@ -10,7 +10,7 @@ import pytest
 
 from ingress import heartbeats
 from ingress.registry import Registry
-from ingress.view import QUIET_S, StateView
+from ingress.view import QUIET_S, RELEASE_BATCH, StateView, _release, _Turn
 from shared import keys
 from tests.support.clock import ManualClock
 
@@ -161,6 +161,30 @@ async def test_a_big_fleet_is_taken_in_slices_that_yield_to_the_loop(
     await task
     assert len(view.proxies) == 600 and view.proxies.versions() == 1000
     assert ticks > 10, "the intake let other tasks run while it parsed"
+
+
+async def test_a_polls_score_map_is_freed_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freed in one step as the poll returned, the map of every live proxy's score held the loop 0.5-0.7 ms at
+    5000 proxies: it is emptied a batch at a time, with the loop's turn between slices."""
+    monkeypatch.setattr("ingress.view.SLICE_S", 0.0)  # every batch spends the slice
+    scores = {f"p{i}": float(i) for i in range(10 * RELEASE_BATCH + 3)}
+    turns = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    began = turns
+    await _release(scores, _Turn())
+    done = True
+    await task
+    assert scores == {}
+    assert turns - began >= 11, "the loop ran between the batches"
 
 
 def test_an_unchanged_replica_list_is_kept_and_a_changed_one_replaced() -> None:
