@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -53,6 +54,26 @@ def fetched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def holders(view: StateView, version: str) -> set[str]:
     return {p.proxy_id for p in view.proxies.holders(version)}
+
+
+async def turns_during(work: Awaitable[None]) -> int:
+    """How many times another task got the loop while ``work`` ran."""
+    turns = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    began = turns
+    await work
+    done = True
+    await task
+    return turns - began
 
 
 async def test_a_poll_reads_only_the_heartbeats_that_changed(
@@ -146,19 +167,7 @@ async def test_a_big_fleet_is_taken_in_slices_that_yield_to_the_loop(
     view = StateView(registry, clock=clock)
     for i in range(600):
         await publish(client, beat(f"p{i}", 1, 1000.0, *[f"v{(i * 16 + j) % 1000}" for j in range(16)]))
-    ticks = 0
-    done = False
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await view.refresh()
-    done = True
-    await task
+    ticks = await turns_during(view.refresh())
     assert len(view.proxies) == 600 and view.proxies.versions() == 1000
     assert ticks > 10, "the intake let other tasks run while it parsed"
 
@@ -168,23 +177,9 @@ async def test_a_polls_score_map_is_freed_in_slices(monkeypatch: pytest.MonkeyPa
     5000 proxies: it is emptied a batch at a time, with the loop's turn between slices."""
     monkeypatch.setattr("ingress.view.SLICE_S", 0.0)  # every batch spends the slice
     scores = {f"p{i}": float(i) for i in range(10 * RELEASE_BATCH + 3)}
-    turns = 0
-    done = False
-
-    async def ticker() -> None:
-        nonlocal turns
-        while not done:
-            turns += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    began = turns
-    await _release(scores, _Turn())
-    done = True
-    await task
+    turns = await turns_during(_release(scores, _Turn()))
     assert scores == {}
-    assert turns - began >= 11, "the loop ran between the batches"
+    assert turns >= 11, "the loop ran between the batches"
 
 
 def test_an_unchanged_replica_list_is_kept_and_a_changed_one_replaced() -> None:
