@@ -16,7 +16,10 @@ Deploys an echo model, warms it, then in one run and in alternating rounds
 - CPU per call of each process (this one = client + in-process ingress, the
   ingress process, the proxy, the harness), from /proc, to show where the added time goes;
 - when ``wrk`` is on PATH: ``wrk`` against the ingress process at concurrency 1 and
-  ``--concurrency`` (``wrk`` in the JSON: its own latency histogram, no Python client in the way).
+  ``--concurrency`` (``wrk`` in the JSON: its own latency histogram, no Python client in the way);
+- the floor under any design with two daemons in the path: the direct client through two processes
+  that only copy bytes (``loadtests.relay``) in front of the same socket, in the same rounds
+  (``relays`` in the JSON, with its own ``added_p50_ms``, ``added_p99_ms`` and ``rps_ratio``).
 
 The headline keys (``added_p50_ms``, ``added_p99_ms``, ``rps_ratio``) stay the in-process ingress's.
 Prints a table, then as the last line one JSON object (``"bench": "overhead"``).
@@ -38,6 +41,7 @@ import orjson
 
 from loadtests.common import (BenchStack, IngressProcess, bench_stack, cpu_seconds, default_runtime, descendants,
                               log, p50, p99, report, run_async)
+from loadtests.relay import relay_chain
 from runtime_proxy.harness_client import HarnessClient
 
 ECHO_SOURCE = "def echo(x):\n    return x\n"
@@ -215,7 +219,8 @@ async def bench(runtime: str, n: int, concurrency: int, rounds: int, seconds: fl
             await ingress.start()
             log(f"ingress process {ingress.proc.pid if ingress.proc else '?'} on {ingress.url}")
         try:
-            result = await _measure(stack, ingress, n, concurrency, rounds, seconds, wrk_seconds)
+            async with relay_chain(str(sock)) as relays:
+                result = await _measure(stack, ingress, relays, n, concurrency, rounds, seconds, wrk_seconds)
         finally:
             if ingress is not None:
                 ingress.stop()
@@ -223,8 +228,8 @@ async def bench(runtime: str, n: int, concurrency: int, rounds: int, seconds: fl
     _report(result, concurrency, rounds)
 
 
-async def _measure(stack: BenchStack, ingress: IngressProcess | None, n: int, concurrency: int, rounds: int,
-                   seconds: float, wrk_seconds: float) -> dict[str, Any]:
+async def _measure(stack: BenchStack, ingress: IngressProcess | None, relays: tuple[str, list[int]], n: int,
+                   concurrency: int, rounds: int, seconds: float, wrk_seconds: float) -> dict[str, Any]:
     _, _, sock = (await stack.replica_sockets())[0]
     errors: list[str] = []
     proxy_pid = stack.proxies[0].pid
@@ -234,6 +239,7 @@ async def _measure(stack: BenchStack, ingress: IngressProcess | None, n: int, co
         "bench+ingress": lambda: time.process_time(),
         "proxy": lambda: cpu_seconds([proxy_pid]),
         "harness": lambda: cpu_seconds(hpids),
+        "relays": lambda: cpu_seconds(relays[1]),
     }
     if ingress is not None and ingress.proc is not None:
         ingress_pid = ingress.proc.pid
@@ -242,7 +248,9 @@ async def _measure(stack: BenchStack, ingress: IngressProcess | None, n: int, co
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         client = HarnessClient(str(sock), max_idle=max(concurrency, 4))
-        paths = {"through": through_call(stack, session, "echo", errors), "direct": direct_call(client, errors)}
+        relayed = HarnessClient(relays[0], max_idle=max(concurrency, 4))
+        paths = {"through": through_call(stack, session, "echo", errors), "direct": direct_call(client, errors),
+                 "relays": direct_call(relayed, errors)}
         if ingress is not None:
             paths["process"] = through_call(stack, session, "echo", errors, base_url=ingress.url)
         lat: dict[str, list[float]] = {name: [] for name in paths}
@@ -267,6 +275,7 @@ async def _measure(stack: BenchStack, ingress: IngressProcess | None, n: int, co
                 log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} p50 {p50(v):.3f} ms" for k, v in lat.items()))
         finally:
             client.close()
+            relayed.close()
     wrk: dict[str, Any] = {}
     if ingress is not None and shutil.which("wrk") and wrk_seconds > 0:
         for connections in (1, concurrency):
@@ -286,6 +295,12 @@ async def _measure(stack: BenchStack, ingress: IngressProcess | None, n: int, co
         "added_p99_ms": p99(lat["through"]) - p99(lat["direct"]),
         "through_rps": rps["through"], "direct_rps": rps["direct"], "rps_ratio": rps["through"] / rps["direct"],
         "concurrency": concurrency, "errors": len(errors),
+    }
+    result["relays"] = {
+        "through_p50_ms": p50(lat["relays"]), "through_p99_ms": p99(lat["relays"]),
+        "added_p50_ms": p50(lat["relays"]) - p50(lat["direct"]),
+        "added_p99_ms": p99(lat["relays"]) - p99(lat["direct"]),
+        "through_rps": rps["relays"], "rps_ratio": rps["relays"] / rps["direct"],
     }
     if "process" in paths:
         result["process"] = {
@@ -314,19 +329,20 @@ def _report(result: dict[str, Any], concurrency: int, rounds: int) -> None:
     rps: dict[str, float] = result.pop("_rps")
     cpu_us = result["cpu_us_per_call"]
     rows: list[list[Any]] = [["path", "p50 ms", "p99 ms", f"rps @c={concurrency}",
-                              "cpu µs/call bench+ingress", "ingress process", "proxy", "harness"]]
+                              "cpu µs/call bench+ingress", "ingress process", "proxy", "harness", "relays"]]
     for name in lat:
         c = cpu_us.get(f"lat-{name}", {})
         rows.append([name, p50(lat[name]), p99(lat[name]), rps[name], c.get("bench+ingress", 0.0),
-                     c.get("ingress-process", 0.0), c.get("proxy", 0.0), c.get("harness", 0.0)])
-    rows.append(["added / ratio", result["added_p50_ms"], result["added_p99_ms"], result["rps_ratio"],
-                 "", "", "", ""])
-    if "process" in result:
-        proc = result["process"]
-        rows.append(["added / ratio (process)", proc["added_p50_ms"], proc["added_p99_ms"], proc["rps_ratio"],
-                     "", "", "", ""])
+                     c.get("ingress-process", 0.0), c.get("proxy", 0.0), c.get("harness", 0.0),
+                     c.get("relays", 0.0)])
+    blank = [""] * 5
+    for label, key in (("added / ratio", None), ("added / ratio (process)", "process"),
+                       ("added / ratio (two bare relays)", "relays")):
+        figures = result if key is None else result.get(key)
+        if figures is not None:
+            rows.append([label, figures["added_p50_ms"], figures["added_p99_ms"], figures["rps_ratio"], *blank])
     for name, w in result.get("wrk", {}).items():
-        rows.append([f"wrk {name} (process)", w["p50_ms"], w["p99_ms"], w["rps"], "", "", "", ""])
+        rows.append([f"wrk {name} (process)", w["p50_ms"], w["p99_ms"], w["rps"], *blank])
     print(f"overhead: runtime {result['runtime']}, n={len(lat['through'])} per path, {rounds} rounds, "
           f"errors {result['errors']}")
     report(rows, result)
