@@ -61,10 +61,11 @@ class _Downstream(_Pipe):
     def __init__(self, upstream: str) -> None:
         super().__init__()
         self.upstream = upstream
+        self.joining: asyncio.Task[None] | None = None  # held here: the loop keeps only a weak reference
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        asyncio.get_running_loop().create_task(self._join())
+        self.joining = asyncio.get_running_loop().create_task(self._join())
 
     async def _join(self) -> None:
         loop = asyncio.get_running_loop()
