@@ -287,28 +287,21 @@ async def _measure(stack: BenchStack, ingress: IngressProcess | None, relays: tu
         log(f"{len(errors)} failed calls, first: {errors[0]}")
 
     rps = {name: served[name][0] / served[name][1] for name in paths}
+
+    def against_direct(name: str) -> dict[str, float]:
+        """A path's latency and throughput, and what it adds over the direct path's in the same rounds."""
+        return {"through_p50_ms": p50(lat[name]), "through_p99_ms": p99(lat[name]),
+                "added_p50_ms": p50(lat[name]) - p50(lat["direct"]),
+                "added_p99_ms": p99(lat[name]) - p99(lat["direct"]),
+                "through_rps": rps[name], "rps_ratio": rps[name] / rps["direct"]}
+
     result: dict[str, Any] = {
-        "bench": "overhead", "n": len(lat["through"]),
-        "through_p50_ms": p50(lat["through"]), "through_p99_ms": p99(lat["through"]),
-        "direct_p50_ms": p50(lat["direct"]), "direct_p99_ms": p99(lat["direct"]),
-        "added_p50_ms": p50(lat["through"]) - p50(lat["direct"]),
-        "added_p99_ms": p99(lat["through"]) - p99(lat["direct"]),
-        "through_rps": rps["through"], "direct_rps": rps["direct"], "rps_ratio": rps["through"] / rps["direct"],
-        "concurrency": concurrency, "errors": len(errors),
-    }
-    result["relays"] = {
-        "through_p50_ms": p50(lat["relays"]), "through_p99_ms": p99(lat["relays"]),
-        "added_p50_ms": p50(lat["relays"]) - p50(lat["direct"]),
-        "added_p99_ms": p99(lat["relays"]) - p99(lat["direct"]),
-        "through_rps": rps["relays"], "rps_ratio": rps["relays"] / rps["direct"],
+        "bench": "overhead", "n": len(lat["through"]), **against_direct("through"),
+        "direct_p50_ms": p50(lat["direct"]), "direct_p99_ms": p99(lat["direct"]), "direct_rps": rps["direct"],
+        "concurrency": concurrency, "errors": len(errors), "relays": against_direct("relays"),
     }
     if "process" in paths:
-        result["process"] = {
-            "through_p50_ms": p50(lat["process"]), "through_p99_ms": p99(lat["process"]),
-            "added_p50_ms": p50(lat["process"]) - p50(lat["direct"]),
-            "added_p99_ms": p99(lat["process"]) - p99(lat["direct"]),
-            "through_rps": rps["process"], "rps_ratio": rps["process"] / rps["direct"],
-        }
+        result["process"] = against_direct("process")
     if wrk:
         result["wrk"] = wrk
     cpu_us: dict[str, dict[str, float]] = {}
